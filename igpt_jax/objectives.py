@@ -50,6 +50,8 @@ def lm_loss(
     *,
     deterministic: bool = True,
     example_mask: jax.Array | None = None,
+    bert_mask: jax.Array | None = None,
+    normalizer: jax.Array | float | None = None,
     features: bool = False,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """The generative loss L_GEN of the configured objective.
@@ -61,6 +63,9 @@ def lm_loss(
       rng: key for the BERT mask and dropout.
       deterministic: disables dropout.
       example_mask: optional bool [batch] of real examples.
+      bert_mask: the BERT mask to use (bool [batch, length]); None samples one from ``rng``.
+      normalizer: divide the summed NLL by this instead of the number of scored tokens. Gradient accumulation
+        passes the full batch's count so that micro-batch gradients add up to exactly the full batch's.
       features: also return the forward pass's features in aux['output'].
 
     Returns:
@@ -68,9 +73,10 @@ def lm_loss(
       many batches) and 'output' (the `ModelOutput`, when features=True).
     """
     mask_rng, dropout_rng = jax.random.split(rng)
-    bert_mask = None
-    if cfg.objective == "bert":
+    if cfg.objective == "bert" and bert_mask is None:
         bert_mask = sample_bert_mask(mask_rng, tokens.shape, cfg.bert_mask_rate)
+    elif cfg.objective == "ar":
+        bert_mask = None
     out: ModelOutput = IGPT(cfg).apply(
         {"params": params},
         tokens,
@@ -82,7 +88,10 @@ def lm_loss(
     nll = token_nll(out.logits, tokens)
     weights = loss_weights(tokens, bert_mask, example_mask)
     loss, count = masked_mean(nll, weights)
-    aux = {"nll_sum": jnp.sum(nll * weights), "count": count}
+    nll_sum = jnp.sum(nll * weights)
+    if normalizer is not None:
+        loss = nll_sum / normalizer
+    aux = {"nll_sum": nll_sum, "count": count}
     if features:
         aux["output"] = out
     return loss, aux

@@ -1,0 +1,31 @@
+"""iGPT-S: 24 layers, width 512, 8 heads, 76,571,648 parameters at 32x32 (paper section 3.4, Table 5).
+
+Command:   python -m igpt_jax.main --config=configs/igpt_s.py --workdir=gs://BUCKET/igpt_s
+           variants: `:runlocal` (tiny model, CIFAR-10 from ../shared/data, a few hundred steps on a CPU),
+           `:bert` (BERT objective, lr 0.01), `:dataset=cifar10`, `:res=48`.
+Hardware:  paper runs used TPU pods; this config's mesh is pure data parallel (the model fits every device).
+Time:      1M steps of batch 128 (the paper's schedule) take days even on a pod slice.
+Result:    paper Table 5 learning rate 0.003 (AR) / 0.01 (BERT). `:runlocal` on 2 CPU cores: see README.md.
+"""
+
+from igpt_jax import config_defaults
+
+
+def get_config(arg=None):
+    args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32)
+    config = config_defaults.base_config()
+    config.data = config_defaults.default_data_config(args.dataset)
+    config.data.resolution = args.res
+    objective = "bert" if args.bert else "ar"
+    config.model = config_defaults.paper_model("s", n_ctx=args.res**2, objective=objective, remat="full")
+    config.train.batch_size = 128
+    config.train.num_steps = 1_000_000
+    config.train.lr = 0.01 if args.bert else 0.003
+    config.train.warmup_steps = -1  # one epoch
+    config.train.log_every = 100
+    config.train.eval_every = 10_000
+    config.train.eval_batches = 50
+    config.checkpoint.every_steps = 5_000
+    if args.runlocal:
+        config_defaults.make_runlocal(config)
+    return config

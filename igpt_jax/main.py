@@ -1,0 +1,78 @@
+"""Entry point: ``python -m igpt_jax.main --config=configs/igpt_s.py[:variant] --workdir=DIR [--config.a.b=v]``.
+
+`config.job` picks the job. On several hosts (a TPU pod slice) every host runs the same command; the job calls
+`jax.distributed.initialize()` first.
+"""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "yes", "no"],
+    "Call jax.distributed.initialize(): 'auto' does on Cloud TPU pods and multi-process launches "
+    "(JAX_COORDINATOR_ADDRESS / TPU worker environment).",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs outside Cloud TPU (else auto).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+_LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of Orbax, Grain and TFDS.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/", "/array_record/")
+
+
+class _QuietLibraries(std_logging.Filter):
+    """Drops INFO (and lower) records from the I/O libraries so that the run's own progress stays readable."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or not any(part in record.pathname for part in _QUIET_LIBRARIES)
+
+JOBS = ("pretrain",)
+
+
+def _multi_host_environment() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
+        return True
+    hostnames = env.get("TPU_WORKER_HOSTNAMES") or env.get("MEGASCALE_COORDINATOR_ADDRESS") or ""
+    return "," in hostnames
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    import jax  # noqa: PLC0415  (after flag parsing, so XLA_FLAGS set by the user apply)
+
+    if not _LIBRARY_LOGS.value:
+        logging.get_absl_handler().addFilter(_QuietLibraries())
+    if _COORDINATOR.value:
+        jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    elif _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multi_host_environment()):
+        jax.distributed.initialize()
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)  # progress and results from process 0 only
+    config = _CONFIG.value
+    logging.info("job %s, workdir %s, %d processes, %d devices (%s)", config.job, _WORKDIR.value,
+                 jax.process_count(), jax.device_count(), jax.default_backend())
+    if config.job == "pretrain":
+        from igpt_jax.jobs import pretrain  # noqa: PLC0415
+
+        pretrain.run(config, _WORKDIR.value)
+    else:
+        raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}")
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

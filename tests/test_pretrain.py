@@ -1,0 +1,276 @@
+"""The pretraining job end to end on the embedded digits: sharding, resumption, preemption, NaN guard, multi-host."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import config_defaults, optim, sharding, train
+from igpt_jax.jobs import pretrain
+from igpt_jax.model import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def tiny_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
+    config = config_defaults.base_config()
+    config.data = config_defaults.default_data_config("digits")
+    config.data.data_dir = data_dir
+    config.model = config_defaults.model_config(
+        vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense"
+    )
+    config.train.batch_size = 16
+    config.train.num_steps = 6
+    config.train.warmup_steps = 2
+    config.train.lr = 3e-3
+    config.train.log_every = 1
+    config.train.eval_every = 0
+    config.checkpoint.every_steps = 2
+    config.mesh.shape = (1, 1, 1)
+    config.train.update(train_overrides)
+    return config
+
+
+def restore_params(workdir: str, config, step: int | None = None):
+    model_cfg = ModelConfig.from_config(config.model)
+    tx = optim.make_optimizer(config.train, optim.learning_rate_schedule(1.0, warmup_steps=0, total_steps=1))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    layout = train.state_layout(model_cfg, tx, mesh, sharding.DEFAULT_RULES)
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    state = ckpt.restore(ckpt.latest_step() if step is None else step, layout.abstract)
+    ckpt.close()
+    return jax.device_get(state.params)
+
+
+def losses(result):
+    return [h["loss"] for h in result["history"]]
+
+
+def test_resumed_run_is_bit_exact_with_an_uninterrupted_one(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    one_device = jax.devices()[:1]
+    full = pretrain.run(config, str(tmp_path / "full"), devices=one_device)
+    first = pretrain.run(config, str(tmp_path / "resumed"), devices=one_device, stop_at_step=3)
+    assert first["preempted"] and first["step"] == 3
+    second = pretrain.run(config, str(tmp_path / "resumed"), devices=one_device)
+    assert second["resumed"] and second["start_step"] == 3 and second["finished"]
+    assert losses(first) + losses(second) == losses(full)  # bit-exact
+    a, b = restore_params(str(tmp_path / "full"), config), restore_params(str(tmp_path / "resumed"), config)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert losses(full)[-1] < losses(full)[0]
+    # The checkpoint carries the config and the palette, so later jobs need only the workdir.
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "full"), create=False)
+    assert ckpt.restore_config(6).model.d_model == 32
+    assert ckpt.restore_palette(6).shape == (16, 1)
+    ckpt.close()
+
+
+def test_one_device_and_a_2x2x2_mesh_give_the_same_losses(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_steps=4)
+    single = pretrain.run(config, str(tmp_path / "single"), devices=jax.devices()[:1])
+    config.mesh.shape = (2, 2, 2)
+    sharded = pretrain.run(config, str(tmp_path / "sharded"), devices=jax.devices()[:8])
+    np.testing.assert_allclose(losses(sharded), losses(single), atol=1e-5, rtol=0)
+
+
+def test_parameters_and_optimizer_state_are_sharded_as_the_rules_say():
+    cfg = ModelConfig(vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none")
+    train_cfg = config_defaults.base_config().train
+    tx = optim.make_optimizer(train_cfg, optim.learning_rate_schedule(1e-3, warmup_steps=1, total_steps=10))
+    mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
+    layout = train.state_layout(cfg, tx, mesh, sharding.DEFAULT_RULES)
+    state = train.create_state(cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
+    params = state.params
+    assert params["blocks"]["mlp"]["fc"].sharding.spec == P(None, "fsdp", "tensor")
+    assert params["blocks"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert params["blocks"]["attn"]["o"].sharding.spec == P(None, "tensor", None, "fsdp")
+    assert params["wte"].sharding.spec == P("tensor", "fsdp")
+    assert params["wpe"].sharding.spec == P(None, "fsdp")
+    # Each device really holds only its shard.
+    fc = params["blocks"]["mlp"]["fc"]
+    assert {s.data.shape for s in fc.addressable_shards} == {(2, 16, 64)}
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    assert len(adam) == 1
+    assert adam[0].mu["blocks"]["mlp"]["fc"].sharding.spec == P(None, "fsdp", "tensor")
+    assert adam[0].nu["wte"].sharding.spec == P("tensor", "fsdp")
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_gradient_accumulation_equals_the_large_batch(objective):
+    cfg = ModelConfig(vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", objective=objective)
+    train_cfg = config_defaults.base_config().train
+    schedule = optim.learning_rate_schedule(1e-2, warmup_steps=0, total_steps=10)
+    tx = optim.make_optimizer(train_cfg, schedule)
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    layout = train.state_layout(cfg, tx, mesh, sharding.DEFAULT_RULES)
+    state = train.create_state(cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
+    batch = {"tokens": jax.random.randint(jax.random.key(1), (16, 64), 0, 16)}
+
+    def step(accum):
+        fn = jax.jit(lambda s, b: train.train_step(s, b, model_cfg=cfg, tx=tx, schedule=schedule,
+                                                  base_rng=jax.random.key(2), accum_steps=accum))
+        return fn(state, batch)
+
+    (big, big_metrics), (acc, acc_metrics) = step(1), step(4)
+    np.testing.assert_allclose(acc_metrics["loss"], big_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), acc.params, big.params)
+    assert np.abs(np.asarray(big.params["wtet"])).max() > 0  # the step really moved the parameters
+
+
+def test_finished_run_relaunched_says_so_and_changes_nothing(data_dir, tmp_path, capsys):
+    config = tiny_config(data_dir, num_steps=2)
+    pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    again = pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert again["finished"] and again["step"] == 2
+    assert "already finished" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert (tmp_path / "FINISHED").read_text().strip() == "2"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, num_steps=8, lr=3e38, warmup_steps=0)
+    config.checkpoint.every_steps = 1
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step (\d+); stopping") as err:
+        pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+    bad_step = int(str(err.value).split(" at step ")[1].split(";")[0])
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
+    assert ckpt.all_steps() and max(ckpt.all_steps()) < bad_step
+    ckpt.close()
+    restore_params(str(tmp_path), config)  # restorable
+
+
+def test_bad_mesh_and_batch_settings_fail_with_the_numbers(data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"mesh.shape=\(3, 1, 1\) has 3 devices but 8 are available"):
+        sharding.resolve_mesh_shape((3, 1, 1), 8)
+    with pytest.raises(ValueError, match=r"the fixed axes multiply to 3, which does not divide 8"):
+        sharding.resolve_mesh_shape((-1, 3, 1), 8)
+    config = tiny_config(data_dir, batch_size=12)
+    config.mesh.shape = (8, 1, 1)
+    with pytest.raises(ValueError, match=r"train.batch_size=12 is not divisible by the data-parallel size 8"):
+        pretrain.run(config, str(tmp_path), devices=jax.devices()[:8])
+    config = tiny_config(data_dir, grad_accum_steps=3)
+    with pytest.raises(ValueError, match=r"train.grad_accum_steps=3 must divide train.batch_size=16"):
+        pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+
+
+# ------------------------------------------------------------------------- real processes
+
+def _main_command(workdir, data_dir, *extra):
+    return [
+        sys.executable, "-m", "igpt_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}", "--config.model.d_model=32", "--config.model.n_head=2",
+        "--config.model.n_layer=2", "--config.train.batch_size=16", "--config.train.eval_every=0",
+        "--config.train.log_every=1", "--config.train.warmup_steps=2", *extra,
+    ]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _wait_for_line(proc, needle: str, timeout: float = 240) -> str:
+    deadline = time.time() + timeout
+    seen = []
+    while time.time() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return line
+    proc.kill()
+    raise AssertionError(f"never saw {needle!r}; output:\n{''.join(seen[-30:])}")
+
+
+def _metrics(workdir: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path):
+    # Import the data once in this process so the subprocess starts training quickly.
+    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    cmd = _main_command(tmp_path, data_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_for_line(proc, "3/100000 |")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    assert stopped >= 3
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
+    assert ckpt.all_steps() == [stopped]
+    ckpt.close()
+
+
+def test_sigkill_during_saves_resumes_from_the_last_complete_checkpoint(data_dir, tmp_path):
+    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    steps = 40
+    common = [f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=1",
+              "--config.checkpoint.max_to_keep=2"]
+    proc = subprocess.Popen(_main_command(tmp_path / "killed", data_dir, *common), cwd=REPO, env=_env(1),
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    _wait_for_line(proc, " 6/40 |")  # saving every step: the kill lands in or between saves
+    proc.kill()
+    proc.wait(timeout=60)
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "killed"), create=False)
+    complete = ckpt.latest_step()
+    ckpt.close()
+    assert complete is not None and complete < steps
+    resumed = subprocess.run(_main_command(tmp_path / "killed", data_dir, *common), cwd=REPO, env=_env(1),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Pretraining done" in resumed.stdout
+    reference = subprocess.run(_main_command(tmp_path / "reference", data_dir, *common), cwd=REPO, env=_env(1),
+                               capture_output=True, text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert _metrics(tmp_path / "killed")[-1] == _metrics(tmp_path / "reference")[-1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_four_devices_each_match_one_process_with_eight(data_dir, tmp_path):
+    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    common = ["--config.train.num_steps=4", "--config.mesh.shape=(2,2,2)", "--config.checkpoint.every_steps=2"]
+    single = subprocess.run(_main_command(tmp_path / "one", data_dir, *common), cwd=REPO, env=_env(8),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            _main_command(tmp_path / "two", data_dir, *common, f"--coordinator_address=127.0.0.1:{port}",
+                          "--num_processes=2", f"--process_id={i}"),
+            cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"), atol=1e-5, rtol=0)
+    assert len(_metrics(tmp_path / "one")) == 4

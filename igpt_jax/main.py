@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging as std_logging
 import os
 
@@ -35,7 +36,15 @@ class _QuietLibraries(std_logging.Filter):
     def filter(self, record) -> bool:
         return record.levelno >= 30 or not any(part in record.pathname for part in _QUIET_LIBRARIES)
 
-JOBS = ("pretrain",)
+# config.job -> the module whose run(config, workdir) does it.
+JOBS = {
+    "pretrain": "igpt_jax.jobs.pretrain",
+    "compile": "igpt_jax.jobs.compile",
+    "probe": "igpt_jax.jobs.probe",
+    "finetune": "igpt_jax.jobs.finetune",
+    "sample": "igpt_jax.jobs.sample",
+    "evaluate": "igpt_jax.jobs.evaluate",
+}
 
 
 def _multi_host_environment() -> bool:
@@ -62,12 +71,15 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     logging.info("job %s, workdir %s, %d processes, %d devices (%s)", config.job, _WORKDIR.value,
                  jax.process_count(), jax.device_count(), jax.default_backend())
-    if config.job == "pretrain":
-        from igpt_jax.jobs import pretrain  # noqa: PLC0415
-
-        pretrain.run(config, _WORKDIR.value)
-    else:
-        raise app.UsageError(f"config.job={config.job!r} is not one of {JOBS}")
+    if config.job not in JOBS:
+        raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+    try:
+        job = importlib.import_module(JOBS[config.job])
+    except ModuleNotFoundError as err:
+        if err.name != JOBS[config.job]:
+            raise
+        raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
+    job.run(config, _WORKDIR.value)
 
 
 def run() -> None:

@@ -1,0 +1,563 @@
+"""The input pipeline: TFDS records -> Grain -> palette tokens in raster order.
+
+    tfds.data_source (array_record, random access; images decoded with Pillow)
+      -> this process's shard of the records (jax.process_index/process_count)
+      -> train: shuffle per epoch, repeat forever, augment (paper 3.1)
+         eval:  in order, one pass, eval resize, padded to whole batches
+      -> batch -> palette tokens (one lookup-table gather per batch)
+      -> {'tokens': int32 [b, res*res], 'label': int32 [b], 'mask': bool [b],
+          'index': int32 [b] (record index in the TFDS split, -1 for padding)}
+
+Splits: 'train' and 'validation' are cut from the TFDS train split (validation
+= its last ``val_fraction`` of records; TFDS stores records in a fixed
+pseudo-random order, so that is a random, reproducible subset); ``fold_val``
+trains on all of it. 'test' is the TFDS test split (ImageNet: 'validation').
+
+Every element is a function of (seed, position), so the iterator's Grain state
+(a position) restores exactly; :func:`iterator_save_args` and
+:func:`iterator_restore_args` put it in an Orbax checkpoint next to the model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from igpt_jax.data import augment, builders
+from igpt_jax.palette import Palette, _pack
+
+SPLITS = ('train', 'validation', 'test')
+# Where auto_import looks for {name}.npz when config.data.import_source is None.
+_NPZ_DIRS_ENV = 'IGPT_NPZ_DIR'
+_SHARED_DATA = Path(__file__).resolve().parents[3] / 'shared' / 'data'
+
+
+class DataError(ValueError):
+    """Bad data in a dataset; the message names the dataset, split and record."""
+
+
+# ----------------------------------------------------------------- dataset
+def resolve_data_dir(data_dir: str | None) -> str:
+    """config data_dir -> $TFDS_DATA_DIR -> ~/tensorflow_datasets (TFDS's own default)."""
+    if data_dir:
+        return os.fspath(data_dir)
+    return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+def _prepared_versions(name: str, data_dir: str) -> list[str]:
+    root = epath.Path(data_dir) / name
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / 'dataset_info.json').exists())
+
+
+def _auto_import_source(data_cfg: ml_collections.ConfigDict) -> str | None:
+    if data_cfg.get('import_source'):
+        return data_cfg.import_source
+    dirs = [d for d in os.environ.get(_NPZ_DIRS_ENV, '').split(os.pathsep) if d] + [str(_SHARED_DATA)]
+    for d in dirs:
+        candidate = Path(d) / f'{data_cfg.name}.npz'
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def ensure_dataset(data_cfg: ml_collections.ConfigDict) -> str:
+    """Makes sure the dataset is in data_dir (importing it if allowed); returns data_dir.
+
+    Raises:
+      FileNotFoundError: the dataset is missing and cannot be imported here.
+    """
+    data_dir = resolve_data_dir(data_cfg.data_dir)
+    name = data_cfg.name
+    if _prepared_versions(name, data_dir):
+        return data_dir
+    hint = (f'Import it with: python -m igpt_jax.data.import_data --name={name} '
+            f'--data_dir={data_dir} --source=<.npz or image folder>')
+    if not data_cfg.get('auto_import', False):
+        raise FileNotFoundError(f'Dataset {name!r} not found in {data_dir} (auto_import is off). {hint}')
+    source = None if name == 'digits' else _auto_import_source(data_cfg)
+    if name != 'digits' and source is None:
+        raise FileNotFoundError(f'Dataset {name!r} not found in {data_dir} and no source to import. {hint}')
+    if jax.process_count() > 1:
+        raise FileNotFoundError(
+            f'Dataset {name!r} not found in {data_dir}; with {jax.process_count()} processes it must be '
+            f'prepared before the run. {hint}')
+    from igpt_jax.data import import_data  # pylint: disable=g-import-not-at-top
+
+    logging.info('Dataset %s not in %s: importing it from %s.', name, data_dir, source or 'scikit-learn')
+    import_data.import_dataset(source, name, data_dir)
+    return data_dir
+
+
+def _builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    data_dir = ensure_dataset(data_cfg)
+    return tfds.builder(data_cfg.name, data_dir=data_dir)
+
+
+def _test_split(data_cfg: ml_collections.ConfigDict) -> str:
+    if data_cfg.get('test_split'):
+        return data_cfg.test_split
+    return 'validation' if data_cfg.name == 'imagenet2012' else 'test'
+
+
+def _split_bounds(data_cfg: ml_collections.ConfigDict, split: str,
+                  builder: tfds.core.DatasetBuilder | None = None) -> tuple[str, int, int]:
+    """Our split -> (TFDS split, first record, end record)."""
+    if split not in SPLITS:
+        raise ValueError(f'split must be one of {SPLITS}, got {split!r}.')
+    builder = builder or _builder(data_cfg)
+    splits = builder.info.splits
+    if split == 'test':
+        tfds_split = _test_split(data_cfg)
+        if tfds_split not in splits:
+            raise ValueError(f'Dataset {data_cfg.name!r} has no split {tfds_split!r} (has {list(splits.keys())}).')
+        return tfds_split, 0, splits[tfds_split].num_examples
+    tfds_split = data_cfg.get('train_split', 'train')
+    n = splits[tfds_split].num_examples
+    frac = float(data_cfg.val_fraction)
+    if not 0.0 <= frac < 1.0:
+        raise ValueError(f'val_fraction must be in [0, 1), got {frac}.')
+    n_val = int(round(n * frac))
+    if split == 'validation':
+        if n_val == 0:
+            raise ValueError(
+                f'Dataset {data_cfg.name!r}: no validation split (val_fraction={frac}, {n} train records).')
+        return tfds_split, n - n_val, n
+    return tfds_split, 0, (n if data_cfg.fold_val else n - n_val)
+
+
+def num_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
+    """Number of examples of 'train', 'validation' or 'test' under this config."""
+    _, start, stop = _split_bounds(data_cfg, split)
+    return stop - start
+
+
+def num_classes(data_cfg: ml_collections.ConfigDict) -> int:
+    """Number of classes of the dataset's label feature."""
+    return int(_builder(data_cfg).info.features['label'].num_classes)
+
+
+# ------------------------------------------------------------------ reader
+class ImageRecords:
+    """Grain data source: decoded, channel-converted records [start, stop) of a TFDS split.
+
+    Records past the end (up to `pad_to`) are padding: a zero image of the input
+    resolution with mask False. Errors name the dataset, split and record index.
+    """
+
+    def __init__(self, *, name: str, data_dir: str, tfds_split: str, split: str, start: int,
+                 stop: int, channels: int, classes: int, allow_unlabeled: bool,
+                 resolution: int, min_side: int | None = None, pad_to: int | None = None):
+        self.name, self.data_dir, self.tfds_split, self.split = name, data_dir, tfds_split, split
+        self.start, self.stop = start, stop
+        self.channels, self.classes, self.allow_unlabeled = channels, classes, allow_unlabeled
+        self.resolution, self.min_side = resolution, min_side
+        self.pad_to = max(pad_to or 0, stop - start)
+        self._source: Any = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.pad_to
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state['_source'] = None  # reopened lazily in each (worker) process.
+        state['_lock'] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _where(self, record: int) -> str:
+        shown = repr(self.split)
+        if self.split != self.tfds_split:
+            shown += f' (TFDS split {self.tfds_split!r})'
+        return f'dataset {self.name!r}, split {shown}, record {record}'
+
+    @property
+    def source(self) -> Any:
+        """The TFDS data source (images left encoded), opened once per process."""
+        if self._source is None:
+            with self._lock:
+                if self._source is None:
+                    self._source = tfds.data_source(
+                        self.name, split=self.tfds_split, data_dir=self.data_dir, download=False,
+                        decoders={'image': tfds.decode.SkipDecoding()})
+        return self._source
+
+    def _check(self, i: int) -> int:
+        i = int(i)
+        if not 0 <= i < self.pad_to:
+            raise IndexError(f'{i} out of range [0, {self.pad_to}).')
+        return self.start + i
+
+    def _read(self, record: int) -> Any:
+        try:
+            return self.source[record]
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataError(f'{self._where(record)}: cannot read the record ({type(e).__name__}: {e}).') from e
+
+    def _padding(self) -> dict[str, Any]:
+        return {'image': np.zeros((self.resolution, self.resolution, self.channels), np.uint8),
+                'label': np.int32(0), 'index': np.int32(-1), 'mask': np.bool_(False)}
+
+    def _example(self, record: int, raw: Any) -> dict[str, Any]:
+        try:
+            image = builders.decode_image(raw['image'], self.channels, self.min_side)
+        except Exception as e:  # pylint: disable=broad-except
+            raise DataError(f'{self._where(record)}: cannot decode the image ({type(e).__name__}: {e}).') from e
+        label = int(raw['label'])
+        if not (0 <= label < self.classes or (label == -1 and self.allow_unlabeled)):
+            extra = ' (-1 = unlabeled; set allow_unlabeled=True to accept it)' if label == -1 else ''
+            raise DataError(f'{self._where(record)}: label {label} is outside [0, {self.classes}){extra}.')
+        return {'image': image, 'label': np.int32(label), 'index': np.int32(record), 'mask': np.bool_(True)}
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        record = self._check(i)
+        if record >= self.stop:
+            return self._padding()
+        return self._example(record, self._read(record))
+
+    def _getitems(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """Batched read (array_record reads a batch ~10x faster than one by one)."""
+        records = [self._check(i) for i in indices]
+        real = [r for r in records if r < self.stop]
+        try:
+            raws = dict(zip(real, self.source.__getitems__(real))) if real else {}
+        except Exception:  # pylint: disable=broad-except
+            raws = {r: self._read(r) for r in real}  # one by one, to name the bad record.
+        return [self._example(r, raws[r]) if r < self.stop else self._padding() for r in records]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augment:
+    """Per-example transform of config.data.augment: training (random) or evaluation."""
+
+    style: str
+    resolution: int
+    cifar_pad: int
+    resize_range: tuple[int, int]
+    crop: int
+
+    def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return augment.train_transform(
+            image, rng, style=self.style, resolution=self.resolution, cifar_pad=self.cifar_pad,
+            imagenet_resize_range=self.resize_range, imagenet_crop=self.crop)
+
+    def eval(self, image: np.ndarray) -> np.ndarray:
+        return augment.eval_transform(image, style=self.style, resolution=self.resolution,
+                                      imagenet_crop=self.crop)
+
+
+class _ReadBatch(grain.transforms.MapWithIndex):
+    """Batch of record positions -> batch of transformed examples (stacked arrays).
+
+    Reads the records in one batched read, decodes them, and applies the training
+    augmentation (each example with its own generator seeded by (seed, its position
+    in the global example stream), so the augmentation does not depend on how the
+    global batch is split between processes) or the evaluation resize.
+    """
+
+    def __init__(self, reader: ImageRecords, transform: _Augment, train: bool, seed: int,
+                 offset: int, stride: int):
+        self.reader, self.transform, self.train = reader, transform, train
+        self.seed, self.offset, self.stride = seed, offset, stride
+
+    def map_with_index(self, index: int, positions: np.ndarray) -> dict[str, np.ndarray]:
+        positions = np.asarray(positions)
+        records = [int(p) % len(self.reader) for p in positions]  # positions count up through epochs.
+        examples = self.reader._getitems(records)  # pylint: disable=protected-access
+        images = []
+        for j, ex in enumerate(examples):
+            if not ex['mask']:
+                images.append(ex['image'])
+            elif self.train:
+                rng = np.random.default_rng((self.seed, index * self.stride + self.offset + j))
+                images.append(self.transform.train(ex['image'], rng))
+            else:
+                images.append(self.transform.eval(ex['image']))
+        return {'image': np.stack(images),  # [b, res, res, C]
+                'label': np.array([ex['label'] for ex in examples], np.int32),
+                'index': np.array([ex['index'] for ex in examples], np.int32),
+                'mask': np.array([ex['mask'] for ex in examples], bool)}
+
+
+class _Slice(grain.transforms.Map):
+    """This process's rows [start, stop) of a global batch of record positions."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def map(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(positions)[self.start:self.stop]
+
+
+class _Tokenize(grain.transforms.Map):
+    """Batch of images -> palette tokens in raster order, via the palette's lookup table."""
+
+    def __init__(self, lut: np.ndarray):
+        self.lut = lut
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = batch['image']  # [b, res, res, C]
+        tokens = self.lut[_pack(images)].reshape(images.shape[0], -1).astype(np.int32)  # [b, res*res]
+        return {'tokens': tokens, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
+
+
+def _augment(data_cfg: ml_collections.ConfigDict) -> _Augment:
+    if data_cfg.augment not in augment.STYLES:
+        raise ValueError(f'augment must be one of {augment.STYLES}, got {data_cfg.augment!r}.')
+    return _Augment(data_cfg.augment, int(data_cfg.resolution), int(data_cfg.cifar_pad),
+                    tuple(int(v) for v in data_cfg.imagenet_resize_range), int(data_cfg.imagenet_crop))
+
+
+def _records(data_cfg: ml_collections.ConfigDict, split: str, start: int, stop: int,
+             pad_to: int | None = None, builder: tfds.core.DatasetBuilder | None = None) -> ImageRecords:
+    builder = builder or _builder(data_cfg)
+    tfds_split, lo, hi = _split_bounds(data_cfg, split, builder)
+    assert lo <= lo + start <= lo + stop <= hi, (start, stop, lo, hi)
+    res = int(data_cfg.resolution)
+    if data_cfg.augment == 'imagenet':  # keep >= 2 source pixels per output pixel after the crop.
+        max_short = data_cfg.imagenet_resize_range[1]
+        min_side = math.ceil(2 * res * max_short / data_cfg.imagenet_crop)
+    else:
+        min_side = 2 * res
+    return ImageRecords(
+        name=data_cfg.name, data_dir=resolve_data_dir(data_cfg.data_dir), tfds_split=tfds_split,
+        split=split, start=lo + start, stop=lo + stop, channels=int(data_cfg.channels),
+        classes=int(builder.info.features['label'].num_classes),
+        allow_unlabeled=bool(data_cfg.get('allow_unlabeled', False)), resolution=res,
+        min_side=min_side, pad_to=pad_to)
+
+
+def shard_range(n: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
+    """Records [start, stop) of shard `options.shard_index` out of `options.shard_count`.
+
+    Contiguous, disjoint ranges covering [0, n) (Grain's even split): sizes differ
+    by at most one, or with drop_remainder all are n // shard_count.
+    """
+    per, rem = divmod(n, options.shard_count)
+    i = options.shard_index
+    if options.drop_remainder:
+        return per * i, per * (i + 1)
+    return per * i + min(i, rem), per * (i + 1) + min(i + 1, rem)
+
+
+# ----------------------------------------------------------------- palette
+def default_palette_path(data_cfg: ml_collections.ConfigDict) -> str:
+    """{data_dir}/{name}/palette_k{k}_c{channels}_r{resolution}_s{seed}.npy."""
+    data_dir = resolve_data_dir(data_cfg.data_dir)
+    fname = (f'palette_k{data_cfg.n_colors}_c{data_cfg.channels}_r{data_cfg.resolution}'
+             f'_s{data_cfg.palette_seed}.npy')
+    return os.fspath(epath.Path(data_dir) / data_cfg.name / fname)
+
+
+def sample_images(data_cfg: ml_collections.ConfigDict, num_pixels: int, seed: int) -> np.ndarray:
+    """Random TFDS-train images at the input resolution (eval resize), enough for ~4x num_pixels.
+
+    Returns:
+      uint8 [n, resolution, resolution, channels].
+    """
+    builder = _builder(data_cfg)
+    n = builder.info.splits[data_cfg.get('train_split', 'train')].num_examples
+    cfg = ml_collections.ConfigDict(data_cfg.to_dict())
+    cfg.val_fraction, cfg.fold_val = 0.0, True  # the whole stored train split.
+    reader = _records(cfg, 'train', 0, n, builder=builder)
+    n_img = min(n, max(1, math.ceil(4 * num_pixels / data_cfg.resolution ** 2)), 200_000)
+    picks = np.sort(np.random.default_rng(seed).choice(n, size=n_img, replace=False))
+    transform = _augment(data_cfg)
+
+    def load(i: int) -> np.ndarray:
+        return transform.eval(reader[int(i)]['image'])
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, int(data_cfg.read_threads))) as pool:
+        return np.stack(list(pool.map(load, picks)))
+
+
+def load_or_fit_palette(data_cfg: ml_collections.ConfigDict) -> Palette:
+    """The palette of this config: loaded from palette_path, or fitted and saved there.
+
+    Fitting uses ``palette_sample_pixels`` pixels of random images of the whole
+    TFDS train split at the input resolution (independent of val_fraction and
+    fold_val, so every run on a dataset shares the vocabulary), is deterministic
+    given ``palette_seed``, and logs the reconstruction error. Only process 0
+    writes the file (every process fits the same palette).
+
+    Raises:
+      ValueError: the palette's shape is not (n_colors, channels).
+    """
+    path = data_cfg.palette_path or default_palette_path(data_cfg)
+    what = f'dataset {data_cfg.name!r}, palette {path}'
+    if epath.Path(path).exists():
+        palette = Palette.load(path)
+        palette.check_shape(data_cfg.n_colors, data_cfg.channels, what=what)
+        return palette
+    pixels = sample_images(data_cfg, int(data_cfg.palette_sample_pixels), int(data_cfg.palette_seed))
+    if pixels.shape[-1] != data_cfg.channels:
+        raise ValueError(f'{what}: sampled images have {pixels.shape[-1]} channels, config says {data_cfg.channels}.')
+    palette = Palette.fit(pixels, k=int(data_cfg.n_colors), seed=int(data_cfg.palette_seed),
+                          sample_pixels=int(data_cfg.palette_sample_pixels))
+    err = palette.reconstruction_error(pixels)
+    err8 = palette.reconstruction_error(pixels, units='uint8')
+    logging.info('Fitted %s on %d images: reconstruction MSE %.6f ([-1, 1] units), RMSE %.2f grey levels.',
+                 what, len(pixels), err, math.sqrt(err8))
+    if jax.process_index() == 0:
+        palette.save(path)
+    return palette
+
+
+# ---------------------------------------------------------------- iterator
+def make_iterator(
+    data_cfg: ml_collections.ConfigDict,
+    split: str,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    palette: Palette | None = None,
+) -> grain.DatasetIterator:
+    """A Grain iterator of token batches for this process.
+
+    Args:
+      data_cfg: config.data.
+      split: 'train', 'validation' or 'test'.
+      batch_size: examples per batch in THIS process.
+      train: True -> shuffled each epoch, augmented, infinite, full batches only.
+        False -> in order, one pass, no augmentation, the last batch padded
+        (mask False); every shard yields the same number of batches, so all
+        processes stay in step.
+      seed: shuffle/augmentation seed (default config shuffle_seed).
+      shard_index, shard_count: this process's shard (default jax.process_index()
+        and jax.process_count()). Training: every process cuts the same global batches
+        (batch_size x shard_count) from one shuffled order and reads its slice of each.
+        Evaluation: contiguous, disjoint record ranges.
+      palette: the palette (default :func:`load_or_fit_palette`).
+
+    Returns:
+      An iterator of dicts of numpy arrays: tokens int32 [b, res*res], label
+      int32 [b], mask bool [b], index int32 [b]; with get_state()/set_state().
+
+    Raises:
+      ValueError: bad split/shard/batch arguments, or a palette of the wrong shape.
+    """
+    if batch_size < 1:
+        raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+    if shard_index is None or shard_count is None:
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train)
+    builder = _builder(data_cfg)
+    _, lo, hi = _split_bounds(data_cfg, split, builder)
+    n = hi - lo
+    if n == 0:
+        raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
+    palette = palette if palette is not None else load_or_fit_palette(data_cfg)
+    palette.check_shape(data_cfg.n_colors, data_cfg.channels, what=f'dataset {data_cfg.name!r}')
+    tokenize = _Tokenize(palette.lookup_table())
+    transform = _augment(data_cfg)
+    seed = int(data_cfg.shuffle_seed if seed is None else seed) % 2**32
+
+    if train:
+        # Every process shuffles the whole split with the same seed and cuts the same global batches; each reads
+        # only its slice of every global batch. The global batch (and its augmentation) is therefore the same for
+        # any number of processes, so a run's losses do not depend on how many hosts feed it.
+        global_batch = batch_size * shard_count
+        if n < global_batch:
+            raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} has {n} records, fewer than one global '
+                             f'batch of {global_batch} ({batch_size} per process x {shard_count} processes).')
+        reader = _records(data_cfg, split, 0, n, builder=builder)
+        positions = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)  # epoch e reshuffles
+        offset = shard_index * batch_size
+        ds = (positions.batch(global_batch, drop_remainder=True)
+              .map(_Slice(offset, offset + batch_size))
+              .map_with_index(_ReadBatch(reader, transform, train, seed, offset, global_batch)))
+    else:
+        start, stop = shard_range(n, options)
+        per_shard = math.ceil(n / shard_count)
+        padded = math.ceil(per_shard / batch_size) * batch_size
+        reader = _records(data_cfg, split, start, stop, pad_to=padded, builder=builder)
+        positions = grain.MapDataset.range(padded)
+        ds = (positions.batch(batch_size, drop_remainder=False)
+              .map_with_index(_ReadBatch(reader, transform, train, seed, 0, batch_size)))
+    ds = ds.map(tokenize)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(
+        num_threads=int(data_cfg.read_threads), prefetch_buffer_size=int(data_cfg.prefetch_buffer_size)))
+    if int(data_cfg.num_workers) > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(data_cfg.num_workers)))
+    return iter(it_ds)
+
+
+# ------------------------------------------------------------- multi-host
+def make_global_batch(
+    local_batch: dict[str, np.ndarray],
+    mesh: jax.sharding.Mesh,
+    batch_axes: tuple[str, ...] = ('data', 'fsdp'),
+) -> dict[str, jax.Array]:
+    """Per-process batches -> global arrays sharded on the leading dim over `batch_axes`.
+
+    Axes of `batch_axes` that the mesh does not have are skipped. The global batch
+    is inferred by JAX (the concatenation of the processes' batches).
+
+    Raises:
+      ValueError: no batch axis in the mesh, or a batch that does not divide
+        evenly over the batch axes.
+    """
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    if not axes:
+        raise ValueError(f'None of the batch axes {batch_axes} is in the mesh axes {mesh.axis_names}.')
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    n_shards = math.prod(mesh.shape[a] for a in axes)
+    # Devices along the batch axes that live on this process: the local batch splits over them.
+    local_devices = {d for d in mesh.devices.flat if d.process_index == jax.process_index()}
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        global_rows = value.shape[0] * jax.process_count()
+        if value.shape[0] == 0 or global_rows % n_shards:
+            raise ValueError(
+                f'Batch field {key!r}: {value.shape[0]} rows per process x {jax.process_count()} processes '
+                f'does not divide over {n_shards} shards of mesh axes {axes} ({len(local_devices)} local devices).')
+        out[key] = jax.make_array_from_process_local_data(sharding, value)
+    return out
+
+
+# -------------------------------------------------------------------- Orbax
+def iterator_save_args(it: grain.DatasetIterator) -> Any:
+    """Orbax args saving the iterator's position; use as an item of ocp.args.Composite.
+
+    Example::
+
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=iterator_save_args(it)))
+    """
+    return grain.checkpoint.CheckpointSave(item=it)
+
+
+def iterator_restore_args(it: grain.DatasetIterator) -> Any:
+    """Orbax args restoring a position into `it` (a fresh iterator of the same config).
+
+    Example::
+
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=iterator_restore_args(it)))
+      it = restored['data']
+    """
+    return grain.checkpoint.CheckpointRestore(item=it)

@@ -1,0 +1,133 @@
+"""Two real JAX processes: each reads its own shard, batches become one global array."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+
+from igpt_jax.data import import_data, pipeline, testing
+
+flags.FLAGS.mark_as_parsed()
+tfds.display_progress_bar(False)
+
+WORKER = textwrap.dedent('''
+    import json, sys
+    port, pid, data_dir, palette_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    import jax
+    import jax.numpy as jnp
+    jax.config.update('jax_num_cpu_devices', 2)
+    jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid,
+                               initialization_timeout=60)
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    from jax.experimental import multihost_utils
+    from igpt_jax.data import pipeline, testing
+
+    cfg = testing.small_config('mh', data_dir, resolution=8, channels=1, n_colors=4)
+    cfg.palette_path = palette_path
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    mesh = jax.make_mesh((2, 2), ('data', 'fsdp'), axis_types=auto)
+    masked_sum = jax.jit(lambda t, m: jnp.sum(jnp.where(m[:, None], t, 0)))
+    out = {'eval': [], 'train': []}
+    for batch in pipeline.make_iterator(cfg, 'test', batch_size=4, train=False):
+      g = pipeline.make_global_batch(batch, mesh)
+      assert g['tokens'].shape == (8, 64), g['tokens'].shape
+      assert g['tokens'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
+      out['eval'].append({'local_index': batch['index'].tolist(),
+                          'global_index': multihost_utils.process_allgather(g['index'], tiled=True).tolist(),
+                          'sum': int(masked_sum(g['tokens'], g['mask']))})
+    it = pipeline.make_iterator(cfg, 'train', batch_size=4, train=True, seed=0)
+    for _ in range(3):
+      batch = next(it)
+      g = pipeline.make_global_batch(batch, mesh, batch_axes=('data',))
+      out['train'].append({'local_index': batch['index'].tolist(),
+                           'global_index': multihost_utils.process_allgather(g['index'], tiled=True).tolist()})
+    print('RESULT ' + json.dumps(out), flush=True)
+    jax.distributed.shutdown()
+''')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_shard_and_build_global_batches(tmp_path):
+    testing.write_npz(tmp_path / 'mh.npz', n_train=20, n_test=13, size=(8, 8), channels=1)
+    data_dir = str(tmp_path / 'tfds')
+    import_data.import_dataset(str(tmp_path / 'mh.npz'), 'mh', data_dir)
+    cfg = testing.small_config('mh', data_dir, resolution=8, channels=1, n_colors=4)
+    palette = pipeline.load_or_fit_palette(cfg)
+    palette_path = pipeline.default_palette_path(cfg)
+
+    script = tmp_path / 'worker.py'
+    script.write_text(WORKER)
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop('XLA_FLAGS', None)  # conftest's 8 fake devices: each worker sets its own 2
+    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), data_dir, palette_path],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for i in range(2)]
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=150)
+            assert p.returncode == 0, err[-3000:]
+            line = next(l for l in out.splitlines() if l.startswith('RESULT '))
+            results.append(json.loads(line[len('RESULT '):]))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    # Evaluation: 13 test records -> shards of 7 and 6, two steps of 4 per process.
+    local = [[i for step in r['eval'] for i in step['local_index'] if i >= 0] for r in results]
+    assert not set(local[0]) & set(local[1])
+    assert sorted(local[0] + local[1]) == list(range(13))
+    assert len(results[0]['eval']) == len(results[1]['eval']) == 2
+    for s0, s1 in zip(results[0]['eval'], results[1]['eval']):
+        assert s0['global_index'] == s1['global_index'] == s0['local_index'] + s1['local_index']
+        assert s0['sum'] == s1['sum']
+    # The global masked sums equal the same shards read in this single process.
+    expected = [0, 0]
+    for shard in range(2):
+        for step, b in enumerate(pipeline.make_iterator(cfg, 'test', batch_size=4, train=False, palette=palette,
+                                                        shard_index=shard, shard_count=2)):
+            expected[step] += int(b['tokens'][b['mask']].sum())
+    assert [s['sum'] for s in results[0]['eval']] == expected
+
+    # Training: the global batches do not depend on the number of processes. The two local halves of each global
+    # batch are disjoint and together are exactly the batch a single process reads.
+    single = pipeline.make_iterator(cfg, 'train', batch_size=8, train=True, seed=0, palette=palette,
+                                    shard_index=0, shard_count=1)
+    for s0, s1 in zip(results[0]['train'], results[1]['train']):
+        assert s0['global_index'] == s1['global_index'] == s0['local_index'] + s1['local_index']
+        assert not set(s0['local_index']) & set(s1['local_index'])
+        assert s0['global_index'] == next(single)['index'].tolist()
+
+
+def test_training_batches_are_the_same_for_any_number_of_shards(tmp_path):
+    testing.write_npz(tmp_path / 'aug.npz', n_train=40, n_test=4, size=(8, 8), channels=3)
+    data_dir = str(tmp_path / 'tfds')
+    import_data.import_dataset(str(tmp_path / 'aug.npz'), 'aug', data_dir)
+    cfg = testing.small_config('aug', data_dir, resolution=8, channels=3, n_colors=8)
+    cfg.augment = 'cifar'  # random crops and flips: they must follow the example, not the shard
+    palette = pipeline.load_or_fit_palette(cfg)
+    one = pipeline.make_iterator(cfg, 'train', batch_size=12, train=True, seed=3, palette=palette,
+                                 shard_index=0, shard_count=1)
+    three = [pipeline.make_iterator(cfg, 'train', batch_size=4, train=True, seed=3, palette=palette,
+                                    shard_index=i, shard_count=3) for i in range(3)]
+    for _ in range(5):  # crosses an epoch boundary (40 records, 12 per step)
+        whole = next(one)
+        parts = [next(it) for it in three]
+        for key in ('tokens', 'label', 'index'):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

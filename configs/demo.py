@@ -1,4 +1,5 @@
-"""The embedded default: a small iGPT trained on scikit-learn's 8x8 digits, no download needed.
+"""The embedded default: a small iGPT trained on scikit-learn's 8x8 digits, no download needed; then linear
+probes of every layer (with the raw-pixel and random-init baselines) and a grid of image completions.
 
 Command:   python -m igpt_jax.main --config=configs/demo.py --workdir=workdirs/demo
 Hardware:  any CPU (2 cores is enough); data imported through the TFDS path from scikit-learn on first use.
@@ -23,4 +24,8 @@ def get_config(arg=None):
     config.train.log_every = 50
     config.train.eval_every = 200
     config.checkpoint.every_steps = 200
+    config.then = ("probe", "sample")  # then: linear probes per layer (+ baselines) and a completion grid
+    config.probe.checkpoint_steps = (200, 400, 600)  # probe accuracy against validation loss (paper Figure 3)
+    config.sample.num_images = 8
+    config.sample.samples_per_image = 4
     return config

@@ -1,22 +1,55 @@
 """iGPT-L: 48 layers, width 1536, 16 heads, 1,362,250,752 parameters at 32x32 (paper section 3.4, Table 5).
 
-Command:   python -m igpt_jax.main --config=configs/igpt_l.py --workdir=gs://BUCKET/igpt_l
-           variants: `:res=48` (2304 context, lr 0.01), `:bert` (lr 0.001), `:runlocal`, `:dataset=cifar10`.
-Hardware:  TPU pod slice; parameters and optimizer state sharded with fsdp (see mesh below).
+Command:   python -m igpt_jax.main --config=configs/igpt_l.py:pod=v4-1024 --workdir=gs://BUCKET/igpt_l
+           variants: `:res=48` (2304 context, lr 0.01), `:bert` (lr 0.001), `:runlocal`, `:dataset=cifar10`,
+           `:pod=...` (below); join them with commas (`:res=48,pod=v3-2048`).
+Fits?      python -m igpt_jax.main --config=configs/igpt_l.py:pod=v4-1024 --config.job=compile --workdir=/tmp/c
+Hardware:  a Cloud TPU slice, `:pod=TYPE` (default v4-1024), each proven to fit by the compile job
+           (`--config.job=compile`, libtpu, no TPU needed; figures in bench/RESULTS.md "Pod compile (AOT)"):
+             pod        topology    devices  mesh (data, fsdp, tensor)
+             v3-1024    v3:16x32    1024     (1, 128, 8)   a v3 device is a core: 16 GiB
+             v3-2048    v3:32x32    2048     (2, 128, 8)   'data' splits each sequence in two (see below)
+             v4-1024    v4:8x8x8     512     (1, 128, 4)   a v4/v5p device is a chip (megacore)
+             v4-2048    v4:8x8x16   1024     (1, 128, 8)
+             v5p-1024   v5p:8x8x8    512     (1, 128, 4)
+             v5p-2048   v5p:8x8x16  1024     (1, 128, 8)
+             any        -             <=128  (1, -1, 1)    fsdp over all devices (a slice of at most 128 devices)
+           Batch 128 splits at most 128 ways, so the rest of the slice is tensor parallelism (heads, MLP, vocabulary
+           4 or 8 ways; 16 heads) and, on 2048 devices, sequence (context) parallelism over 'data' (activations split
+           along the sequence, the parameters over 'fsdp' x 'data'): the same math, only the layout differs. The
+           parameters and Adam state are sharded over every device (fsdp x tensor). Float32 parameters and compute
+           (on TPU, XLA's default precision runs float32 matmuls as one bfloat16 pass), dense attention, and no
+           rematerialisation: the step needs at most 54 % of a v3 core's 16 GiB (48x48 on v3-1024; 20 % at 32x32)
+           and 40 % of a v4 chip's 32 GiB, so recomputing activations would cost FLOPs for nothing.
 Time:      1M steps of batch 128; about 2500 V100-days in the paper (OpenAI's post).
 Result:    paper: CIFAR-10 linear probe 96.3 %, fine-tune 99.0 %; ImageNet probe 60.3 % (IR 32), 65.2 % (IR 48).
 """
 
-from igpt_jax import config_defaults
+from igpt_jax import config_defaults, sharding
+
+# Context parallelism: the batch splits over 'fsdp' only, each sequence over 'data', the parameters over both.
+SEQUENCE_RULES = tuple({**dict(sharding.DEFAULT_RULES), "activation_batch": "fsdp", "activation_length": "data",
+                        "embed": ("fsdp", "data")}.items())
+# Cloud TPU accelerator type -> (topology the compile job describes, mesh (data, fsdp, tensor), rules).
+PODS = {
+    "v3-1024": ("v3:16x32", (1, 128, 8), sharding.DEFAULT_RULES),
+    "v3-2048": ("v3:32x32", (2, 128, 8), SEQUENCE_RULES),
+    "v4-1024": ("v4:8x8x8", (1, 128, 4), sharding.DEFAULT_RULES),
+    "v4-2048": ("v4:8x8x16", (1, 128, 8), sharding.DEFAULT_RULES),
+    "v5p-1024": ("v5p:8x8x8", (1, 128, 4), sharding.DEFAULT_RULES),
+    "v5p-2048": ("v5p:8x8x16", (1, 128, 8), sharding.DEFAULT_RULES),
+    "any": ("", (1, -1, 1), sharding.DEFAULT_RULES),
+}
 
 
 def get_config(arg=None):
-    args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32)
+    args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32, pod="v4-1024")
     config = config_defaults.base_config()
     config.data = config_defaults.default_data_config(args.dataset)
     config.data.resolution = args.res
     objective = "bert" if args.bert else "ar"
-    config.model = config_defaults.paper_model("l", n_ctx=args.res**2, objective=objective, remat="full")
+    config.model = config_defaults.paper_model("l", n_ctx=args.res**2, objective=objective, remat="none",
+                                               attention="dense")
     config.train.batch_size = 128
     config.train.num_steps = 1_000_000
     config.train.lr = 0.01 if (args.res == 48 and not args.bert) else 0.001
@@ -25,8 +58,10 @@ def get_config(arg=None):
     config.train.eval_every = 10_000
     config.train.eval_batches = 50
     config.checkpoint.every_steps = 2_000
-    config.mesh.shape = (1, -1, 1)  # fsdp over every device: 1.4B parameters + Adam do not fit replicated
+    if args.pod not in PODS:
+        raise ValueError(f"pod={args.pod!r}: choose one of {sorted(PODS)}")
+    config.compile.topology, config.mesh.shape, config.mesh.rules = PODS[args.pod]
     if args.runlocal:
         config_defaults.make_runlocal(config)
-        config.mesh.shape = (-1, 1, 1)
+        config.mesh.shape, config.mesh.rules = (-1, 1, 1), sharding.DEFAULT_RULES
     return config

@@ -3,7 +3,9 @@
 Command:   python -m igpt_jax.main --config=configs/igpt_m.py --workdir=gs://BUCKET/igpt_m
            variants: `:runlocal` (tiny model on CIFAR-10 from ../shared/data), `:bert` (lr 0.003),
            `:dataset=cifar10`, `:res=48`.
-Hardware:  TPU pod slice; mesh below.
+Hardware:  pure data parallelism on up to 128 devices (batch 128): v4-256 (`v4:4x4x8`, 128 chips: 7.8 of 32 GiB
+           per chip) or v3-128 (`v3:8x8`: 7.9 of 16 GiB per core), checked with `--config.job=compile`
+           (bench/RESULTS.md "Pod compile (AOT)"). Larger slices: igpt_l.py's layouts.
 Time:      1M steps of batch 128 (the paper's schedule).
 Result:    paper Table 5 learning rate 0.003 (AR and BERT).
 """
@@ -26,6 +28,7 @@ def get_config(arg=None):
     config.train.eval_every = 10_000
     config.train.eval_batches = 50
     config.checkpoint.every_steps = 5_000
+    config.compile.topology = "v4:4x4x8"  # v4-256: 128 chips, one example each (also fits v3:8x8, v3-128)
     if args.runlocal:
         config_defaults.make_runlocal(config)
     return config

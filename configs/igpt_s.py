@@ -3,7 +3,9 @@
 Command:   python -m igpt_jax.main --config=configs/igpt_s.py --workdir=gs://BUCKET/igpt_s
            variants: `:runlocal` (tiny model, CIFAR-10 from ../shared/data, a few hundred steps on a CPU),
            `:bert` (BERT objective, lr 0.01), `:dataset=cifar10`, `:res=48`.
-Hardware:  paper runs used TPU pods; this config's mesh is pure data parallel (the model fits every device).
+Hardware:  pure data parallelism (the model and Adam fit every device) on up to 128 devices (batch 128): v4-256
+           (`v4:4x4x8`, 128 chips: 1.3 of 32 GiB per chip) or v3-128 (`v3:8x8`: 1.4 of 16 GiB per core), checked
+           with `--config.job=compile` (bench/RESULTS.md "Pod compile (AOT)"). Larger slices: igpt_l.py's layouts.
 Time:      1M steps of batch 128 (the paper's schedule) take days even on a pod slice.
 Result:    paper Table 5 learning rate 0.003 (AR) / 0.01 (BERT). `:runlocal` on 2 CPU cores: see README.md.
 """
@@ -26,6 +28,7 @@ def get_config(arg=None):
     config.train.eval_every = 10_000
     config.train.eval_batches = 50
     config.checkpoint.every_steps = 5_000
+    config.compile.topology = "v4:4x4x8"  # v4-256: 128 chips, one example each (also fits v3:8x8, v3-128)
     if args.runlocal:
         config_defaults.make_runlocal(config)
     return config

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile
     c.seed = 0
+    # Jobs to run after `job` in the same command, each reading this run's checkpoint and writing to WORKDIR/<job>
+    # (the demo: pretrain, then probe and sample).
+    c.then = ()
 
     c.model = model_config(vocab_size=16, n_ctx=64, d_model=64, n_head=4, n_layer=2, remat="none")
     c.data = default_data_config()
@@ -68,6 +71,74 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.step = -1  # jobs that read a checkpoint: -1 = latest
     c.checkpoint.source_workdir = ""  # probe/finetune/sample/evaluate: the pretraining run's workdir
+
+    # Job 'compile': compile the train step ahead of time for a described TPU slice (needs `pip install libtpu`).
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""  # e.g. 'v4:8x8x8' (v4-1024), 'v4:8x8x16', 'v3:32x32' (v3-2048), 'v5p:8x8x16'
+    c.compile.chip_config = "auto"  # auto: 'megacore' on v4/v5p (one JAX device per chip), else 'default'
+    c.compile.chips_per_host_bounds = ()  # e.g. (2, 2, 1); () = libtpu's default for the generation
+    c.compile.num_slices = 1
+    c.compile.hbm_gib = 0.0  # HBM per JAX device; 0 = from the generation (v3 16 per core, v4 32, v5p 95 per chip)
+    c.compile.headroom = 0.9  # fits when the step's peak memory is at most this fraction of the device's HBM
+    c.compile.steps_per_epoch = 1  # no data is read: train.warmup_steps=-1 (one epoch) compiles as this many
+
+    # Job 'sample': images from a checkpoint with a key/value cache (igpt_jax/jobs/sample.py).
+    c.sample = ml_collections.ConfigDict()
+    c.sample.mode = "complete"  # complete: finish images of a split from their top rows | unconditional: from SOS
+    c.sample.num_samples = 16  # unconditional: how many images
+    c.sample.split = "test"  # complete: the split whose first images are completed
+    c.sample.num_images = 8  # complete: how many images of the split
+    c.sample.given_rows = -1  # complete: rows given to the model; -1 = the top half
+    c.sample.samples_per_image = 4  # complete: completions per image
+    c.sample.temperature = 1.0  # 0 = greedy (argmax)
+    c.sample.top_k = 0  # keep the k most likely colours at each step; 0 = off
+    c.sample.seed = 0
+    c.sample.batch_size = 32  # sequences decoded at once (global); rounded to the data-parallel size
+
+    # Job 'evaluate': exact held-out NLL in nats and bits per token over a whole split (igpt_jax/jobs/evaluate.py).
+    c.evaluate = ml_collections.ConfigDict()
+    c.evaluate.split = "test"
+    c.evaluate.batch_size = 128  # global; the last batch is padded and masked, so the mean is exact
+
+    # Linear probes (job 'probe', paper 2.4, 4.1-4.4, 4.7): features of every layer, one logistic regression each.
+    c.probe = ml_collections.ConfigDict()
+    c.probe.layers = "all"  # 'all' (0..n_layer; n_layer = the final norm) or comma-separated ids, e.g. '4,8,-1'
+    c.probe.batch_size = 0  # global feature-extraction batch; 0: train.eval_batch_size, else train.batch_size
+    c.probe.solver = "lbfgs"  # lbfgs (scikit-learn; CIFAR/STL in the paper) | sgd (JAX; large datasets, ImageNet)
+    c.probe.C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lbfgs: inverse L2 strengths searched on validation
+    c.probe.max_iter = 1000  # lbfgs iterations
+    c.probe.standardize = True  # features standardised with the training split's mean and std
+    c.probe.sgd_lrs = (30.0, 10.0, 3.0, 1.0)  # sgd: learning rates searched on validation (paper: 30, 10, 3, ...)
+    c.probe.sgd_steps = 1000  # sgd: steps, cosine decay to 0
+    c.probe.sgd_batch_size = 256
+    c.probe.sgd_momentum = 0.9
+    c.probe.sgd_weight_decay = 0.0
+    c.probe.concat_layers = 0  # >1: also probe this many layers centred on the best one, concatenated (paper: 11)
+    c.probe.baselines = True  # also probe raw pixels and the same architecture with random weights
+    c.probe.max_train_examples = 0  # 0: the whole training split
+    c.probe.low_data_budgets = ()  # label budgets, e.g. (40, 250, 4000) on CIFAR-10 (paper 4.7)
+    c.probe.low_data_subsets = 5  # random class-balanced subsets per budget
+    c.probe.bert_ensemble = 5  # BERT models: masks per validation/test example, modal prediction (1: off)
+    c.probe.checkpoint_steps = ()  # (): just checkpoint.step; several steps also plot accuracy vs validation loss
+    c.probe.seed = 0  # BERT masks, random-init baseline, tie breaking, low-data subsets
+    c.probe.plots = True  # probe_layers.png (and probe_vs_val_loss.png for several checkpoints)
+
+    # Fine-tuning (job 'finetune', paper 2.3, 3.4, 4.5): a zero-initialised head on a sequence-mean feature.
+    c.finetune = ml_collections.ConfigDict()
+    c.finetune.init = "pretrained"  # pretrained (from checkpoint.source_workdir) | random (from-scratch baseline)
+    c.finetune.objective = "gen+clf"  # gen+clf: L_GEN + L_CLF (paper) | clf: L_CLF only
+    c.finetune.head_layer = -1  # -1: mean of the final norm's output (paper); l: mean of block l's ln_1 output
+    c.finetune.lr = 3e-4  # Adam (b1, b2, eps, clipping from config.train), constant after warmup (no cosine)
+    c.finetune.warmup_steps = 0
+    c.finetune.num_steps = 1000
+    c.finetune.batch_size = 0  # global; 0: train.batch_size
+    c.finetune.eval_every = 100  # validation accuracy every this many steps (and at step 0); keeps the best
+    c.finetune.eval_batch_size = 0  # global; 0: the fine-tuning batch size
+    c.finetune.patience = 0  # early stop after this many evaluations without a better validation accuracy; 0: never
+    c.finetune.dropout = 0.0  # residual/embedding dropout while fine-tuning (paper: none)
+    c.finetune.num_classes = 0  # 0: the dataset's; otherwise it must equal the dataset's
+    c.finetune.bert_ensemble = 5  # BERT models: masks per evaluation example, modal prediction (1: off)
+    c.finetune.log_every = 10
     return c
 
 

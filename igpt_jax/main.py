@@ -71,6 +71,21 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     logging.info("job %s, workdir %s, %d processes, %d devices (%s)", config.job, _WORKDIR.value,
                  jax.process_count(), jax.device_count(), jax.default_backend())
+    result = run_job(config, _WORKDIR.value)
+    if isinstance(result, dict) and result.get("preempted"):
+        return  # the follow-up jobs run when the re-launched job has finished
+    for follow_up in config.then:
+        follow_config = config.copy_and_resolve_references()
+        with follow_config.unlocked():
+            follow_config.job = follow_up
+            follow_config.then = ()
+            follow_config.checkpoint.source_workdir = _WORKDIR.value
+            follow_config.checkpoint.step = -1
+        run_job(follow_config, os.path.join(_WORKDIR.value, follow_up))
+
+
+def run_job(config, workdir: str):
+    """Imports the module of `config.job` and runs it."""
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
     try:
@@ -79,7 +94,7 @@ def main(argv: list[str]) -> None:
         if err.name != JOBS[config.job]:
             raise
         raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
-    job.run(config, _WORKDIR.value)
+    return job.run(config, workdir)
 
 
 def run() -> None:

@@ -145,6 +145,29 @@ def eval_step(params: Any, batch: dict[str, jax.Array], *, model_cfg: ModelConfi
     return {"nll_sum": aux["nll_sum"], "count": aux["count"]}
 
 
+def jitted_train_step(
+    model_cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    layout: StateLayout,
+    batch_shardings: NamedSharding | dict[str, NamedSharding],
+    mesh: Mesh,
+    *,
+    accum_steps: int = 1,
+):
+    """`train_step` under `jax.jit` as ``(state, batch, base_rng) -> (state, metrics)``: the state's and batch's
+    shardings, the state donated. `jit_train_step` binds the key for the pretraining loop; the compile job lowers
+    this same function ahead of time for a described TPU topology."""
+    return jax.jit(
+        lambda state, batch, rng: train_step(
+            state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, base_rng=rng, accum_steps=accum_steps
+        ),
+        in_shardings=(layout.shardings, batch_shardings, sharding.replicated(mesh)),
+        out_shardings=(layout.shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
 def jit_train_step(
     model_cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -157,14 +180,7 @@ def jit_train_step(
     accum_steps: int = 1,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """`train_step` jitted with the state's and batch's shardings, the state donated."""
-    step = jax.jit(
-        lambda state, batch, rng: train_step(
-            state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, base_rng=rng, accum_steps=accum_steps
-        ),
-        in_shardings=(layout.shardings, batch_shardings, sharding.replicated(mesh)),
-        out_shardings=(layout.shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step = jitted_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh, accum_steps=accum_steps)
     return lambda state, batch: step(state, batch, base_rng)
 
 

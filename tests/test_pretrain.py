@@ -180,7 +180,7 @@ def _main_command(workdir, data_dir, *extra):
         sys.executable, "-m", "igpt_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}", "--config.model.d_model=32", "--config.model.n_head=2",
         "--config.model.n_layer=2", "--config.train.batch_size=16", "--config.train.eval_every=0",
-        "--config.train.log_every=1", "--config.train.warmup_steps=2", *extra,
+        "--config.train.log_every=1", "--config.train.warmup_steps=2", "--config.then=()", *extra,
     ]
 
 

@@ -1,0 +1,390 @@
+"""The compile job: prove that a config's train step fits a TPU slice, without the slice and without the model.
+
+``python -m igpt_jax.main --config=configs/igpt_xl.py --config.job=compile --workdir=/tmp/c`` describes the slice
+named by ``config.compile.topology`` (e.g. 'v4:8x8x8') through libtpu on this machine (``pip install libtpu``; no
+TPU needed), builds the config's mesh and rules on those devices, and lowers and compiles the very function the
+pretraining job runs (`train.jitted_train_step`: same model, remat policy, dtypes, optimizer, batch, shardings and
+donation) with abstract inputs: nothing is allocated. It prints, per device, the bytes of parameters, optimizer
+state and temporaries from XLA's `memory_analysis()`, the device's HBM and whether the step fits, and the step's
+FLOPs next to the model FLOPs per token, so that a measured step time turns into MFU. The same numbers go to
+``WORKDIR/compile_report.json``.
+
+Model FLOPs (the standard count, PaLM appendix B): per token, ``6 N + 12 L T d``, where N counts the parameters
+that take part in matmuls (the blocks' q, k, v, o, fc, proj and the output head ``wtet``: ``12 L d^2 + V d``; the
+embedding lookups are gathers), L the layers, T the sequence length (resolution^2) and d the width; ``12 L T d`` is
+the attention's two [T, T] matmuls forward and backward, without discounting the causal mask. MFU = model FLOPs
+per step / (step seconds x devices x peak FLOP/s per device). The step's own matmul FLOPs, counted from its jaxpr
+over all layers, add the remat recomputation (hardware FLOPs); XLA's `cost_analysis()` of the compiled step is
+printed too, but it counts the body of the scan over layers once.
+
+No data is read: the batch is abstract, and ``train.warmup_steps=-1`` (one epoch) compiles with
+``config.compile.steps_per_epoch`` (only a constant of the learning-rate schedule). ``model.attention='auto'``
+compiles as 'dense', what it resolves to on TPU (on this CPU it would pick 'blockwise').
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.extend.core as jax_core
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from etils import epath
+
+from igpt_jax import optim, sharding, train
+from igpt_jax.model import ModelConfig, count_params
+
+GIB = 1024**3
+
+# HBM and peak dense bf16 FLOP/s per chip, by generation. v2/v3/v4/v5p chips have two TensorCores: a JAX device
+# is one core (v2, v3; HBM split evenly) or, with megacore (v4, v5p), the whole chip.
+CHIPS = {
+    "v2": dict(hbm_gib=16, peak_tflops=45),
+    "v3": dict(hbm_gib=32, peak_tflops=123),
+    "v4": dict(hbm_gib=32, peak_tflops=275),
+    "v5e": dict(hbm_gib=16, peak_tflops=197),
+    "v5litepod": dict(hbm_gib=16, peak_tflops=197),
+    "v5p": dict(hbm_gib=95, peak_tflops=459),
+    "v6e": dict(hbm_gib=32, peak_tflops=918),
+}
+MEGACORE = ("v4", "v5p")
+
+# What the pretraining pipeline yields per example (igpt_jax.data.pipeline); the step reads only 'tokens'.
+BATCH_FIELDS = {"label": jnp.int32, "mask": jnp.bool_, "index": jnp.int32}
+
+
+class CompileError(RuntimeError):
+    """The step does not compile for the slice, or does not fit its memory; `report` says what is known."""
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.report = report or {}
+
+
+def describe_topology(compile_cfg: Any) -> tuple[list[Any], str]:
+    """The devices of the described TPU slice (compile-only: they run nothing) and the generation name.
+
+    Raises:
+      CompileError: without libtpu, or for a topology libtpu does not know.
+    """
+    name = str(compile_cfg.topology)
+    if not name or ":" not in name:
+        raise CompileError(
+            f"config.compile.topology={name!r}: name a TPU slice as GENERATION:TOPOLOGY, e.g. 'v4:8x8x8' "
+            "(v4-1024), 'v4:8x8x16' (v4-2048), 'v3:32x32' (v3-2048), 'v5p:8x8x16' (v5p-2048)"
+        )
+    generation = name.split(":")[0]
+    chip_config = str(compile_cfg.chip_config)
+    if chip_config == "auto":
+        chip_config = "megacore" if generation in MEGACORE else "default"
+    kwargs: dict[str, Any] = dict(chip_config_name=chip_config)
+    if compile_cfg.chips_per_host_bounds:
+        kwargs["chips_per_host_bounds"] = tuple(int(x) for x in compile_cfg.chips_per_host_bounds)
+    if int(compile_cfg.num_slices) > 1:
+        kwargs["num_slices"] = int(compile_cfg.num_slices)
+    # Without a TPU, libtpu's lock file only serialises processes that share nothing here; do not wait on it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        from jax.experimental import topologies  # noqa: PLC0415
+
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, **kwargs)
+    except Exception as err:  # libtpu missing, or an unknown topology
+        raise CompileError(
+            f"cannot describe TPU topology {name!r} ({kwargs}): {err}. The compile job needs libtpu on this "
+            "machine: pip install libtpu (or pip install -e '.[tpu]')"
+        ) from err
+    return list(topology.devices), generation
+
+
+def device_facts(devices: list[Any], generation: str, compile_cfg: Any) -> dict[str, Any]:
+    """Chips, hosts, HBM and peak FLOP/s per JAX device of a described slice."""
+    per_chip = collections.Counter((d.process_index, tuple(getattr(d, "coords", (d.id,)))) for d in devices)
+    devices_per_chip = max(per_chip.values())
+    chip = CHIPS.get(generation)
+    hbm_gib = float(compile_cfg.hbm_gib) or (chip["hbm_gib"] / devices_per_chip if chip else 0.0)
+    if not hbm_gib:
+        raise CompileError(f"no HBM size known for TPU generation {generation!r}: set config.compile.hbm_gib")
+    return {
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "chips": len(per_chip),
+        "devices_per_chip": devices_per_chip,
+        "hosts": len({d.process_index for d in devices}),
+        "hbm_bytes": int(hbm_gib * GIB),
+        "peak_flops_per_device": chip["peak_tflops"] * 1e12 / devices_per_chip if chip else None,
+    }
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
+    """6 N + 12 L T d (see the module docstring), with N the matmul parameters and T the sequence length."""
+    matmul_params = cfg.n_layer * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_mlp) + cfg.vocab_size * cfg.d_model
+    attention = 12 * cfg.n_layer * (seq_len or cfg.n_ctx) * cfg.d_model
+    return {"matmul_params": matmul_params, "6N": 6.0 * matmul_params, "attention": float(attention),
+            "total": 6.0 * matmul_params + attention}
+
+
+def matmul_flops(jaxpr: Any) -> float:
+    """FLOPs of the matmuls (dot_general: 2 x output size x contracted size) of a jaxpr, for the whole global batch.
+
+    Loops count their trip count (scan ``length``; XLA's `cost_analysis()` counts a loop body once), the remat
+    recomputation is in the step's jaxpr explicitly, and of a `cond`'s branches the most expensive counts.
+    """
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+            continue
+        inner = []
+        for value in eqn.params.values():
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            inner.append([matmul_flops(v) for v in values if isinstance(v, (jax_core.ClosedJaxpr, jax_core.Jaxpr))])
+        sub = sum(max(branches) if eqn.primitive.name == "cond" else sum(branches) for branches in inner if branches)
+        total += sub * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+    return total
+
+
+def _bytes_per_device(abstract_tree: Any) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract_tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * jnp.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _bytes_global(abstract_tree: Any) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(abstract_tree))
+
+
+def _param_specs(shardings: Any) -> dict[str, str]:
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): str(tuple(s.spec)) for path, s in flat}
+
+
+def _tpu_attention(name: str) -> str:
+    # 'auto' resolves by the backend that runs the step; here that is the CPU, on the slice it is the TPU.
+    return "dense" if name == "auto" else name
+
+
+def abstract_batch(global_batch: int, n_ctx: int, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    """The pretraining batch as ShapeDtypeStructs: tokens [batch, n_ctx] and the per-example fields [batch]."""
+    batch = {"tokens": jax.ShapeDtypeStruct((global_batch, n_ctx), jnp.int32, sharding=batch_sharding)}
+    for key, dtype in BATCH_FIELDS.items():
+        batch[key] = jax.ShapeDtypeStruct((global_batch,), dtype, sharding=batch_sharding)
+    return batch
+
+
+def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> tuple[dict, Any]:
+    """Lowers and compiles the pretraining step of `config` for a described TPU slice; returns (report, compiled).
+
+    Args:
+      config: the full config; ``config.compile`` names the slice.
+      devices: the devices to compile for (default: those of ``config.compile.topology``).
+
+    Raises:
+      CompileError: for a slice libtpu cannot describe, or a step XLA cannot fit (the report says why).
+      ValueError: for a mesh, batch or gradient accumulation that does not divide.
+    """
+    compile_cfg, train_cfg = config.compile, config.train
+    if devices is None:
+        devices, generation = describe_topology(compile_cfg)
+    else:
+        generation = str(compile_cfg.topology).split(":")[0]
+    facts = device_facts(devices, generation, compile_cfg)
+
+    # ---------------------------------------------------------------- the model, as the slice would run it
+    model_cfg = ModelConfig.from_config(config.model)
+    if model_cfg.attention != _tpu_attention(model_cfg.attention):
+        logging.info("model.attention='auto' compiles as %r, what it picks on TPU", _tpu_attention("auto"))
+        model_cfg = model_cfg.replace(attention=_tpu_attention(model_cfg.attention))
+    if config.data.resolution**2 > model_cfg.n_ctx:
+        raise ValueError(f"data.resolution={config.data.resolution} is longer than model.n_ctx={model_cfg.n_ctx}")
+    seq_len = config.data.resolution**2
+
+    # ---------------------------------------------------------------- mesh and batch, checked like pretraining
+    rules = sharding.rules_from_config(config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    global_batch = int(train_cfg.batch_size)
+    sharding.check_batch_divides(global_batch, mesh, rules)
+    accum = int(train_cfg.grad_accum_steps)
+    dp = sharding.data_parallel_size(mesh, rules)
+    if accum < 1 or global_batch % accum or (global_batch // accum) % dp:
+        raise ValueError(f"train.grad_accum_steps={accum} must divide train.batch_size={global_batch} into "
+                         f"micro-batches divisible by the data-parallel size {dp}")
+
+    # ---------------------------------------------------------------- optimizer and abstract state (no data read)
+    warmup = optim.warmup_steps_for(train_cfg, int(compile_cfg.steps_per_epoch))
+    schedule = optim.learning_rate_schedule(train_cfg.lr, warmup_steps=warmup, total_steps=int(train_cfg.num_steps),
+                                            kind=train_cfg.schedule)
+    tx = optim.make_optimizer(train_cfg, schedule)
+    layout = train.state_layout(model_cfg, tx, mesh, rules)
+    batch = abstract_batch(global_batch, seq_len, sharding.batch_sharding(mesh, rules))
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                               sharding=sharding.replicated(mesh))
+
+    # ---------------------------------------------------------------- the pretraining job's step, compiled
+    step = train.jitted_train_step(model_cfg, tx, schedule, layout, sharding.batch_sharding(mesh, rules), mesh,
+                                   accum_steps=accum)
+    report: dict[str, Any] = {
+        "topology": str(compile_cfg.topology), **facts,
+        "mesh": dict(mesh.shape), "rules": [[n, a] for n, a in rules],
+        "batch_axes": list(sharding.batch_axes(rules)),
+        "global_batch": global_batch, "seq_len": seq_len, "grad_accum_steps": accum,
+        "examples_per_host": global_batch / facts["hosts"],
+        "model": {"n_layer": model_cfg.n_layer, "d_model": model_cfg.d_model, "n_head": model_cfg.n_head,
+                  "n_ctx": model_cfg.n_ctx, "vocab_size": model_cfg.vocab_size, "remat": model_cfg.remat,
+                  "attention": model_cfg.attention, "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+                  "objective": model_cfg.objective},
+        "params": count_params(model_cfg),
+    }
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        traced = step.trace(layout.abstract, batch, rng)
+        lowered = traced.lower()
+        t1 = time.perf_counter()
+        try:
+            compiled = lowered.compile()
+        except Exception as err:  # XLA:TPU says RESOURCE_EXHAUSTED when the step cannot fit HBM
+            report.update(fits=False, error=str(err).splitlines()[0][:2000],
+                          lower_seconds=t1 - t0, compile_seconds=time.perf_counter() - t1)
+            raise CompileError(report["error"], report) from err
+    t2 = time.perf_counter()
+    report.update(lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+
+    # ---------------------------------------------------------------- memory per device
+    mem = compiled.memory_analysis()
+    params_b = _bytes_per_device(layout.abstract.params)
+    opt_b = _bytes_per_device(layout.abstract.opt_state)
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+             + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    needed = max(total, peak)
+    report["memory"] = {
+        "params_bytes": params_b,
+        "opt_state_bytes": opt_b,
+        "params_bytes_global": _bytes_global(layout.abstract.params),
+        "opt_state_bytes_global": _bytes_global(layout.abstract.opt_state),
+        "batch_bytes": _bytes_per_device(batch),
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "code_bytes": mem.generated_code_size_in_bytes,
+        "peak_bytes": peak,
+        "total_bytes": needed,  # max(XLA's peak, arguments + outputs - aliased + temporaries + code)
+    }
+    limit = float(compile_cfg.headroom) * facts["hbm_bytes"]
+    report["fits"] = bool(needed <= limit)
+    report["headroom"] = float(compile_cfg.headroom)
+
+    # ---------------------------------------------------------------- FLOPs
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops_device = float((cost or {}).get("flops", 0.0))
+    per_token = model_flops_per_token(model_cfg, seq_len)
+    tokens_per_step = global_batch * seq_len
+    step_matmul = matmul_flops(traced.jaxpr)
+    report["flops"] = {
+        "xla_per_device": flops_device,  # XLA's count of the partitioned step: each loop body (layer) once
+        "step_matmul": step_matmul,  # the step's matmuls, all layers, remat recomputation included
+        "step_matmul_per_device": step_matmul / facts["devices"],
+        "model_per_token": per_token["total"],
+        "model_per_token_6N": per_token["6N"],
+        "model_per_token_attention": per_token["attention"],
+        "matmul_params": per_token["matmul_params"],
+        "model_per_step": per_token["total"] * tokens_per_step,
+        "tokens_per_step": tokens_per_step,
+        "peak_per_device": facts["peak_flops_per_device"],
+    }
+
+    # ---------------------------------------------------------------- the step's shardings are the layout's
+    in_state = compiled.input_shardings[0][0]
+    report["param_shardings"] = _param_specs(in_state.params)
+    report["shardings_match_layout"] = all(
+        a.is_equivalent_to(b, len(s.shape))
+        for a, b, s in zip(jax.tree.leaves(in_state), jax.tree.leaves(layout.shardings),
+                           jax.tree.leaves(layout.abstract), strict=True)
+    )
+    return report, compiled
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as the table the job prints."""
+    m, f = r["memory"], r["flops"]
+    gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
+    mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    lines = [
+        f"Compiled the train step for {r['topology']} ({r['device_kind']}): {r['devices']} devices = {r['chips']} "
+        f"chips x {r['devices_per_chip']}, {r['hosts']} hosts",
+        f"  mesh            {mesh}; batch over {tuple(r['batch_axes'])}",
+        f"  model           {r['params']:,} parameters; {r['model']['n_layer']} layers, width {r['model']['d_model']}, "
+        f"{r['model']['n_head']} heads, context {r['model']['n_ctx']}; remat {r['model']['remat']}, attention "
+        f"{r['model']['attention']}, compute {r['model']['dtype']}, params {r['model']['param_dtype']}",
+        f"  batch           {r['global_batch']} x {r['seq_len']} tokens ({r['examples_per_host']:g} examples per "
+        f"host), {r['grad_accum_steps']} micro-batch(es)",
+        "  per device:",
+        f"    parameters      {gib(m['params_bytes'])}   (of {m['params_bytes_global'] / GIB:.2f} GiB)",
+        f"    optimizer state {gib(m['opt_state_bytes'])}   (of {m['opt_state_bytes_global'] / GIB:.2f} GiB)",
+        f"    arguments       {gib(m['argument_bytes'])}   (state + batch; the state is donated: "
+        f"{m['alias_bytes'] / GIB:.3f} GiB aliased)",
+        f"    outputs         {gib(m['output_bytes'])}",
+        f"    temporaries     {gib(m['temp_bytes'])}   (activations, gradients, remat, collectives)",
+        f"    code            {gib(m['code_bytes'])}",
+        f"    total           {gib(m['total_bytes'])}   of {r['hbm_bytes'] / GIB:.1f} GiB HBM "
+        f"({100 * m['total_bytes'] / r['hbm_bytes']:.1f} %)",
+        f"  fits            {'YES' if r['fits'] else 'NO'} (limit {r['headroom']:.0%} of HBM)",
+        f"  FLOPs           step {f['step_matmul']:.4g} in matmuls ({f['step_matmul_per_device']:.4g} per device, "
+        f"remat recomputation included); XLA's cost_analysis {f['xla_per_device']:.4g} per device (counts the "
+        "scan over layers once)",
+        f"                  model {f['model_per_token']:.4g} per token = 6N {f['model_per_token_6N']:.4g} + attention "
+        f"{f['model_per_token_attention']:.4g}; {f['model_per_step']:.4g} per step of {f['tokens_per_step']:,} tokens",
+    ]
+    if f["peak_per_device"]:
+        lines.append(f"                  MFU = {f['model_per_step']:.4g} / (step seconds x {r['devices']} x "
+                     f"{f['peak_per_device']:.4g} FLOP/s);  a step of "
+                     f"{f['model_per_step'] / (r['devices'] * f['peak_per_device']):.3g} s would be 100 %")
+    lines.append(f"  compile time    {r['compile_seconds']:.1f} s (+ {r['lower_seconds']:.1f} s to lower) here")
+    if r["examples_per_host"] != int(r["examples_per_host"]):
+        lines.append(f"  note            global batch {r['global_batch']} over {r['hosts']} hosts: each host loads "
+                     "less than one example, so the input pipeline must give hosts shared examples")
+    return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
+    """Compiles the config's train step for ``config.compile.topology``, prints the table, writes the report.
+
+    Returns:
+      The report (also in ``WORKDIR/compile_report.json``).
+
+    Raises:
+      CompileError: when the step does not compile or does not fit (after printing and writing the report).
+    """
+    workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    workpath.mkdir(parents=True, exist_ok=True)
+    try:
+        report, _ = compile_train_step(config, devices)
+    except CompileError as err:
+        failed = {**err.report, "fits": False, "error": str(err)}
+        (workpath / "compile_report.json").write_text(json.dumps(failed, indent=2))
+        print(f"The train step does NOT compile for {config.compile.topology}: {err}", flush=True)
+        raise
+    (workpath / "compile_report.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report), flush=True)
+    print(f"Report: {workpath / 'compile_report.json'}", flush=True)
+    if not report["fits"]:
+        raise CompileError(
+            f"the step needs {report['memory']['total_bytes'] / GIB:.2f} GiB per device, more than "
+            f"{report['headroom']:.0%} of {report['hbm_bytes'] / GIB:.1f} GiB", report
+        )
+    return report

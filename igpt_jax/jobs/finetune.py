@@ -1,0 +1,474 @@
+"""The fine-tuning job (``config.job = 'finetune'``, paper 2.3, 3.4, 4.5).
+
+Initialises the model from a pretraining checkpoint (``config.checkpoint.source_workdir`` / ``step``; or randomly,
+``finetune.init = 'random'``, the from-scratch baseline), attaches a zero-initialised, bias-free linear head to the
+sequence mean of the final norm's output (or of block ``finetune.head_layer``'s ``ln_1`` output), and trains
+L_GEN + L_CLF (or L_CLF alone) with Adam as in pretraining (``config.train``'s b1, b2, eps, clipping) at a constant
+learning rate (optional linear warmup, no cosine), no dropout by default, on the training split with the data
+pipeline's augmentation. Validation accuracy is measured at step 0 (the zero head) and every ``eval_every`` steps;
+the best parameters are kept in ``{run}/best`` (early stopping: ``patience`` evaluations without improvement stop
+the run); at the end the best parameters are scored on the test split. BERT models train on masked inputs and are
+evaluated with ``bert_ensemble`` masks per example (modal prediction, ties at random).
+
+The run directory is the workdir, or ``{workdir}/finetune`` when the workdir is also the pretraining source. It
+resumes exactly like pretraining (state, early-stopping record and data position in the latest checkpoint) and
+writes ``results.json`` there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import features as features_lib
+from igpt_jax import linear_probe, objectives, optim, sharding
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.jobs import pretrain
+from igpt_jax.jobs.probe import jsonable
+from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
+from igpt_jax.palette import Palette
+
+OBJECTIVES = ("gen+clf", "clf")
+INITS = ("pretrained", "random")
+RESULTS = "results.json"
+
+
+@flax.struct.dataclass
+class FinetuneState:
+    """Parameters ({'model': ..., 'head': {'w': [d, classes]}}), Adam state, and the early-stopping record."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    best_accuracy: jax.Array  # float32; -1 before the first evaluation
+    best_step: jax.Array  # int32
+    evals_since_best: jax.Array  # int32
+    initial_accuracy: jax.Array  # float32: validation accuracy of the zero-initialised head (step 0)
+
+
+def head_param(d_model: int, num_classes: int) -> nn.LogicallyPartitioned:
+    return nn.LogicallyPartitioned(jnp.zeros((d_model, num_classes), jnp.float32), names=("embed", "classes"))
+
+
+def _state(params: Any, tx: optax.GradientTransformation) -> FinetuneState:
+    return FinetuneState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                         best_accuracy=jnp.full((), -1.0, jnp.float32), best_step=jnp.zeros((), jnp.int32),
+                         evals_since_best=jnp.zeros((), jnp.int32), initial_accuracy=jnp.full((), -1.0, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    abstract: FinetuneState
+    shardings: FinetuneState
+
+
+def state_layout(model_cfg: ModelConfig, num_classes: int, tx: optax.GradientTransformation, mesh, rules) -> Layout:
+    """Shapes and shardings of the fine-tuning state (the head is ('embed', 'classes'))."""
+    def boxed(rng):
+        return _state({"model": init_params(model_cfg, rng), "head": {"w": head_param(model_cfg.d_model, num_classes)}},
+                      tx)
+
+    shapes = jax.eval_shape(boxed, jax.random.key(0))
+    shardings = sharding.logical_shardings(shapes, mesh, rules)
+    abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                            nn.meta.unbox(shapes), shardings)
+    return Layout(abstract, shardings)
+
+
+def create_state(model_params: Any | None, model_cfg: ModelConfig, num_classes: int, tx, layout: Layout, mesh, rules,
+                 rng: jax.Array) -> FinetuneState:
+    """The initial state in its shardings: the given model parameters (or random ones) and a zero head."""
+    def build(params, r):
+        if params is None:
+            params = nn.meta.unbox(init_params(model_cfg, r))
+        return _state({"model": params, "head": {"w": jnp.zeros((model_cfg.d_model, num_classes), jnp.float32)}}, tx)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        if model_params is None:
+            return jax.jit(lambda r: build(None, r), out_shardings=layout.shardings)(rng)
+        return jax.jit(build, out_shardings=layout.shardings, donate_argnums=0)(model_params, rng)
+
+
+def head_features(out: ModelOutput, head_layer: int) -> jax.Array:
+    """The head's input: the final norm's sequence mean (head_layer < 0) or block head_layer's ln_1 mean."""
+    return out.final_features if head_layer < 0 else out.layer_features[:, head_layer]
+
+
+def classifier_logits(params: Any, out: ModelOutput, head_layer: int) -> jax.Array:
+    return jnp.dot(head_features(out, head_layer), params["head"]["w"], preferred_element_type=jnp.float32)
+
+
+def finetune_step(state: FinetuneState, batch: dict[str, jax.Array], *, model_cfg: ModelConfig,
+                  tx: optax.GradientTransformation, schedule: optax.Schedule, base_rng: jax.Array, head_layer: int,
+                  use_gen: bool) -> tuple[FinetuneState, dict[str, jax.Array]]:
+    """One optimizer step on L_CLF (+ L_GEN): pure, like `igpt_jax.train.train_step`.
+
+    Returns:
+      (new state, metrics: loss, clf_loss, gen_loss, train_accuracy, learning_rate, grad_norm).
+    """
+    tokens, labels = batch["tokens"], batch["label"]
+    rng = jax.random.fold_in(base_rng, state.step)
+    mask_rng, dropout_rng = jax.random.split(rng)
+    bert_mask = None
+    if model_cfg.objective == "bert":
+        bert_mask = objectives.sample_bert_mask(mask_rng, tokens.shape, model_cfg.bert_mask_rate)
+
+    def loss_fn(params):
+        out = IGPT(model_cfg).apply({"params": params["model"]}, tokens, bert_mask=bert_mask,
+                                    deterministic=model_cfg.dropout == 0.0, features=True, logits=use_gen,
+                                    rngs={"dropout": dropout_rng})
+        logits = classifier_logits(params, out, head_layer)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        clf = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+        gen = jnp.zeros((), jnp.float32)
+        if use_gen:
+            gen, _ = objectives.masked_mean(objectives.token_nll(out.logits, tokens),
+                                            objectives.loss_weights(tokens, bert_mask, None))
+        acc = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+        return clf + gen, (clf, gen, acc)
+
+    (loss, (clf, gen, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "clf_loss": clf, "gen_loss": gen, "train_accuracy": acc,
+               "learning_rate": schedule(state.step), "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def predict_step(params: Any, batch: dict[str, jax.Array], *, model_cfg: ModelConfig, head_layer: int,
+                 num_masks: int, seed: int) -> dict[str, jax.Array]:
+    """Class predictions [masks, batch] (BERT: one per mask, each a function of the record index)."""
+    tokens = batch["tokens"]
+    preds = []
+    for m in range(num_masks if model_cfg.objective == "bert" else 1):
+        mask = None
+        if model_cfg.objective == "bert":
+            mask = features_lib.bert_masks(features_lib.mask_key(seed, m), batch["index"], tokens.shape[1],
+                                           model_cfg.bert_mask_rate)
+        out = IGPT(model_cfg).apply({"params": params["model"]}, tokens, bert_mask=mask, features=True, logits=False)
+        preds.append(jnp.argmax(classifier_logits(params, out, head_layer), axis=-1).astype(jnp.int32))
+    return {"predictions": jnp.stack(preds), "label": batch["label"], "mask": batch["mask"], "index": batch["index"]}
+
+
+class Evaluator:
+    """Accuracy of the head over a whole split (mask-ensembled for BERT)."""
+
+    def __init__(self, model_cfg, layout: Layout, mesh, rules, data_cfg, palette, *, batch_size: int, head_layer: int,
+                 num_masks: int, seed: int, num_classes: int):
+        self.mesh, self.rules, self.data_cfg, self.palette = mesh, rules, data_cfg, palette
+        self.batch_size, self.num_classes, self.seed = batch_size, num_classes, seed
+        self.num_masks = num_masks if model_cfg.objective == "bert" else 1
+        self.fn = jax.jit(
+            lambda p, b: predict_step(p, b, model_cfg=model_cfg, head_layer=head_layer, num_masks=self.num_masks,
+                                      seed=seed),
+            in_shardings=(layout.shardings.params, sharding.batch_sharding(mesh, rules)),
+            out_shardings=sharding.replicated(mesh))
+
+    def accuracy(self, params: Any, split: str) -> dict[str, float]:
+        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=self.batch_size // jax.process_count(),
+                                         train=False, seed=0, palette=self.palette)
+        preds, labels, masks = [], [], []
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            for local in it:
+                batch = data_pipeline.make_global_batch({k: local[k] for k in ("tokens", "label", "mask", "index")},
+                                                        self.mesh, sharding.batch_axes(self.rules))
+                out = jax.device_get(self.fn(params, batch))
+                preds.append(out["predictions"])
+                labels.append(out["label"])
+                masks.append(out["mask"])
+        keep = np.concatenate(masks)
+        preds, labels = np.concatenate(preds, axis=1)[:, keep], np.concatenate(labels)[keep]
+        rng = np.random.default_rng(self.seed)
+        result = {"accuracy": linear_probe.accuracy(
+            linear_probe.modal_prediction(preds, self.num_classes, rng), labels), "examples": int(len(labels))}
+        if preds.shape[0] > 1:
+            result["accuracy_single_mask"] = linear_probe.accuracy(preds[0], labels)
+        return result
+
+
+def run_directory(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The workdir, or ``{workdir}/finetune`` when the workdir is also the pretraining run (its checkpoints)."""
+    source = config.checkpoint.source_workdir or workdir
+    same = os.path.abspath(source) == os.path.abspath(workdir) if "://" not in workdir else source == workdir
+    if config.finetune.init == "pretrained" and same:
+        return os.path.join(workdir, "finetune")
+    return workdir
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None
+        ) -> dict[str, Any]:
+    """Runs (or resumes) fine-tuning; returns the results (also written to ``{run dir}/results.json``).
+
+    Args:
+      config: the full config (``config.finetune``, ``config.train`` for Adam, ``config.checkpoint``, ``config.data``).
+      workdir: the job's workdir (see `run_directory`).
+      devices: the mesh's devices (default: all).
+      stop_at_step: act as if preempted at this step (tests, drills).
+
+    Raises:
+      FileNotFoundError: no pretraining checkpoint where it should be.
+      ValueError: a model config that disagrees with the checkpoint, a number of classes that disagrees with the
+        dataset (or with the head of the checkpoint being resumed), bad options.
+    """
+    t_start = time.time()
+    fcfg = config.finetune
+    if fcfg.objective not in OBJECTIVES:
+        raise ValueError(f"finetune.objective={fcfg.objective!r}, expected one of {OBJECTIVES}")
+    if fcfg.init not in INITS:
+        raise ValueError(f"finetune.init={fcfg.init!r}, expected one of {INITS}")
+    if int(fcfg.num_steps) < 1 or int(fcfg.eval_every) < 1:
+        raise ValueError(f"finetune.num_steps={fcfg.num_steps} and finetune.eval_every={fcfg.eval_every} must be >= 1")
+    if config.data.fold_val:
+        logging.warning("data.fold_val=True: the validation split used for early stopping is part of the training "
+                        "data; use it only for a final run with a fixed number of steps")
+    rules = sharding.rules_from_config(config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    run_dir = run_directory(config, workdir)
+    workpath = epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+    primary = jax.process_index() == 0
+    if primary:
+        workpath.mkdir(parents=True, exist_ok=True)
+
+    ckpt = ckpt_lib.Checkpointer(run_dir, every_steps=1, max_to_keep=config.checkpoint.max_to_keep,
+                                 async_save=config.checkpoint.async_save)
+    closers: list[Any] = [ckpt.close]
+    try:
+        return _run(config, workdir, run_dir, workpath, ckpt, closers, mesh=mesh, rules=rules,
+                    stop_at_step=stop_at_step, t_start=t_start)
+    finally:
+        for close in reversed(closers):
+            close()
+
+
+def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop_at_step, t_start) -> dict[str, Any]:
+    fcfg = config.finetune
+    primary = jax.process_index() == 0
+
+    # ------------------------------------------------------------------ model, palette, classes
+    latest = ckpt.latest_step()
+    source_ckpt, source_step = None, None
+    num_classes = data_pipeline.num_classes(config.data)
+    if fcfg.num_classes and int(fcfg.num_classes) != num_classes:
+        raise ValueError(f"finetune.num_classes={fcfg.num_classes} but dataset {config.data.name!r} (data_dir "
+                         f"{data_pipeline.resolve_data_dir(config.data.data_dir)}) has {num_classes} classes")
+    if latest is not None:  # resuming: everything from our own checkpoint
+        where = f"checkpoint {ckpt.directory}/{latest}"
+        saved = ckpt.restore_config(latest)
+        model_cfg = features_lib.model_config_for_job(config.model, saved.model, where=where)
+        palette = Palette(ckpt.restore_palette(latest))
+        saved_classes = int(saved.finetune.num_classes)
+        if saved_classes != num_classes:
+            raise ValueError(f"{where} has a head for {saved_classes} classes but dataset {config.data.name!r} has "
+                             f"{num_classes}: use a new workdir for a different dataset")
+        source_step = int(saved.checkpoint.step)
+    elif fcfg.init == "pretrained":
+        source_ckpt = features_lib.open_source(config, workdir)
+        closers.append(source_ckpt.close)
+        source_step = ckpt_lib.resolve_step(source_ckpt, int(config.checkpoint.step))
+        where = f"checkpoint {source_ckpt.directory}/{source_step}"
+        model_cfg, _, palette = features_lib.read_model(source_ckpt, source_step, config)
+    else:
+        where = "config.model (random init)"
+        model_cfg = ModelConfig.from_config(config.model)
+        palette = data_pipeline.load_or_fit_palette(config.data)
+    model_cfg = model_cfg.replace(dropout=float(fcfg.dropout))
+    features_lib.check_data_fits_model(config.data, model_cfg, palette, where=where)
+    head_layer = int(fcfg.head_layer)
+    if not -1 <= head_layer <= model_cfg.n_layer:
+        raise ValueError(f"finetune.head_layer={head_layer} must be -1 (final norm) or in [0, {model_cfg.n_layer}]")
+    if head_layer == model_cfg.n_layer:
+        head_layer = -1
+
+    # ------------------------------------------------------------------ optimizer, state, steps
+    batch_size = int(fcfg.batch_size or config.train.batch_size)
+    eval_batch = int(fcfg.eval_batch_size or batch_size)
+    sharding.check_batch_divides(batch_size, mesh, rules, what="finetune.batch_size")
+    sharding.check_batch_divides(eval_batch, mesh, rules, what="finetune.eval_batch_size")
+    num_steps = int(fcfg.num_steps)
+    schedule = optim.learning_rate_schedule(float(fcfg.lr), warmup_steps=int(fcfg.warmup_steps),
+                                            total_steps=num_steps, kind="constant")
+    tx = optim.make_optimizer(config.train, schedule)
+    layout = state_layout(model_cfg, num_classes, tx, mesh, rules)
+    train_iter = data_pipeline.make_iterator(config.data, "train", batch_size=batch_size // jax.process_count(),
+                                             train=True, seed=config.seed, palette=palette)
+    base_rng = jax.random.key(config.seed)
+    if latest is not None:
+        state = ckpt.restore(latest, layout.abstract, data_iterator=train_iter)
+        logging.info("resumed fine-tuning from %s at step %d", ckpt.directory, latest)
+    else:
+        model_params = None
+        if source_ckpt is not None:
+            model_params = features_lib.restore_params(source_ckpt, source_step,
+                                                       features_lib.param_layout(model_cfg, mesh, rules))
+            logging.info("fine-tuning from %s", where)
+        state = create_state(model_params, model_cfg, num_classes, tx, layout, mesh, rules,
+                             jax.random.fold_in(base_rng, 1))
+
+    use_gen = fcfg.objective == "gen+clf"
+    step_fn = jax.jit(
+        lambda s, b: finetune_step(s, b, model_cfg=model_cfg, tx=tx, schedule=schedule,
+                                   base_rng=jax.random.fold_in(base_rng, 2), head_layer=head_layer, use_gen=use_gen),
+        in_shardings=(layout.shardings, sharding.batch_sharding(mesh, rules)),
+        out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
+    evaluator = Evaluator(model_cfg, layout, mesh, rules, config.data, palette, batch_size=eval_batch,
+                          head_layer=head_layer, num_masks=max(1, int(fcfg.bert_ensemble)), seed=config.seed,
+                          num_classes=num_classes)
+
+    saved_config = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+    saved_config.model = dataclasses.asdict(model_cfg)
+    saved_config.finetune.num_classes = num_classes
+    saved_config.finetune.head_layer = head_layer
+    saved_config.checkpoint.step = -1 if source_step is None else source_step
+    save_kwargs = dict(config=saved_config, palette=palette.centres)
+    best_ckpt = ckpt_lib.Checkpointer(str(workpath / "best"), every_steps=1, max_to_keep=1, async_save=False)
+    closers.append(best_ckpt.close)
+
+    start_step = int(jax.device_get(state.step))
+    log = pretrain.RunLog(workpath, num_steps=num_steps, start_step=start_step,
+                          tokens_per_step=batch_size * config.data.resolution**2, local="://" not in run_dir)
+    closers.append(log.close)
+    watcher = pretrain.PreemptionWatcher(stop_at_step)
+    closers.append(watcher.close)
+    patience = int(fcfg.patience)
+    result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
+
+    def record(step: int, acc: dict[str, float]) -> None:
+        nonlocal state
+        best, evals_since = float(state.best_accuracy), int(state.evals_since_best)
+        improved = acc["accuracy"] > best
+        extra = {}
+        if step == 0 and float(state.initial_accuracy) < 0:
+            extra["initial_accuracy"] = jnp.float32(acc["accuracy"])
+        if improved:
+            if step not in best_ckpt.all_steps():
+                best_ckpt.save(step, state.params, force=True)
+                best_ckpt.wait()
+            state = state.replace(best_accuracy=jnp.float32(acc["accuracy"]), best_step=jnp.int32(step),
+                                  evals_since_best=jnp.int32(0), **extra)
+        else:
+            state = state.replace(evals_since_best=jnp.int32(evals_since + 1), **extra)
+        state = jax.device_put(state, layout.shardings)
+        logging.info("step %d: validation accuracy %.4f (best %.4f at step %d)", step, acc["accuracy"],
+                     float(state.best_accuracy), int(state.best_step))
+        log._append([{"step": step, "val_accuracy": acc["accuracy"], **(
+            {"val_accuracy_single_mask": acc["accuracy_single_mask"]} if "accuracy_single_mask" in acc else {})}])
+        if log.writer:
+            log.writer.scalars(step, {"val/accuracy": acc["accuracy"]})
+
+    def stopped_early() -> bool:
+        return patience > 0 and int(state.evals_since_best) >= patience
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        step = start_step
+        if step == 0 and float(state.best_accuracy) < 0:
+            record(0, evaluator.accuracy(state.params, "validation"))  # the zero-initialised head
+        while step < num_steps and not stopped_early():
+            batch = data_pipeline.make_global_batch(
+                {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
+                sharding.batch_axes(rules))
+            state, metrics = step_fn(state, batch)
+            step += 1
+            log.add(step, metrics)
+            stop = watcher.should_stop(step)
+            final = step == num_steps
+            evaluate_now = step % int(fcfg.eval_every) == 0 or final
+            save_now = evaluate_now or stop or step % int(config.checkpoint.every_steps) == 0
+            if save_now or step % int(fcfg.log_every) == 0:
+                log.flush(last_good=ckpt.latest_step(), directory=ckpt.directory)
+            if evaluate_now:
+                record(step, evaluator.accuracy(state.params, "validation"))
+                if stopped_early():
+                    logging.info("early stop at step %d: %d evaluations without improvement", step, patience)
+            if save_now or stopped_early():
+                ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
+            if stop and not final and not stopped_early():
+                ckpt.wait()
+                print(f"Stopped at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
+                result.update(step=step, preempted=True, history=log.history)
+                return result
+    ckpt.wait()
+
+    # ------------------------------------------------------------------ the best parameters on test
+    best_step = int(state.best_step)
+    best_params = best_ckpt.restore(best_step, layout.abstract.params)
+    test = evaluator.accuracy(best_params, "test")
+    del best_params
+    history = _val_history(workpath)
+    by_step = {h["step"]: h["val_accuracy"] for h in history}
+    results = {
+        "job": "finetune",
+        "run_dir": str(workpath),
+        "init": fcfg.init,
+        "source_checkpoint": where if fcfg.init == "pretrained" else None,
+        "pretrained_step": source_step,
+        "objective": fcfg.objective,
+        "head_layer": head_layer,
+        "dataset": config.data.name,
+        "num_classes": num_classes,
+        "steps": int(state.step),
+        "early_stopped": stopped_early(),
+        "initial_val_accuracy": by_step.get(0, float(state.initial_accuracy)),
+        "best_step": best_step,
+        "best_val_accuracy": by_step.get(best_step, float(state.best_accuracy)),
+        "test_accuracy": test["accuracy"],
+        **({"test_accuracy_single_mask": test["accuracy_single_mask"]} if "accuracy_single_mask" in test else {}),
+        "bert_masks": evaluator.num_masks,
+        "val_history": history,
+        "config": saved_config.to_dict(),
+        "seconds": time.time() - t_start,
+    }
+    table = format_table(results)
+    if primary:
+        (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
+        print(table, flush=True)
+        print(f"Fine-tuning results: {workpath / RESULTS}", flush=True)
+    result.update(results, history=log.history, table=table)
+    return result
+
+
+def _val_history(workpath: epath.Path) -> list[dict[str, float]]:
+    path = workpath / "metrics.jsonl"
+    if not path.exists():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if "val_accuracy" in rec:
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def format_table(results: dict[str, Any]) -> str:
+    pct = linear_probe.format_percent
+    head = "final norm" if results["head_layer"] < 0 else f"block {results['head_layer']} ln_1"
+    lines = [
+        f"Fine-tuning: {results['dataset']} ({results['num_classes']} classes), init {results['init']}"
+        + (f" from {results['source_checkpoint']}" if results["source_checkpoint"] else "")
+        + f", objective {results['objective']}, head on {head}",
+        f"{'step':>8}  {'val %':>6}",
+    ]
+    for rec in results["val_history"]:
+        mark = " *" if rec["step"] == results["best_step"] else ""
+        lines.append(f"{rec['step']:>8}  {pct(rec['val_accuracy'])}{mark}")
+    lines.append(f"zero-initialised head: validation {pct(results['initial_val_accuracy']).strip()}%")
+    lines.append(f"best: step {results['best_step']}, validation {pct(results['best_val_accuracy']).strip()}%, "
+                 f"test {pct(results['test_accuracy']).strip()}%"
+                 + (f" ({results['bert_masks']}-mask ensemble; one mask: "
+                    f"{pct(results['test_accuracy_single_mask']).strip()}%)" if "test_accuracy_single_mask" in results
+                    else "")
+                 + (" (early stopped)" if results["early_stopped"] else ""))
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""The linear-probe job (``config.job = 'probe'``): a pretraining checkpoint's features, one probe per layer.
+
+For each checkpoint step (``config.checkpoint.step``, or every step of ``config.probe.checkpoint_steps``):
+  1. restore only the parameters onto the mesh (`igpt_jax.features.load_pretrained` pieces);
+  2. extract every requested layer's sequence-mean feature for the train, validation and test splits, one pass per
+     split (BERT models: masked inputs; validation and test under ``probe.bert_ensemble`` masks);
+  3. per layer, fit a logistic regression on train (L-BFGS, or the JAX SGD probe), choose C on validation; the best
+     layer (on validation) is refitted on train + validation and scored on test; optionally ``concat_layers``
+     layers centred on it are probed together; optionally the low-data protocol (paper 4.7) on the best layer.
+Baselines in the same job, with the same splits and solver: raw pixels (the palette colours of the tokens, as the
+model sees them) and the same architecture with random weights (all layers, best chosen on validation).
+
+Outputs in the workdir (process 0): ``results.json`` (everything, with the exact config and checkpoint steps),
+``probe_layers.png`` (accuracy against layer, the baselines as lines: the paper's Figure 2), and with several
+checkpoints ``probe_vs_val_loss.png`` (best-layer accuracy against validation loss: Figure 3); a table on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import features as features_lib
+from igpt_jax import linear_probe, sharding
+from igpt_jax.data import pipeline as data_pipeline
+
+RESULTS, LAYERS_PLOT, LOSS_PLOT = "results.json", "probe_layers.png", "probe_vs_val_loss.png"
+
+
+def _workpath(workdir: str) -> epath.Path:
+    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+
+
+def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0
+                   ) -> dict[str, features_lib.SplitFeatures]:
+    """Features of train (one mask), validation and test (``masks`` masks for BERT), one pass per split."""
+    out = {}
+    for split in data_pipeline.SPLITS:
+        t0 = time.time()
+        out[split] = extractor.extract(params, split, num_masks=1 if split == "train" else masks,
+                                       max_examples=max_train if split == "train" else 0)
+        logging.info("features of %s: %d examples x %d layers x %d in %.1fs", split, out[split].n,
+                     out[split].features.shape[2], out[split].features.shape[3], time.time() - t0)
+    return out
+
+
+def probe_splits(splits: dict[str, features_lib.SplitFeatures], settings: linear_probe.ProbeSettings, *,
+                 num_classes: int, layers: list[int], n_layer: int, concat_layers: int = 0) -> dict[str, Any]:
+    """`linear_probe.probe` on extracted splits."""
+    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    return linear_probe.probe((tr.features, tr.labels), (va.features, va.labels), (te.features, te.labels), settings,
+                              num_classes=num_classes, layers=layers, concat_layers=concat_layers,
+                              layer_names=lambda l: features_lib.layer_name(l, n_layer))
+
+
+def pixel_baseline(splits: dict[str, features_lib.SplitFeatures], palette, settings: linear_probe.ProbeSettings, *,
+                   num_classes: int) -> dict[str, Any]:
+    """Logistic regression on the model's input pixels (palette colours in [-1, 1]), same splits and solver."""
+    px = {s: features_lib.pixel_features(splits[s].tokens, palette)[None, :, None, :] for s in splits}
+    res = linear_probe.probe((px["train"], splits["train"].labels), (px["validation"], splits["validation"].labels),
+                             (px["test"], splits["test"].labels), settings, num_classes=num_classes, layers=[0],
+                             layer_names=lambda _: "raw pixels")
+    best = res["best"]
+    return {"features": int(px["train"].shape[-1]), settings.hyper_name: best[settings.hyper_name],
+            "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]}
+
+
+def _low_data(splits, pos: int, settings, *, num_classes: int, budgets, subsets: int) -> list[dict[str, Any]]:
+    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    return linear_probe.low_data((tr.features[0][:, pos], tr.labels), (va.features[:, :, pos], va.labels),
+                                 (te.features[:, :, pos], te.labels), settings, num_classes=num_classes,
+                                 budgets=budgets, subsets=subsets)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
+    """Runs the probe job; returns the results (also written to ``{workdir}/results.json``).
+
+    Args:
+      config: the full config (``config.probe``, ``config.checkpoint.source_workdir`` / ``step``, ``config.data``,
+        ``config.model`` which must agree with the checkpoint's architecture).
+      workdir: where the results go; also the checkpoint source when ``checkpoint.source_workdir`` is empty.
+      devices: the mesh's devices (default: all).
+
+    Raises:
+      FileNotFoundError: no checkpoint where it should be, or a named step that does not exist.
+      ValueError: a model config that disagrees with the checkpoint, data that does not fit the model, bad options.
+    """
+    t_start = time.time()
+    pcfg = config.probe
+    settings = linear_probe.ProbeSettings.from_config(pcfg)
+    if config.data.fold_val:
+        raise ValueError("data.fold_val=True puts the validation split into 'train': the probe chooses C and the "
+                         "layer on validation and folds it back itself; set data.fold_val=False")
+    rules = sharding.rules_from_config(config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    workpath = _workpath(workdir)
+    primary = jax.process_index() == 0
+
+    ckpt = features_lib.open_source(config, workdir)
+    try:
+        requested = list(pcfg.checkpoint_steps) or [int(config.checkpoint.step)]
+        steps = sorted({ckpt_lib.resolve_step(ckpt, int(s)) for s in requested})
+        model_cfg, run_config, palette = features_lib.read_model(ckpt, steps[-1], config)
+        where = f"checkpoint {ckpt.directory}/{steps[-1]}"
+        features_lib.check_data_fits_model(config.data, model_cfg, palette, where=where)
+        num_classes = data_pipeline.num_classes(config.data)
+        layers = features_lib.resolve_layers(pcfg.layers, model_cfg.n_layer)
+        masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
+        batch_size = int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size)
+        layout = features_lib.param_layout(model_cfg, mesh, rules)
+        extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, config.data, palette, layers,
+                                                  batch_size=batch_size, seed=int(pcfg.seed))
+        n = {s: data_pipeline.num_examples(config.data, s) for s in data_pipeline.SPLITS}
+        if pcfg.max_train_examples:
+            n["train"] = min(n["train"], int(pcfg.max_train_examples))
+        size = sum(features_lib.approx_feature_bytes(n[s], len(layers), model_cfg.d_model, 1 if s == "train" else masks)
+                   for s in n)
+        logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s; %s examples (train/val/test); %d classes; "
+                     "features take %s per checkpoint", len(steps), steps, ckpt.directory, len(layers), layers,
+                     "/".join(str(n[s]) for s in data_pipeline.SPLITS), num_classes, features_lib.human_bytes(size))
+
+        per_checkpoint, splits = [], None
+        baselines: dict[str, Any] = {}
+        for i, step in enumerate(steps):
+            if i:  # every step must be the same model (one run)
+                other, _, other_palette = features_lib.read_model(ckpt, step, config)
+                if other != model_cfg or not np.array_equal(other_palette.centres, palette.centres):
+                    raise ValueError(f"checkpoint {ckpt.directory}/{step} is not the same model or palette as step "
+                                     f"{steps[-1]}: probe.checkpoint_steps must come from one run")
+            t0 = time.time()
+            params = features_lib.restore_params(ckpt, step, layout)
+            first = i == 0
+            splits = extract_splits(extractor, params, masks=masks, max_train=int(pcfg.max_train_examples))
+            del params
+            res = probe_splits(splits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer,
+                               concat_layers=int(pcfg.concat_layers))
+            res = {"step": step, "val_loss": splits["validation"].loss, "test_loss": splits["test"].loss, **res}
+            if pcfg.low_data_budgets:
+                res["low_data"] = {"layer": res["best_layer"], "results": _low_data(
+                    splits, layers.index(res["best_layer"]), settings, num_classes=num_classes,
+                    budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
+            per_checkpoint.append(res)
+            logging.info("step %d: best layer %d, validation %.4f, test %.4f (%.1fs)", step, res["best_layer"],
+                         res["best"]["val_accuracy"], res["best"]["test_accuracy"], time.time() - t0)
+            if first and pcfg.baselines:
+                baselines["raw_pixels"] = pixel_baseline(splits, palette, settings, num_classes=num_classes)
+                logging.info("raw-pixel baseline: test %.4f", baselines["raw_pixels"]["test_accuracy"])
+    finally:
+        ckpt.close()
+
+    if pcfg.baselines:
+        t0 = time.time()
+        rand = features_lib.random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345))
+        rsplits = extract_splits(extractor, rand, masks=masks, max_train=int(pcfg.max_train_examples))
+        del rand
+        rres = probe_splits(rsplits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer)
+        baselines["random_init"] = {"layers": rres["layers"], "best_layer": rres["best_layer"], "best": rres["best"],
+                                    "test_accuracy": rres["best"]["test_accuracy"]}
+        logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)", rres["best_layer"],
+                     rres["best"]["test_accuracy"], time.time() - t0)
+
+    last = per_checkpoint[-1]
+    _warn_grid_edges(last, settings)
+    results: dict[str, Any] = {
+        "job": "probe",
+        "source_checkpoints": str(ckpt_lib.checkpoint_dir(config.checkpoint.source_workdir or workdir)),
+        "steps": steps,
+        "step": last["step"],
+        "dataset": config.data.name,
+        "num_classes": num_classes,
+        "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
+        "model": {k: getattr(model_cfg, k) for k in features_lib.ARCHITECTURE_FIELDS},
+        "bert_masks": masks,
+        "best_layer": last["best_layer"],
+        "val_accuracy": last["best"]["val_accuracy"],
+        "test_accuracy": last["best"]["test_accuracy"],
+        "checkpoints": per_checkpoint,
+        "baselines": baselines,
+        "config": json.loads(config.to_json_best_effort()),
+        "pretrain_config": run_config.to_dict(),
+        "seconds": time.time() - t_start,
+    }
+    table = format_table(results)
+    if primary:
+        workpath.mkdir(parents=True, exist_ok=True)
+        (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
+        if pcfg.plots:
+            plot_layers(results, str(workpath / LAYERS_PLOT))
+            if len(per_checkpoint) > 1:
+                plot_vs_loss(results, str(workpath / LOSS_PLOT))
+        print(table, flush=True)
+        print(f"Probe results: {workpath / RESULTS}", flush=True)
+    results["table"] = table
+    return results
+
+
+# --------------------------------------------------------------------------------------------- report and plots
+
+
+def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) -> None:
+    """Says when the chosen hyper-parameter is at the edge of its grid (the grid may be too narrow)."""
+    hyper = settings.hyper_name
+    grid = settings.C if settings.solver == "lbfgs" else settings.sgd_lrs
+    if len(grid) < 2:
+        return
+    edge = [r["layer"] for r in res["layers"] if r[hyper] in (min(grid), max(grid))]
+    if res["best"][hyper] in (min(grid), max(grid)):
+        logging.warning("probe: the best layer's %s=%g is at the edge of the grid %s; consider widening probe.%s",
+                        hyper, res["best"][hyper], tuple(grid), "C" if hyper == "C" else "sgd_lrs")
+    elif edge:
+        logging.info("probe: %s at the edge of the grid for layers %s", hyper, edge)
+
+
+def jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    return x
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The human-readable summary printed at the end of the job."""
+    pct = linear_probe.format_percent
+    last = results["checkpoints"][-1]
+    hyper = "C" if last["solver"] == "lbfgs" else "lr"
+    rand = results["baselines"].get("random_init")
+    rand_by_layer = {r["layer"]: r for r in rand["layers"]} if rand else {}
+    lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
+             f"{'/'.join(str(results['examples'][s]) for s in data_pipeline.SPLITS)} train/val/test), checkpoint step "
+             f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
+    header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6}"
+    if rand:
+        header += f"  {'random-init test %':>18}"
+    lines += [header, "-" * len(header)]
+    for r in last["layers"]:
+        mark = " *" if r["layer"] == last["best_layer"] else ""
+        row = f"{r['layer']:>5}  {r['name']:<20} {r[hyper]:>8.3g}  {pct(r['val_accuracy'])}  {pct(r['test_accuracy'])}"
+        if rand:
+            rr = rand_by_layer.get(r["layer"])
+            row += f"  {pct(rr['test_accuracy']) if rr else '':>18}"
+        lines.append(row + mark)
+    best = last["best"]
+    lines.append(f"best layer (on validation): {best['layer']} ({best['name']}), {hyper}={best[hyper]:.3g}: "
+                 f"test accuracy {pct(best['test_accuracy']).strip()}% after refitting on train + validation"
+                 + (f" ({pct(best['test_accuracy_single_mask']).strip()}% with one BERT mask, "
+                    f"{results['bert_masks']}-mask ensemble above)" if "test_accuracy_single_mask" in best else ""))
+    if "concat" in last:
+        c = last["concat"]
+        lines.append(f"concatenated layers {c['layers']} ({c['features']} features): validation "
+                     f"{pct(c['val_accuracy']).strip()}%, test {pct(c['test_accuracy']).strip()}%")
+    if "raw_pixels" in results["baselines"]:
+        r = results["baselines"]["raw_pixels"]
+        lines.append(f"baseline, raw pixels ({r['features']} features): test {pct(r['test_accuracy']).strip()}%")
+    if rand:
+        lines.append(f"baseline, random weights (best layer {rand['best_layer']}): test "
+                     f"{pct(rand['test_accuracy']).strip()}%")
+    if "low_data" in last:
+        lines.append(f"low-data (layer {last['low_data']['layer']}, test accuracy over "
+                     f"{len(last['low_data']['results'][0]['test_accuracies'])} balanced subsets):")
+        for r in last["low_data"]["results"]:
+            lines.append(f"  {r['budget']:>6} labels: {100 * r['mean_accuracy']:.2f} +- {100 * r['std_accuracy']:.2f}% "
+                         f"(error {r['mean_error_percent']:.1f} +- {r['std_error_percent']:.1f}%)")
+    if len(results["checkpoints"]) > 1:
+        lines.append("checkpoints (step: validation loss -> best-layer test accuracy):")
+        for c in results["checkpoints"]:
+            lines.append(f"  {c['step']:>8}: {c['val_loss']:.4f} -> {pct(c['best']['test_accuracy']).strip()}% "
+                         f"(layer {c['best_layer']})")
+    return "\n".join(lines)
+
+
+def plot_layers(results: dict[str, Any], path: str) -> None:
+    """Figure 2: test accuracy of each layer's probe, one line per checkpoint, the baselines as lines."""
+    from igpt_jax import plots  # noqa: PLC0415
+
+    series = []
+    for c in results["checkpoints"]:
+        series.append({"x": [r["layer"] for r in c["layers"]], "y": [100 * r["test_accuracy"] for r in c["layers"]],
+                       "label": f"pretrained, step {c['step']}"})
+    hlines = []
+    base = results["baselines"]
+    if "random_init" in base:
+        r = base["random_init"]
+        series.append({"x": [l["layer"] for l in r["layers"]], "y": [100 * l["test_accuracy"] for l in r["layers"]],
+                       "label": "random weights", "dashed": True, "color": "#7f7f7f"})
+    if "raw_pixels" in base:
+        hlines.append({"y": 100 * base["raw_pixels"]["test_accuracy"], "label": "raw pixels", "color": "#d62728"})
+    n_layer = results["model"]["n_layer"]
+    plots.line_chart(path, series=series, hlines=hlines, integer_x=True,
+                     title=f"Linear probe accuracy by layer ({results['dataset']}; layer {n_layer} = final norm)",
+                     xlabel="layer", ylabel="test accuracy (%)")
+
+
+def plot_vs_loss(results: dict[str, Any], path: str) -> None:
+    """Figure 3: best-layer probe accuracy against validation loss, one point per checkpoint."""
+    from igpt_jax import plots  # noqa: PLC0415
+
+    cks = results["checkpoints"]
+    plots.line_chart(
+        path, series=[{"x": [c["val_loss"] for c in cks], "y": [100 * c["best"]["test_accuracy"] for c in cks],
+                       "label": "best-layer probe", "labels": [f"step {c['step']}" for c in cks]}],
+        point_labels=True, title=f"Probe accuracy vs validation loss ({results['dataset']})",
+        xlabel="validation loss (nats per token)", ylabel="best-layer test accuracy (%)")

@@ -1,0 +1,105 @@
+"""The evaluate job: exact NLL over a whole split, whatever the batch size or mesh, from the checkpoint alone."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import objectives, optim, sharding, train
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.jobs import evaluate
+from igpt_jax.model import IGPT, ModelConfig
+from test_pretrain import tiny_config
+
+
+def write_checkpoint(tmp_path_factory, step: int = 5):
+    """A checkpoint as pretraining writes it (state, config, palette) of a random model whose logits are not flat.
+
+    Returns:
+      (the run's config, its workdir, the parameters, the palette).
+    """
+    config = tiny_config(str(tmp_path_factory.mktemp("tfds")))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    model_cfg = ModelConfig.from_config(config.model)
+    tx = optim.make_optimizer(config.train, optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=1))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    layout = train.state_layout(model_cfg, tx, mesh, sharding.DEFAULT_RULES)
+    state = train.create_state(model_cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
+    wtet = 0.3 * jax.random.normal(jax.random.key(1), state.params["wtet"].shape)
+    state = state.replace(params={**state.params, "wtet": wtet})
+    palette = data_pipeline.load_or_fit_palette(config.data)
+    ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, config=config, palette=palette.centres, force=True)
+    ckpt.close()
+    return config, workdir, jax.device_get(state.params), palette
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory)
+
+
+def reference_nll(config, params, palette, split):
+    """Mean NLL over every image of the split in one unpadded batch, from the model directly."""
+    it = data_pipeline.make_iterator(config.data, split, batch_size=4096, train=False, palette=palette)
+    batch = next(it)
+    tokens = jnp.asarray(batch["tokens"][batch["mask"]])
+    cfg = ModelConfig.from_config(config.model)
+    logits = jax.jit(lambda p, t: IGPT(cfg).apply({"params": p}, t).logits)(params, tokens)
+    return float(jnp.mean(objectives.token_nll(logits, tokens))), tokens.shape[0]
+
+
+def test_evaluate_is_exact_over_the_whole_split_for_any_batch_size(run_dir, tmp_path):
+    config, source, params, palette = run_dir
+    config = config.copy_and_resolve_references()
+    config.job = "evaluate"
+    config.checkpoint.source_workdir = source
+    expected, n_images = reference_nll(config, params, palette, "test")
+    n_test = data_pipeline.num_examples(config.data, "test")
+    assert n_images == n_test and n_test % 16  # the last batch of 16 is padded
+    results = []
+    for batch_size in (16, 64):
+        config.evaluate.batch_size = batch_size
+        results.append(evaluate.run(config, str(tmp_path), devices=jax.devices()[:1]))
+    for result in results:
+        assert result["tokens"] == n_test * 64 and result["images"] == n_test and result["step"] == 5
+        assert result["nll"] == pytest.approx(expected, abs=1e-5)
+        assert result["bits_per_token"] == pytest.approx(result["nll"] / math.log(2), rel=1e-12)
+    assert abs(expected - math.log(16)) > 0.05  # a model that is not uniform
+    written = json.loads((tmp_path / "eval_test.json").read_text())
+    assert written["nll"] == pytest.approx(results[-1]["nll"]) and written["split"] == "test"
+
+
+def test_evaluate_on_a_2x2x2_mesh_equals_one_device(run_dir, tmp_path):
+    config, source, params, palette = run_dir
+    config = config.copy_and_resolve_references()
+    config.checkpoint.source_workdir = source
+    config.evaluate.split = "validation"
+    config.evaluate.batch_size = 32
+    single = evaluate.run(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    config.mesh.shape = (2, 2, 2)
+    sharded = evaluate.run(config, str(tmp_path / "eight"), devices=jax.devices()[:8])
+    assert sharded["tokens"] == single["tokens"] == data_pipeline.num_examples(config.data, "validation") * 64
+    assert sharded["nll"] == pytest.approx(single["nll"], abs=1e-5)
+    expected, _ = reference_nll(config, params, palette, "validation")
+    assert single["nll"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_evaluate_errors_name_the_problem(run_dir, tmp_path):
+    config, source, _, _ = run_dir
+    config = config.copy_and_resolve_references()
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint in {tmp_path}"):
+        evaluate.run(config, str(tmp_path), devices=jax.devices()[:1])
+    config.checkpoint.source_workdir = source
+    config.evaluate.split = "dev"
+    with pytest.raises(ValueError, match="evaluate.split='dev'"):
+        evaluate.run(config, str(tmp_path), devices=jax.devices()[:1])
+    config.evaluate.split = "test"
+    config.evaluate.batch_size = 12
+    config.mesh.shape = (8, 1, 1)
+    with pytest.raises(ValueError, match="evaluate.batch_size=12 is not divisible by the data-parallel size 8"):
+        evaluate.run(config, str(tmp_path), devices=jax.devices()[:8])

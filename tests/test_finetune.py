@@ -1,0 +1,134 @@
+"""The fine-tuning job on the embedded digits, from the tiny pretraining run of test_probe (made once per session)."""
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from igpt_jax import sharding
+from igpt_jax import features as features_lib
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.jobs import finetune
+from igpt_jax.model import ModelConfig
+
+from test_probe import PRETRAIN_STEPS, pretrained_run, tiny_config
+
+STEPS, EVAL_EVERY = 40, 20
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory):
+    return pretrained_run(tmp_path_factory)
+
+
+def finetune_config(run, **overrides):
+    data_dir, workdir = run
+    config = tiny_config(data_dir)
+    config.job = "finetune"
+    config.checkpoint.source_workdir = workdir
+    config.checkpoint.every_steps = 1000
+    config.finetune.num_steps = STEPS
+    config.finetune.eval_every = EVAL_EVERY
+    config.finetune.lr = 1e-2
+    # L_CLF alone: with L_GEN + L_CLF (the default) a 40-step run barely moves the head of this tiny model.
+    config.finetune.objective = "clf"
+    config.finetune.batch_size = 32
+    config.finetune.eval_batch_size = 160
+    config.finetune.log_every = 10
+    config.finetune.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="session")
+def full_run(run, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("finetune")
+    return workdir, finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
+
+
+def test_finetuning_improves_validation_accuracy_over_the_zero_head(run, full_run):
+    workdir, res = full_run
+    # The zero head predicts class 0 everywhere: its accuracy is class 0's share of the validation split.
+    config = finetune_config(run)
+    labels = np.concatenate([b["label"][b["mask"]] for b in data_pipeline.make_iterator(
+        config.data, "validation", batch_size=150, train=False)])
+    assert res["initial_val_accuracy"] == pytest.approx(np.mean(labels == 0))
+    assert [h["step"] for h in res["val_history"]] == [0, 20, 40]
+    assert res["best_val_accuracy"] >= res["initial_val_accuracy"] + 0.1
+    assert res["best_val_accuracy"] == max(h["val_accuracy"] for h in res["val_history"])
+    assert res["best_step"] in (20, 40) and res["test_accuracy"] > 0.15  # chance: 0.1
+    assert res["pretrained_step"] == PRETRAIN_STEPS and res["source_checkpoint"].endswith(f"/{PRETRAIN_STEPS}")
+    written = json.loads((Path(workdir) / "results.json").read_text())
+    assert written["test_accuracy"] == res["test_accuracy"] and written["config"]["finetune"]["num_classes"] == 10
+    assert (Path(workdir) / "best" / "checkpoints" / str(res["best_step"])).is_dir()
+    assert "best: step" in res["table"]
+
+
+def test_resumed_finetuning_equals_the_uninterrupted_run(run, full_run, tmp_path):
+    _, full = full_run
+    config = finetune_config(run)
+    first = finetune.run(config, str(tmp_path), devices=jax.devices()[:1], stop_at_step=EVAL_EVERY + 5)
+    assert first["preempted"] and first["step"] == EVAL_EVERY + 5
+    second = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert second["resumed"] and second["start_step"] == EVAL_EVERY + 5
+    losses = [h["loss"] for h in first["history"] + second["history"]]
+    assert losses == [h["loss"] for h in full["history"]]  # bit-exact, data position included
+    for key in ("best_step", "best_val_accuracy", "initial_val_accuracy", "test_accuracy"):
+        assert second[key] == full[key], key
+    # A finished run relaunched changes nothing and reports the same.
+    again = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert again["start_step"] == STEPS and again["test_accuracy"] == full["test_accuracy"]
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement(run, tmp_path, monkeypatch):
+    accuracies = iter([0.5, 0.4, 0.45, 0.3])  # validation at steps 0, 2, 4, then the test split
+
+    def fake_accuracy(self, params, split):
+        return {"accuracy": next(accuracies), "examples": 1}
+
+    monkeypatch.setattr(finetune.Evaluator, "accuracy", fake_accuracy)
+    config = finetune_config(run, num_steps=12, eval_every=2, patience=2, objective="gen+clf")
+    res = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert res["early_stopped"] and res["steps"] == 4 and res["best_step"] == 0
+    assert all(h["gen_loss"] > 0 for h in res["history"])  # L_GEN + L_CLF
+    assert res["best_val_accuracy"] == 0.5 and res["test_accuracy"] == 0.3
+    assert [h["step"] for h in res["val_history"]] == [0, 2, 4]
+
+
+def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"finetune.num_classes=5 but dataset 'digits' .* has 10 classes"):
+        finetune.run(finetune_config(run, num_classes=5), str(tmp_path / "a"), devices=jax.devices()[:1])
+    config = finetune_config(run)
+    config.checkpoint.source_workdir = str(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*nothing/checkpoints"):
+        finetune.run(config, str(tmp_path / "b"), devices=jax.devices()[:1])
+    config = finetune_config(run)
+    config.model.n_layer = 3
+    with pytest.raises(ValueError, match=r"checkpoints/40: model\.n_layer: job config 3, checkpoint 2"):
+        finetune.run(config, str(tmp_path / "c"), devices=jax.devices()[:1])
+    # Resuming a run whose head was made for another number of classes.
+    workdir, _ = full_run
+    monkeypatch.setattr(data_pipeline, "num_classes", lambda data_cfg: 7)
+    with pytest.raises(ValueError, match=r"checkpoints/40 has a head for 10 classes but dataset 'digits' has 7"):
+        finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
+
+
+def test_bert_predictions_use_independent_masks_per_example():
+    cfg = ModelConfig(vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense",
+                      objective="bert")
+    mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
+    layout = features_lib.param_layout(cfg, mesh, rules)
+    params = {"model": jax.device_get(features_lib.random_params(cfg, layout, mesh, rules, jax.random.key(0))),
+              "head": {"w": jax.random.normal(jax.random.key(1), (32, 10))}}
+    tokens = jax.random.randint(jax.random.key(2), (32, 64), 0, 16)
+    batch = {"tokens": tokens, "label": jnp.zeros(32, jnp.int32), "mask": jnp.ones(32, bool),
+             "index": jnp.arange(32, dtype=jnp.int32)}
+    fn = jax.jit(lambda p, b: finetune.predict_step(p, b, model_cfg=cfg, head_layer=-1, num_masks=3, seed=0))
+    out = fn(params, batch)
+    assert out["predictions"].shape == (3, 32)
+    assert len({tuple(np.asarray(p)) for p in out["predictions"]}) > 1  # the masks differ
+    # Each example's masks depend only on its record index: reversing the batch reverses the predictions.
+    flipped = fn(params, jax.tree.map(lambda x: x[::-1], batch))
+    np.testing.assert_array_equal(np.asarray(flipped["predictions"]), np.asarray(out["predictions"])[:, ::-1])

@@ -3,8 +3,9 @@ probes of every layer (with the raw-pixel and random-init baselines) and a grid 
 
 Command:   python -m igpt_jax.main --config=configs/demo.py --workdir=workdirs/demo
 Hardware:  any CPU (2 cores is enough); data imported through the TFDS path from scikit-learn on first use.
-Time:      see README.md (measured on 2 CPU cores).
-Result:    validation loss falls from ln(16) = 2.77 nats/token; see README.md for the measured figures.
+Time:      9 min wall (3 min CPU) on 2 shared CPU cores at load ~8, pretrain + probe + sample (README.md).
+Result:    validation loss from ln(16) = 2.77 to 1.31 nats/token; best-layer probe 83.8 % test (raw pixels 90.6 %,
+           random weights 66.3 %: 8x8 digits are easy for raw pixels).
 """
 
 from igpt_jax import config_defaults

@@ -269,9 +269,9 @@ class FeatureExtractor:
     def extract(self, params: Any, split: str, *, num_masks: int = 1, max_examples: int = 0) -> SplitFeatures:
         """Features of every example of `split` (or its first `max_examples` in record order)."""
         num_masks = num_masks if self.model_cfg.objective == "bert" else 1
-        local_batch = self.batch_size // jax.process_count()
-        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=local_batch, train=False, seed=0,
-                                         palette=self.palette)
+        rows = data_pipeline.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
+        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
+                                         palette=self.palette, rows=rows)
         fn = self._fn(num_masks)
         keys = ("features", "label", "mask", "index", "tokens")
         chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -281,7 +281,7 @@ class FeatureExtractor:
             for local in it:
                 batch = data_pipeline.make_global_batch(
                     {k: local[k] for k in ("tokens", "label", "mask", "index")}, self.mesh,
-                    sharding.batch_axes(self.rules))
+                    sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(fn(params, batch))
                 for k in keys:
                     chunks[k].append(np.asarray(out[k]))

@@ -146,5 +146,3 @@ def check_batch_divides(global_batch: int, mesh: Mesh, rules: Rules, *, what: st
             f"{what}={global_batch} is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(mesh.shape)}, batch split over {batch_axes(rules)})"
         )
-    if global_batch % jax.process_count():
-        raise ValueError(f"{what}={global_batch} is not divisible by the number of processes {jax.process_count()}")

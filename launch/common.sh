@@ -444,12 +444,39 @@ check_workdir() {
   fi
 }
 
+# check_config: the config must be relative to the repository. A config with a PODS table (igpt_l.py,
+# igpt_xl.py: mesh and rules per slice, proven to fit by the compile job) gets the slice's layout:
+# `:pod=ACCELERATOR_TYPE` is added to its variant unless --config already names a pod.
 check_config() {
-  local path=${CONFIG%%:*}
+  local path=${CONFIG%%:*} variant="" file line in_pods=0 pods=()
   if [[ $path == /* ]]; then
     die_usage "--config=$CONFIG must be relative to the repository root (the workers run from $R_DIR)"
   fi
-  [[ -f $REPO_ROOT/$path ]] || warn "$path is not in this checkout ($REPO_ROOT); the workers run $R_DIR/$path"
+  file=$REPO_ROOT/$path
+  if [[ ! -f $file ]]; then
+    warn "$path is not in this checkout ($REPO_ROOT); the workers run $R_DIR/$path"
+    return 0
+  fi
+  [[ $CONFIG == *:* ]] && variant=${CONFIG#*:}
+  while IFS= read -r line; do  # the keys of the file's `PODS = {...}` table (pure bash: no grep/sed needed)
+    if [[ $line == "PODS = {"* ]]; then in_pods=1; continue; fi
+    ((in_pods)) || continue
+    [[ $line == "}"* ]] && break
+    if [[ $line =~ ^[[:space:]]*\"([^\"]+)\": ]]; then pods+=("${BASH_REMATCH[1]}"); fi
+  done <"$file"
+  ((${#pods[@]})) || return 0
+  [[ ",$variant," == *",pod="* ]] && return 0
+  if [[ -z $ACCELERATOR_TYPE ]]; then
+    warn "$path has layouts for the slices ${pods[*]}; without --accelerator-type its default pod is used"
+    return 0
+  fi
+  if [[ " ${pods[*]} " != *" $ACCELERATOR_TYPE "* ]]; then
+    die_usage "$path has no layout for $ACCELERATOR_TYPE (its PODS: ${pods[*]}); pass --config=$path:pod=NAME" \
+      "(pod=any: fsdp over every device) or add $ACCELERATOR_TYPE to its PODS table and prove it with" \
+      "--config.job=compile"
+  fi
+  CONFIG="$path:${variant:+$variant,}pod=$ACCELERATOR_TYPE"
+  info "config $CONFIG (the $ACCELERATOR_TYPE layout of $path)"
 }
 
 # start_job: starts the job in the background on every worker at once; its output goes to ~/igpt_run.log.

@@ -42,6 +42,7 @@ def test_describes_the_slice(report):
     assert report["hbm_bytes"] == 32 * 1024**3
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     assert report["batch_axes"] == ["data", "fsdp"]
+    assert report["input"] == {"processes": 1, "rows_per_process": report["global_batch"], "processes_per_row": 1}
 
 
 def test_memory_per_device_is_the_fsdp_shard(report):

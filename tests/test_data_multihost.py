@@ -13,6 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
+import jax
+
 from igpt_jax.data import import_data, pipeline, testing
 
 flags.FLAGS.mark_as_parsed()
@@ -23,6 +25,7 @@ WORKER = textwrap.dedent('''
     port, pid, data_dir, palette_path = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
     import jax
     import jax.numpy as jnp
+    import numpy as np
     jax.config.update('jax_num_cpu_devices', 2)
     jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid,
                                initialization_timeout=60)
@@ -50,6 +53,34 @@ WORKER = textwrap.dedent('''
       g = pipeline.make_global_batch(batch, mesh, batch_axes=('data',))
       out['train'].append({'local_index': batch['index'].tolist(),
                            'global_index': multihost_utils.process_allgather(g['index'], tiled=True).tolist()})
+    # Shared rows: the batch is not split (a model axis spans both processes), so each process loads all 3 rows
+    # of every global batch: fewer examples per step than processes x devices.
+    shared_mesh = jax.make_mesh((1, 1, 4), ('data', 'fsdp', 'tensor'), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rows = pipeline.host_rows(3, shared_mesh)
+    out['shared_rows'] = str(rows)
+    out['shared_train'], out['shared_eval'] = [], []
+    it = pipeline.make_iterator(cfg, 'train', batch_size=rows.size, train=True, seed=0, rows=rows)
+    for _ in range(3):
+      g = pipeline.make_global_batch(next(it), shared_mesh, rows=rows)
+      assert g['tokens'].shape == (3, 64), g['tokens'].shape
+      out['shared_train'].append({'index': multihost_utils.process_allgather(g['index'], tiled=True).tolist(),
+                                  'sum': int(jax.jit(jnp.sum)(g['tokens']))})
+    for batch in pipeline.make_iterator(cfg, 'test', batch_size=rows.size, train=False, rows=rows):
+      g = pipeline.make_global_batch(batch, shared_mesh, rows=rows)
+      out['shared_eval'].append({'index': multihost_utils.process_allgather(g['index'], tiled=True).tolist(),
+                                 'sum': int(masked_sum(g['tokens'], g['mask']))})
+    # Alternating rows: the mesh puts the processes' devices in turn along the batch axis (as a topology-aware
+    # TPU mesh can), so process 0 holds rows 0 and 2 of every batch of 4, process 1 rows 1 and 3.
+    devs = sorted(jax.devices(), key=lambda d: (d.id % 2, d.process_index))  # p0, p1, p0, p1
+    alt_mesh = jax.sharding.Mesh(np.asarray(devs).reshape(1, 4, 1), ('data', 'fsdp', 'tensor'),
+                                 axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rows = pipeline.host_rows(4, alt_mesh)
+    out['alt_rows'] = str(rows)
+    it = pipeline.make_iterator(cfg, 'train', batch_size=rows.size, train=True, seed=0, rows=rows)
+    out['alt_train'] = []
+    for _ in range(2):
+      g = pipeline.make_global_batch(next(it), alt_mesh, rows=rows)
+      out['alt_train'].append(multihost_utils.process_allgather(g['index'], tiled=True).tolist())
     print('RESULT ' + json.dumps(out), flush=True)
     jax.distributed.shutdown()
 ''')
@@ -113,6 +144,55 @@ def test_two_processes_shard_and_build_global_batches(tmp_path):
         assert s0['global_index'] == s1['global_index'] == s0['local_index'] + s1['local_index']
         assert not set(s0['local_index']) & set(s1['local_index'])
         assert s0['global_index'] == next(single)['index'].tolist()
+
+
+    # Shared rows: both processes hold the whole batch of 3, and it is the batch one process reads alone.
+    assert results[0]['shared_rows'] == results[1]['shared_rows'] == '0:3'
+    assert results[0]['shared_train'] == results[1]['shared_train']
+    alone = pipeline.make_iterator(cfg, 'train', batch_size=3, train=True, seed=0, palette=palette,
+                                   shard_index=0, shard_count=1)
+    for step in results[0]['shared_train']:
+        b = next(alone)
+        assert step['index'] == b['index'].tolist() and step['sum'] == int(b['tokens'].sum())
+    # Alternating rows: each process loads every other row; the global batch is the one a single process reads.
+    assert sorted([results[0]['alt_rows'], results[1]['alt_rows']]) == ['0:1,2:3', '1:2,3:4']
+    alone = pipeline.make_iterator(cfg, 'train', batch_size=4, train=True, seed=0, palette=palette,
+                                   shard_index=0, shard_count=1)
+    for index in results[0]['alt_train']:
+        assert index == next(alone)['index'].tolist()
+    # Evaluation with rows: global batches of the split in order, the last padded; every record exactly once.
+    assert results[0]['shared_eval'] == results[1]['shared_eval']
+    seen = [i for step in results[0]['shared_eval'] for i in step['index'] if i >= 0]
+    assert seen == list(range(13)) and len(results[0]['shared_eval']) == 5
+    whole = next(pipeline.make_iterator(cfg, 'test', batch_size=13, train=False, palette=palette,
+                                        shard_index=0, shard_count=1))
+    assert sum(step['sum'] for step in results[0]['shared_eval']) == int(whole['tokens'].sum())
+
+
+def _mesh(devices, shape):
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), ('data', 'fsdp', 'tensor'), axis_types=auto)
+
+
+def test_rows_by_process_when_hosts_share_examples():
+    devices = jax.devices()[:8]
+    # 8 hosts of one device, batch split 4 ways, a 2-way model axis spanning host pairs (XL's batch of 64 on 128
+    # v4 hosts, scaled down): hosts 2k and 2k+1 both load row k.
+    rows = pipeline.rows_by_process(4, _mesh(devices, (1, 4, 2)), process_of=lambda d: d.id)
+    assert {p: r.rows for p, r in rows.items()} == {p: (p // 2,) for p in range(8)}
+    # 4 hosts of two devices that hold both halves of the model axis: disjoint rows, two each of a batch of 8.
+    rows = pipeline.rows_by_process(8, _mesh(devices, (1, 4, 2)), process_of=lambda d: d.id // 2)
+    assert {p: r.rows for p, r in rows.items()} == {p: (2 * p, 2 * p + 1) for p in range(4)}
+    assert str(rows[1]) == '2:4'
+    # 2 hosts whose devices alternate along the batch axes (as a topology-aware TPU mesh can place them): each
+    # holds every other row.
+    rows = pipeline.rows_by_process(8, _mesh(devices, (4, 2, 1)), process_of=lambda d: d.id % 2)
+    assert rows[0].rows == (0, 2, 4, 6) and str(rows[1]) == '1:2,3:4,5:6,7:8'
+    assert rows[1].local_slice(5, 6) == slice(2, 3)
+    with pytest.raises(ValueError, match=r'needs rows 4:6 but this process loaded rows 1:2,3:4'):
+        rows[1].local_slice(4, 6)
+    with pytest.raises(ValueError, match=r'Global batch 6 does not divide over the 4 shards'):
+        pipeline.rows_by_process(6, _mesh(devices, (1, 4, 2)))
 
 
 def test_training_batches_are_the_same_for_any_number_of_shards(tmp_path):

@@ -37,7 +37,8 @@ SSH_ALL = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "igpt-xl", "--worker=al
 INSTALL = ("--command=rm -rf ~/igpt_jax && mkdir -p ~/igpt_jax && tar -xzf ~/igpt_jax.tar.gz -C ~/igpt_jax"
            " && cd ~/igpt_jax && python3 -m pip install -U pip && python3 -m pip install -U \"jax[tpu]\""
            " && python3 -m pip install -e .")
-JOB = ("python3 -m igpt_jax.main --config=configs/igpt_xl.py --workdir=gs://my-bucket/igpt-xl --distributed=yes"
+JOB = ("python3 -m igpt_jax.main --config=configs/igpt_xl.py:pod=v4-1024 --workdir=gs://my-bucket/igpt-xl"
+       " --distributed=yes"
        " --config.train.lr=3e-3")
 
 
@@ -108,7 +109,7 @@ def test_run_quotes_overrides_for_the_remote_shell():
     (cmd,) = commands(dry_run("run.sh", f"--workdir={WORKDIR}", "--config=configs/igpt_l.py", "--",
                               "--config.data.name=it's here"))
     job = shlex.split(remote(cmd).split("setsid nohup ", 1)[1].split(" >> ", 1)[0])
-    assert job == ["python3", "-m", "igpt_jax.main", "--config=configs/igpt_l.py", f"--workdir={WORKDIR}",
+    assert job == ["python3", "-m", "igpt_jax.main", "--config=configs/igpt_l.py:pod=v4-1024", f"--workdir={WORKDIR}",
                    "--distributed=yes", "--config.data.name=it's here"]
 
 
@@ -119,8 +120,28 @@ def test_run_restart_stops_first():
 
 
 def test_run_single_host_takes_a_local_workdir_and_no_distributed_flag():
-    (cmd,) = commands(dry_run("run.sh", "--workdir=/tmp/run", ACCELERATOR_TYPE="v4-8"))
-    assert "setsid nohup python3 -m igpt_jax.main --config=configs/igpt_xl.py --workdir=/tmp/run >>" in remote(cmd)
+    (cmd,) = commands(dry_run("run.sh", "--workdir=/tmp/run", "--config=configs/igpt_xl.py:runlocal,pod=any",
+                              ACCELERATOR_TYPE="v4-8"))
+    assert ("setsid nohup python3 -m igpt_jax.main --config=configs/igpt_xl.py:runlocal,pod=any --workdir=/tmp/run >>"
+            in remote(cmd))
+
+
+@pytest.mark.parametrize("config, accelerator, expected", [
+    ("configs/igpt_xl.py", "v3-2048", "configs/igpt_xl.py:pod=v3-2048"),
+    ("configs/igpt_l.py:res=48", "v5p-1024", "configs/igpt_l.py:res=48,pod=v5p-1024"),
+    ("configs/igpt_l.py:pod=v4-2048,res=48", "v4-1024", "configs/igpt_l.py:pod=v4-2048,res=48"),  # named: kept
+    ("configs/igpt_s.py", "v4-1024", "configs/igpt_s.py"),  # no PODS table: as given
+])
+def test_run_gives_pod_configs_the_layout_of_the_slice(config, accelerator, expected):
+    (cmd,) = commands(dry_run("run.sh", f"--workdir={WORKDIR}", f"--config={config}", ACCELERATOR_TYPE=accelerator))
+    assert f" -m igpt_jax.main --config={expected} --workdir=" in remote(cmd)
+
+
+def test_run_refuses_a_slice_the_pod_config_has_no_layout_for():
+    proc = launch("run.sh", f"--workdir={WORKDIR}", DRY_RUN="1", **{**V4_1024, "ACCELERATOR_TYPE": "v4-32"})
+    assert proc.returncode == 2 and not proc.stdout
+    assert ("configs/igpt_xl.py has no layout for v4-32 (its PODS: v3-1024 v3-2048 v4-1024 v4-2048 v5p-1024 v5p-2048 "
+            "any); pass --config=configs/igpt_xl.py:pod=NAME") in proc.stderr
 
 
 def test_logs_tails_worker_0_or_the_given_worker():
@@ -297,7 +318,8 @@ def test_worker_commands_start_report_and_stop_the_job(tmp_path):
     assert "already running" in proc.stderr
     assert (home / "terminated").read_text() == "terminated\n"
     log = [line for line in (home / "igpt_run.log").read_text().splitlines() if line.startswith("arg:")]
-    assert log[:8] == ["arg:-m", "arg:igpt_jax.main", "arg:--config=configs/igpt_xl.py", f"arg:--workdir={WORKDIR}",
+    assert log[:8] == ["arg:-m", "arg:igpt_jax.main", "arg:--config=configs/igpt_xl.py:pod=v4-1024",
+                       f"arg:--workdir={WORKDIR}",
                        "arg:--distributed=yes", "arg:--config.x=it's $HOME", "arg:-m", "arg:igpt_jax.main"]
 
 

@@ -255,9 +255,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_with_four_devices_each_match_one_process_with_eight(data_dir, tmp_path):
+def _one_and_two_process_losses(data_dir, tmp_path, common: list[str]) -> tuple[list[float], list[float]]:
+    """Runs the demo with `common` flags in one process with 8 devices and in two processes with 4 each."""
     pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
-    common = ["--config.train.num_steps=4", "--config.mesh.shape=(2,2,2)", "--config.checkpoint.every_steps=2"]
     single = subprocess.run(_main_command(tmp_path / "one", data_dir, *common), cwd=REPO, env=_env(8),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -272,5 +272,22 @@ def test_two_processes_with_four_devices_each_match_one_process_with_eight(data_
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    np.testing.assert_allclose(_metrics(tmp_path / "two"), _metrics(tmp_path / "one"), atol=1e-5, rtol=0)
-    assert len(_metrics(tmp_path / "one")) == 4
+    return _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+
+
+def test_two_processes_with_four_devices_each_match_one_process_with_eight(data_dir, tmp_path):
+    one, two = _one_and_two_process_losses(
+        data_dir, tmp_path, ["--config.train.num_steps=4", "--config.mesh.shape=(2,2,2)",
+                             "--config.checkpoint.every_steps=2"])
+    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
+    assert len(one) == 4
+
+
+def test_two_processes_sharing_examples_match_one_process(data_dir, tmp_path):
+    # A batch of 3 on 2 processes x 4 devices, the mesh all model axis: every process loads the same 3 examples
+    # (what a pod with more hosts than examples per step does) and the run equals one process with 8 devices.
+    one, two = _one_and_two_process_losses(
+        data_dir, tmp_path, ["--config.train.num_steps=3", "--config.mesh.shape=(1,1,8)", "--config.model.n_head=8",
+                             "--config.train.batch_size=3", "--config.checkpoint.every_steps=3"])
+    np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
+    assert len(one) == 3

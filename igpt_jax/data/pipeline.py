@@ -276,9 +276,9 @@ class _ReadBatch(grain.transforms.MapWithIndex):
     """
 
     def __init__(self, reader: ImageRecords, transform: _Augment, train: bool, seed: int,
-                 offset: int, stride: int):
+                 rows: Sequence[int], stride: int):
         self.reader, self.transform, self.train = reader, transform, train
-        self.seed, self.offset, self.stride = seed, offset, stride
+        self.seed, self.rows, self.stride = seed, tuple(int(r) for r in rows), stride
 
     def map_with_index(self, index: int, positions: np.ndarray) -> dict[str, np.ndarray]:
         positions = np.asarray(positions)
@@ -289,7 +289,7 @@ class _ReadBatch(grain.transforms.MapWithIndex):
             if not ex['mask']:
                 images.append(ex['image'])
             elif self.train:
-                rng = np.random.default_rng((self.seed, index * self.stride + self.offset + j))
+                rng = np.random.default_rng((self.seed, index * self.stride + self.rows[j]))
                 images.append(self.transform.train(ex['image'], rng))
             else:
                 images.append(self.transform.eval(ex['image']))
@@ -300,13 +300,13 @@ class _ReadBatch(grain.transforms.MapWithIndex):
 
 
 class _Slice(grain.transforms.Map):
-    """This process's rows [start, stop) of a global batch of record positions."""
+    """This process's rows of a global batch of record positions."""
 
-    def __init__(self, start: int, stop: int):
-        self.start, self.stop = start, stop
+    def __init__(self, rows: Sequence[int]):
+        self.rows = np.asarray(rows, np.int64)
 
     def map(self, positions: np.ndarray) -> np.ndarray:
-        return np.asarray(positions)[self.start:self.stop]
+        return np.asarray(positions)[self.rows]
 
 
 class _Tokenize(grain.transforms.Map):
@@ -434,6 +434,7 @@ def make_iterator(
     shard_index: int | None = None,
     shard_count: int | None = None,
     palette: Palette | None = None,
+    rows: HostRows | None = None,
 ) -> grain.DatasetIterator:
     """A Grain iterator of token batches for this process.
 
@@ -451,6 +452,10 @@ def make_iterator(
         (batch_size x shard_count) from one shuffled order and reads its slice of each.
         Evaluation: contiguous, disjoint record ranges.
       palette: the palette (default :func:`load_or_fit_palette`).
+      rows: this process's rows of every global batch (:func:`host_rows`, what its devices hold), instead of
+        `batch_size` and the shard arguments. Processes may share rows (pods with more hosts than examples per
+        step). Training as above; evaluation then also cuts global batches of the split in order (the last one
+        padded) and reads these rows of each.
 
     Returns:
       An iterator of dicts of numpy arrays: tokens int32 [b, res*res], label
@@ -459,10 +464,14 @@ def make_iterator(
     Raises:
       ValueError: bad split/shard/batch arguments, or a palette of the wrong shape.
     """
+    if rows is not None:
+        batch_size = rows.size
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
     if shard_index is None or shard_count is None:
         shard_index, shard_count = jax.process_index(), jax.process_count()
+    if rows is None and train:
+        rows = HostRows(batch_size * shard_count, tuple(range(shard_index * batch_size, (shard_index + 1) * batch_size)))
     options = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=train)
     builder = _builder(data_cfg)
     _, lo, hi = _split_bounds(data_cfg, split, builder)
@@ -479,16 +488,22 @@ def make_iterator(
         # Every process shuffles the whole split with the same seed and cuts the same global batches; each reads
         # only its slice of every global batch. The global batch (and its augmentation) is therefore the same for
         # any number of processes, so a run's losses do not depend on how many hosts feed it.
-        global_batch = batch_size * shard_count
-        if n < global_batch:
+        assert rows is not None
+        if n < rows.global_batch:
             raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} has {n} records, fewer than one global '
-                             f'batch of {global_batch} ({batch_size} per process x {shard_count} processes).')
+                             f'batch of {rows.global_batch} (rows {rows} in this process).')
         reader = _records(data_cfg, split, 0, n, builder=builder)
         positions = grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)  # epoch e reshuffles
-        offset = shard_index * batch_size
-        ds = (positions.batch(global_batch, drop_remainder=True)
-              .map(_Slice(offset, offset + batch_size))
-              .map_with_index(_ReadBatch(reader, transform, train, seed, offset, global_batch)))
+        ds = (positions.batch(rows.global_batch, drop_remainder=True)
+              .map(_Slice(rows.rows))
+              .map_with_index(_ReadBatch(reader, transform, train, seed, rows.rows, rows.global_batch)))
+    elif rows is not None:
+        # Global batches of the split in order, the last padded; every process reads its rows of each.
+        padded = math.ceil(n / rows.global_batch) * rows.global_batch
+        reader = _records(data_cfg, split, 0, n, pad_to=padded, builder=builder)
+        ds = (grain.MapDataset.range(padded).batch(rows.global_batch, drop_remainder=False)
+              .map(_Slice(rows.rows))
+              .map_with_index(_ReadBatch(reader, transform, train, seed, rows.rows, rows.global_batch)))
     else:
         start, stop = shard_range(n, options)
         per_shard = math.ceil(n / shard_count)
@@ -496,7 +511,7 @@ def make_iterator(
         reader = _records(data_cfg, split, start, stop, pad_to=padded, builder=builder)
         positions = grain.MapDataset.range(padded)
         ds = (positions.batch(batch_size, drop_remainder=False)
-              .map_with_index(_ReadBatch(reader, transform, train, seed, 0, batch_size)))
+              .map_with_index(_ReadBatch(reader, transform, train, seed, range(batch_size), batch_size)))
     ds = ds.map(tokenize)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(data_cfg.read_threads), prefetch_buffer_size=int(data_cfg.prefetch_buffer_size)))
@@ -506,15 +521,107 @@ def make_iterator(
 
 
 # ------------------------------------------------------------- multi-host
+@dataclasses.dataclass(frozen=True)
+class HostRows:
+    """The rows of every global batch of `global_batch` examples that one process loads (sorted, distinct)."""
+
+    global_batch: int
+    rows: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def __str__(self) -> str:
+        """'0:3', or '0:1,8:9' for rows in several ranges."""
+        ranges, start = [], self.rows[0]
+        for prev, row in zip(self.rows, self.rows[1:] + (None,)):
+            if row is None or row != prev + 1:
+                ranges.append(f'{start}:{prev + 1}')
+                start = row
+        return ','.join(ranges)
+
+    def local_slice(self, start: int, stop: int) -> slice:
+        """Global rows [start, stop) (all held here) -> their positions in this process's local batch."""
+        local = int(np.searchsorted(self.rows, start))
+        if stop <= start or self.rows[local:local + stop - start] != tuple(range(start, stop)):
+            raise ValueError(f'A local device needs rows {start}:{stop} but this process loaded rows {self} of the '
+                             f'global batch of {self.global_batch}.')
+        return slice(local, local + stop - start)
+
+
+def host_rows(
+    global_batch: int,
+    mesh: jax.sharding.Mesh,
+    batch_axes: tuple[str, ...] = ('data', 'fsdp'),
+    *,
+    process_index: int | None = None,
+) -> HostRows:
+    """The rows of a global batch that this process's devices hold when it is sharded over `batch_axes`.
+
+    With at least one example per process these are the process's own disjoint rows (not always adjacent: a
+    topology-aware TPU mesh may give a host's chips batch shards 0 and 8). On pods with more hosts
+    than examples per step (e.g. a batch of 64 on 128 hosts, where a model-parallel axis spans two hosts)
+    several processes hold the same rows: each loads them (every process cuts the same global batches) and
+    `make_global_batch` places them on its devices.
+
+    Args:
+      global_batch: examples per global batch.
+      mesh: the device mesh.
+      batch_axes: mesh axes the batch is split over (axes not in the mesh are skipped).
+      process_index: the process (default: this one).
+
+    Raises:
+      ValueError: see `rows_by_process`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    by_process = rows_by_process(global_batch, mesh, batch_axes)
+    if process_index not in by_process:
+        raise ValueError(f'Process {process_index} has no device in mesh {dict(mesh.shape)}.')
+    return by_process[process_index]
+
+
+def rows_by_process(
+    global_batch: int,
+    mesh: jax.sharding.Mesh,
+    batch_axes: tuple[str, ...] = ('data', 'fsdp'),
+    process_of: Any = None,
+) -> dict[int, HostRows]:
+    """`host_rows` of every process of the mesh (the AOT compile job reports it for a whole pod).
+
+    Args:
+      global_batch, mesh, batch_axes: as for `host_rows`.
+      process_of: device -> process index (default ``device.process_index``); lets tests emulate hosts.
+
+    Raises:
+      ValueError: the batch does not divide over the batch axes.
+    """
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    n_shards = math.prod(mesh.shape[a] for a in axes)
+    if global_batch < 1 or global_batch % n_shards:
+        raise ValueError(f'Global batch {global_batch} does not divide over the {n_shards} shards of mesh axes '
+                         f'{axes} (mesh {dict(mesh.shape)}).')
+    process_of = process_of or (lambda d: d.process_index)
+    held: dict[int, set[tuple[int, int]]] = {}
+    index_map = NamedSharding(mesh, PartitionSpec(axes)).devices_indices_map((global_batch,))
+    for device, index in index_map.items():
+        held.setdefault(process_of(device), set()).add(index[0].indices(global_batch)[:2])
+    return {process: HostRows(global_batch, tuple(sorted({r for a, b in ranges for r in range(a, b)})))
+            for process, ranges in sorted(held.items())}
+
+
 def make_global_batch(
     local_batch: dict[str, np.ndarray],
     mesh: jax.sharding.Mesh,
     batch_axes: tuple[str, ...] = ('data', 'fsdp'),
+    rows: HostRows | None = None,
 ) -> dict[str, jax.Array]:
     """Per-process batches -> global arrays sharded on the leading dim over `batch_axes`.
 
-    Axes of `batch_axes` that the mesh does not have are skipped. The global batch
-    is inferred by JAX (the concatenation of the processes' batches).
+    Axes of `batch_axes` that the mesh does not have are skipped. Without `rows` the global batch is inferred by
+    JAX (the concatenation of the processes' disjoint batches); with `rows` (from :func:`host_rows`) the local
+    batch holds those rows of the global batch and every local device takes its shard from them, which also
+    works when processes share rows.
 
     Raises:
       ValueError: no batch axis in the mesh, or a batch that does not divide
@@ -530,6 +637,14 @@ def make_global_batch(
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
+        if rows is not None:
+            if value.shape[0] != rows.size:
+                raise ValueError(f'Batch field {key!r}: {value.shape[0]} rows, expected rows {rows} of the global '
+                                 f'batch of {rows.global_batch}.')
+            out[key] = jax.make_array_from_callback(
+                (rows.global_batch, *value.shape[1:]), sharding,
+                lambda index, value=value: value[_local_rows(index, rows)])
+            continue
         global_rows = value.shape[0] * jax.process_count()
         if value.shape[0] == 0 or global_rows % n_shards:
             raise ValueError(
@@ -537,6 +652,12 @@ def make_global_batch(
                 f'does not divide over {n_shards} shards of mesh axes {axes} ({len(local_devices)} local devices).')
         out[key] = jax.make_array_from_process_local_data(sharding, value)
     return out
+
+
+def _local_rows(index: tuple[slice, ...], rows: HostRows) -> tuple[slice, ...]:
+    """A device's index into the global batch -> the same rows of this process's local batch."""
+    start, stop, _ = index[0].indices(rows.global_batch)
+    return (rows.local_slice(start, stop), *index[1:])
 
 
 # -------------------------------------------------------------------- Orbax

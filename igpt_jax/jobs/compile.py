@@ -40,6 +40,7 @@ from absl import logging
 from etils import epath
 
 from igpt_jax import optim, sharding, train
+from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.model import ModelConfig, count_params
 
 GIB = 1024**3
@@ -223,6 +224,10 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         raise ValueError(f"train.grad_accum_steps={accum} must divide train.batch_size={global_batch} into "
                          f"micro-batches divisible by the data-parallel size {dp}")
 
+    # ---------------------------------------------------------------- input: the rows each host loads per step
+    host_rows = data_pipeline.rows_by_process(global_batch, mesh, sharding.batch_axes(rules))
+    row_ranges = collections.Counter(r.rows for r in host_rows.values())
+
     # ---------------------------------------------------------------- optimizer and abstract state (no data read)
     warmup = optim.warmup_steps_for(train_cfg, int(compile_cfg.steps_per_epoch))
     schedule = optim.learning_rate_schedule(train_cfg.lr, warmup_steps=warmup, total_steps=int(train_cfg.num_steps),
@@ -242,6 +247,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         "batch_axes": list(sharding.batch_axes(rules)),
         "global_batch": global_batch, "seq_len": seq_len, "grad_accum_steps": accum,
         "examples_per_host": global_batch / facts["hosts"],
+        "input": {"processes": len(host_rows),
+                  "rows_per_process": max(r.size for r in host_rows.values()),
+                  "processes_per_row": max(row_ranges.values())},
         "model": {"n_layer": model_cfg.n_layer, "d_model": model_cfg.d_model, "n_head": model_cfg.n_head,
                   "n_ctx": model_cfg.n_ctx, "vocab_size": model_cfg.vocab_size, "remat": model_cfg.remat,
                   "attention": model_cfg.attention, "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
@@ -331,8 +339,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"  model           {r['params']:,} parameters; {r['model']['n_layer']} layers, width {r['model']['d_model']}, "
         f"{r['model']['n_head']} heads, context {r['model']['n_ctx']}; remat {r['model']['remat']}, attention "
         f"{r['model']['attention']}, compute {r['model']['dtype']}, params {r['model']['param_dtype']}",
-        f"  batch           {r['global_batch']} x {r['seq_len']} tokens ({r['examples_per_host']:g} examples per "
-        f"host), {r['grad_accum_steps']} micro-batch(es)",
+        f"  batch           {r['global_batch']} x {r['seq_len']} tokens, {r['grad_accum_steps']} micro-batch(es)",
         "  per device:",
         f"    parameters      {gib(m['params_bytes'])}   (of {m['params_bytes_global'] / GIB:.2f} GiB)",
         f"    optimizer state {gib(m['opt_state_bytes'])}   (of {m['opt_state_bytes_global'] / GIB:.2f} GiB)",
@@ -355,9 +362,11 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{f['peak_per_device']:.4g} FLOP/s);  a step of "
                      f"{f['model_per_step'] / (r['devices'] * f['peak_per_device']):.3g} s would be 100 %")
     lines.append(f"  compile time    {r['compile_seconds']:.1f} s (+ {r['lower_seconds']:.1f} s to lower) here")
-    if r["examples_per_host"] != int(r["examples_per_host"]):
-        lines.append(f"  note            global batch {r['global_batch']} over {r['hosts']} hosts: each host loads "
-                     "less than one example, so the input pipeline must give hosts shared examples")
+    inp = r["input"]
+    shared = (f"; each example loaded by {inp['processes_per_row']} hosts (a model axis spans them)"
+              if inp["processes_per_row"] > 1 else "")
+    lines.append(f"  input           each of {inp['processes']} hosts loads {inp['rows_per_process']} of the "
+                 f"{r['global_batch']} examples per step{shared}")
     return "\n".join(lines)
 
 

@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         out_shardings=sharding.replicated(loaded.mesh),
     )
     with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-        val = pretrain.evaluate(eval_fn, loaded.params, data_cfg, split, batch_size=global_batch // jax.process_count(),
+        val = pretrain.evaluate(eval_fn, loaded.params, data_cfg, split, global_batch=global_batch,
                                 mesh=loaded.mesh, rules=loaded.rules, rng=jax.random.key(int(config.seed)),
                                 palette=loaded.palette)
     tokens_per_image = data_cfg.resolution**2

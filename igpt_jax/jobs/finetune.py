@@ -179,13 +179,14 @@ class Evaluator:
             out_shardings=sharding.replicated(mesh))
 
     def accuracy(self, params: Any, split: str) -> dict[str, float]:
-        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=self.batch_size // jax.process_count(),
-                                         train=False, seed=0, palette=self.palette)
+        rows = data_pipeline.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
+        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
+                                         palette=self.palette, rows=rows)
         preds, labels, masks = [], [], []
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for local in it:
                 batch = data_pipeline.make_global_batch({k: local[k] for k in ("tokens", "label", "mask", "index")},
-                                                        self.mesh, sharding.batch_axes(self.rules))
+                                                        self.mesh, sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(self.fn(params, batch))
                 preds.append(out["predictions"])
                 labels.append(out["label"])
@@ -303,7 +304,8 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
                                             total_steps=num_steps, kind="constant")
     tx = optim.make_optimizer(config.train, schedule)
     layout = state_layout(model_cfg, num_classes, tx, mesh, rules)
-    train_iter = data_pipeline.make_iterator(config.data, "train", batch_size=batch_size // jax.process_count(),
+    train_rows = data_pipeline.host_rows(batch_size, mesh, sharding.batch_axes(rules))
+    train_iter = data_pipeline.make_iterator(config.data, "train", batch_size=train_rows.size, rows=train_rows,
                                              train=True, seed=config.seed, palette=palette)
     base_rng = jax.random.key(config.seed)
     if latest is not None:
@@ -379,7 +381,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         while step < num_steps and not stopped_early():
             batch = data_pipeline.make_global_batch(
                 {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
-                sharding.batch_axes(rules))
+                sharding.batch_axes(rules), train_rows)
             state, metrics = step_fn(state, batch)
             step += 1
             log.add(step, metrics)

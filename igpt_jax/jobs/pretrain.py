@@ -114,15 +114,18 @@ class RunLog:
             self.writer.close()
 
 
-def evaluate(eval_fn, params, data_cfg, split: str, *, batch_size: int, mesh, rules, rng, max_batches: int = 0,
+def evaluate(eval_fn, params, data_cfg, split: str, *, global_batch: int, mesh, rules, rng, max_batches: int = 0,
              palette=None) -> dict[str, float]:
-    """Exact mean NLL (nats and bits per token) over a split (or its first `max_batches` batches)."""
-    it = data_pipeline.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0, palette=palette)
+    """Exact mean NLL (nats and bits per token) over a split (or its first `max_batches` global batches, the same
+    examples for any number of processes)."""
+    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
+    it = data_pipeline.make_iterator(data_cfg, split, batch_size=rows.size, train=False, seed=0, palette=palette,
+                                     rows=rows)
     nll_sum, count = 0.0, 0.0
     for i, local in enumerate(it):
         if max_batches and i >= max_batches:
             break
-        batch = data_pipeline.make_global_batch(local, mesh, sharding.batch_axes(rules))
+        batch = data_pipeline.make_global_batch(local, mesh, sharding.batch_axes(rules), rows)
         out = jax.device_get(eval_fn(params, batch, jax.random.fold_in(rng, i)))
         nll_sum += float(out["nll_sum"])
         count += float(out["count"])
@@ -169,16 +172,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             f"train.grad_accum_steps={accum} must divide train.batch_size={global_batch} into micro-batches "
             f"divisible by the data-parallel size {sharding.data_parallel_size(mesh, rules)}"
         )
-    local_batch = global_batch // jax.process_count()
-    logging.info("mesh %s on %d devices (%d processes); global batch %d", dict(mesh.shape), mesh.size,
-                 jax.process_count(), global_batch)
+    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
+    logging.info("mesh %s on %d devices (%d processes); global batch %d, rows %s in this process",
+                 dict(mesh.shape), mesh.size, jax.process_count(), global_batch, rows)
 
     # ---------------------------------------------------------------- input pipeline
     palette = data_pipeline.load_or_fit_palette(data_cfg)
     n_train = data_pipeline.num_examples(data_cfg, "train")
     steps_per_epoch = max(1, n_train // global_batch)
     train_iter = data_pipeline.make_iterator(
-        data_cfg, "train", batch_size=local_batch, train=True, seed=config.seed, palette=palette
+        data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed, palette=palette, rows=rows
     )
     batch_shardings = sharding.batch_sharding(mesh, rules)  # a prefix: every batch field splits its leading dim
 
@@ -232,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             step = start_step
             while step < num_steps:
-                batch = data_pipeline.make_global_batch(next(train_iter), mesh, sharding.batch_axes(rules))
+                batch = data_pipeline.make_global_batch(next(train_iter), mesh, sharding.batch_axes(rules), rows)
                 state, metrics = step_fn(state, batch)
                 step += 1
                 log.add(step, metrics)
@@ -244,7 +247,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                     log.flush(last_good=ckpt.latest_step(), directory=ckpt.directory)  # raises on NaN/Inf
                 if evaluate_now:
                     val = evaluate(eval_fn, state.params, data_cfg, "validation",
-                                   batch_size=eval_batch // jax.process_count(), mesh=mesh, rules=rules, rng=eval_rng,
+                                   global_batch=eval_batch, mesh=mesh, rules=rules, rng=eval_rng,
                                    max_batches=train_cfg.eval_batches, palette=palette)
                     log.validation(step, val)
                     result["val_loss"] = val["nll"]

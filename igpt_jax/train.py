@@ -9,7 +9,6 @@ abstract state is Orbax's restore target, on any mesh.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -156,8 +155,8 @@ def jitted_train_step(
     accum_steps: int = 1,
 ):
     """`train_step` under `jax.jit` as ``(state, batch, base_rng) -> (state, metrics)``: the state's and batch's
-    shardings, the state donated. `jit_train_step` binds the key for the pretraining loop; the compile job lowers
-    this same function ahead of time for a described TPU topology."""
+    shardings, the state donated. The pretraining loop runs it; the compile job lowers this same function ahead of
+    time for a described TPU topology."""
     return jax.jit(
         lambda state, batch, rng: train_step(
             state, batch, model_cfg=model_cfg, tx=tx, schedule=schedule, base_rng=rng, accum_steps=accum_steps
@@ -167,21 +166,6 @@ def jitted_train_step(
         donate_argnums=0,
     )
 
-
-def jit_train_step(
-    model_cfg: ModelConfig,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    layout: StateLayout,
-    batch_shardings: NamedSharding | dict[str, NamedSharding],
-    mesh: Mesh,
-    *,
-    base_rng: jax.Array,
-    accum_steps: int = 1,
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """`train_step` jitted with the state's and batch's shardings, the state donated."""
-    step = jitted_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh, accum_steps=accum_steps)
-    return lambda state, batch: step(state, batch, base_rng)
 
 
 def jit_eval_step(model_cfg: ModelConfig, layout: StateLayout, batch_shardings, mesh: Mesh):

@@ -217,8 +217,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     start_step = int(jax.device_get(state.step))
 
     # ---------------------------------------------------------------- steps
-    step_fn = train.jit_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh,
-                                   base_rng=jax.random.fold_in(base_rng, 2), accum_steps=accum)
+    step_fn = train.jitted_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh, accum_steps=accum)
+    step_rng = jax.random.fold_in(base_rng, 2)
     eval_fn = train.jit_eval_step(model_cfg, layout, batch_shardings, mesh)
     eval_batch = int(train_cfg.eval_batch_size or global_batch)
     eval_rng = jax.random.fold_in(base_rng, 3)
@@ -236,7 +236,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             step = start_step
             while step < num_steps:
                 batch = data_pipeline.make_global_batch(next(train_iter), mesh, sharding.batch_axes(rules), rows)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch, step_rng)
                 step += 1
                 log.add(step, metrics)
                 stop = watcher.should_stop(step)

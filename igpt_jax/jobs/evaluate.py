@@ -31,9 +31,9 @@ from etils import epath
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import sharding, train
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import pretrain
 from igpt_jax.model import ModelConfig, abstract_params
 from igpt_jax.palette import Palette
+from igpt_jax.validation import evaluate as evaluate_split
 
 # minGPT's CIFAR-10 image demo (../shared/REFERENCE.md): best test loss, nats per token, 512-colour palette.
 MINGPT_CIFAR10_NATS = 2.0378
@@ -149,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         out_shardings=sharding.replicated(loaded.mesh),
     )
     with jax.set_mesh(loaded.mesh), nn.logical_axis_rules(loaded.rules):
-        val = pretrain.evaluate(eval_fn, loaded.params, data_cfg, split, global_batch=global_batch,
+        val = evaluate_split(eval_fn, loaded.params, data_cfg, split, global_batch=global_batch,
                                 mesh=loaded.mesh, rules=loaded.rules, rng=jax.random.key(int(config.seed)),
                                 palette=loaded.palette)
     tokens_per_image = data_cfg.resolution**2

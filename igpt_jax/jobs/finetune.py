@@ -37,10 +37,10 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
 from igpt_jax import linear_probe, objectives, optim, sharding
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import pretrain
 from igpt_jax.jobs.probe import jsonable
 from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
 from igpt_jax.palette import Palette
+from igpt_jax.run_log import PreemptionWatcher, RunLog
 
 OBJECTIVES = ("gen+clf", "clf")
 INITS = ("pretrained", "random")
@@ -340,10 +340,10 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     closers.append(best_ckpt.close)
 
     start_step = int(jax.device_get(state.step))
-    log = pretrain.RunLog(workpath, num_steps=num_steps, start_step=start_step,
+    log = RunLog(workpath, num_steps=num_steps, start_step=start_step,
                           tokens_per_step=batch_size * config.data.resolution**2, local="://" not in run_dir)
     closers.append(log.close)
-    watcher = pretrain.PreemptionWatcher(stop_at_step)
+    watcher = PreemptionWatcher(stop_at_step)
     closers.append(watcher.close)
     patience = int(fcfg.patience)
     result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}

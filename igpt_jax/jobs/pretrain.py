@@ -1,18 +1,13 @@
 """The pretraining job: palette tokens -> global sharded batches -> train step -> Orbax.
 
 Resumes from the workdir's latest checkpoint (state, data position), says so and exits 0 when the run is already
-finished, stops with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM (preemption) saves
-the current step and exits cleanly.
+finished, stops with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM (preemption) or SIGINT
+(Ctrl-C) saves the current step and exits cleanly.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import signal
-import threading
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -20,117 +15,15 @@ import jax
 import ml_collections
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.metric_writers import ProgressLogger, TensorBoardWriter
 from igpt_jax.model import ModelConfig, count_params
+from igpt_jax.run_log import PreemptionWatcher, RunLog
+from igpt_jax.validation import evaluate
 
 FINISHED_MARKER = "FINISHED"
-
-
-class PreemptionWatcher:
-    """Turns SIGTERM into a request to checkpoint and stop, agreed on by all processes at the same step."""
-
-    def __init__(self, stop_at_step: int | None = None) -> None:
-        self._stop_at_step = stop_at_step  # behaves as if SIGTERM arrived at this step (tests, drills)
-        self._requested = threading.Event()
-        self._previous = None
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        logging.warning("SIGTERM received: saving a checkpoint at the current step, then exiting")
-        self._requested.set()
-
-    def should_stop(self, step: int) -> bool:
-        if self._stop_at_step is not None and step >= self._stop_at_step:
-            return True
-        if jax.process_count() > 1:
-            # JAX's preemption service catches SIGTERM on every host and agrees on a common step.
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._requested.is_set()
-
-    def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-class RunLog:
-    """The run's metrics: progress lines, TensorBoard, and ``metrics.jsonl`` (local workdirs), from process 0.
-
-    Metrics stay on the device until a flush, so logging never stalls the step pipeline; a flush fetches every
-    pending step, raises on the first non-finite loss, and records them all.
-    """
-
-    def __init__(self, workpath: epath.Path, *, num_steps: int, start_step: int, tokens_per_step: int, local: bool):
-        primary = jax.process_index() == 0
-        self.progress = ProgressLogger(num_steps, start_step=start_step, tokens_per_step=tokens_per_step)
-        self.writer = TensorBoardWriter(str(workpath / "tensorboard")) if primary else None
-        self.metrics_file = workpath / "metrics.jsonl" if primary and local else None
-        self.pending: list[tuple[int, Any]] = []
-        self.history: list[dict[str, float]] = []
-
-    def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-        self.pending.append((step, metrics))
-
-    def flush(self, *, last_good: int | None, directory) -> None:
-        fetched = jax.device_get(self.pending)
-        self.pending = []
-        records = []
-        for step, metrics in fetched:
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                where = f"step {last_good} in {directory}" if last_good is not None else "none saved yet"
-                raise FloatingPointError(f"loss is {loss} at step {step}; stopping. Last good checkpoint: {where}")
-            records.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
-        if not records:
-            return
-        self.history.extend(records)
-        self._append(records)
-        last = records[-1]
-        self.progress.log(last["step"], last)
-        if self.writer:
-            self.writer.scalars(last["step"], {f"train/{k}": v for k, v in last.items() if k != "step"})
-
-    def validation(self, step: int, val: dict[str, float]) -> None:
-        logging.info("step %d: validation loss %.4f nats/token (%.4f bits/token) over %d tokens", step, val["nll"],
-                     val["bits_per_token"], int(val["tokens"]))
-        self._append([{"step": step, "val_loss": val["nll"], "val_bits_per_token": val["bits_per_token"]}])
-        if self.history and self.history[-1]["step"] == step:
-            self.history[-1]["val_loss"] = val["nll"]
-        if self.writer:
-            self.writer.scalars(step, {"val/loss": val["nll"], "val/bits_per_token": val["bits_per_token"]})
-
-    def _append(self, records: list[dict[str, float]]) -> None:
-        if self.metrics_file is not None:
-            with open(self.metrics_file, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-
-
-def evaluate(eval_fn, params, data_cfg, split: str, *, global_batch: int, mesh, rules, rng, max_batches: int = 0,
-             palette=None) -> dict[str, float]:
-    """Exact mean NLL (nats and bits per token) over a split (or its first `max_batches` global batches, the same
-    examples for any number of processes)."""
-    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
-    it = data_pipeline.make_iterator(data_cfg, split, batch_size=rows.size, train=False, seed=0, palette=palette,
-                                     rows=rows)
-    nll_sum, count = 0.0, 0.0
-    for i, local in enumerate(it):
-        if max_batches and i >= max_batches:
-            break
-        batch = data_pipeline.make_global_batch(local, mesh, sharding.batch_axes(rules), rows)
-        out = jax.device_get(eval_fn(params, batch, jax.random.fold_in(rng, i)))
-        nll_sum += float(out["nll_sum"])
-        count += float(out["count"])
-    nats = nll_sum / max(count, 1.0)
-    return {"nll": nats, "bits_per_token": nats / math.log(2), "tokens": count}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None
@@ -256,7 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                 if stop and not final:
                     ckpt.wait()
                     logging.warning("preempted: checkpoint saved at step %d; exiting", step)
-                    print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
+                    print(f"Stopped by {watcher.signal_name} at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
                     result.update(step=step, preempted=True, history=log.history)
                     return result
         ckpt.wait()

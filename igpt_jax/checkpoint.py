@@ -7,24 +7,102 @@ A checkpoint step holds four items, so that probe, fine-tune and sampling jobs n
   * ``palette``: the colour palette the tokens were made with.
 
 Saves are asynchronous by default and atomic: a crash or kill at any moment leaves the previous complete step
-restorable (Orbax writes into a temporary directory and renames it when complete).
+restorable (Orbax writes into a temporary directory and renames it when complete). A step that is complete but
+cannot be read back (a truncated or deleted file) is found by `Checkpointer.restore_newest_readable`: it names the
+step, item and file in one line, moves the step to ``{workdir}/checkpoints_unreadable/`` (never deletes it) and
+falls back to the newest step that restores.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from igpt_jax.data import pipeline as data_pipeline
 
 STATE, DATA, CONFIG, PALETTE = "state", "data", "config", "palette"
+UNREADABLE_DIR = "checkpoints_unreadable"  # next to checkpoints/, outside Orbax's step discovery
+
+
+class UnreadableCheckpoint(Exception):
+    """A checkpoint step whose item could not be read back."""
+
+    def __init__(self, step: int, item: str, detail: str):
+        super().__init__(f"checkpoint step {step} is unreadable ({item}: {detail})")
+        self.step, self.item, self.detail = step, item, detail
+
+
+def _short_error(err: BaseException) -> str:
+    """The innermost cause of a restore error, on one line, without TensorStore's JSON spec."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    text = re.sub(r"\s*\[tensorstore_spec.*", "", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    return text[:300]
+
+
+class _DropClosedLoopTracebacks:
+    """Wraps sys.stderr to drop the "RuntimeError: Event loop is closed" tracebacks that TensorStore's pending reads
+    print after a failed restore (their asyncio loop is gone); every other line passes through unchanged.
+
+    Lines are collected per thread; a thread's traceback is held until its last line shows which exception it was.
+    """
+
+    NOISE = "RuntimeError: Event loop is closed"
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._partial: dict[int, str] = {}
+        self._held: dict[int, list[str]] = {}
+
+    def write(self, text: str) -> int:
+        tid = threading.get_ident()
+        buf = self._partial.get(tid, "") + text
+        *lines, self._partial[tid] = buf.split("\n")
+        for line in lines:
+            self._line(tid, line + "\n")
+        return len(text)
+
+    def _line(self, tid: int, line: str) -> None:
+        held = self._held.get(tid)
+        if held is None:
+            if line.startswith("Traceback (most recent call last)"):
+                self._held[tid] = [line]
+            else:
+                self.stream.write(line)
+            return
+        held.append(line)
+        if not line[:1].isspace() and not line.startswith("Traceback"):  # the exception line ends the traceback
+            del self._held[tid]
+            if line.rstrip() != self.NOISE:
+                self.stream.write("".join(held))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+class _DropUnretrievedFutures(std_logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" records of the same failed restore."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Future exception was never retrieved")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -51,6 +129,94 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def missing_files(self, step: int, items: tuple[str, ...]) -> tuple[str, str] | None:
+        """(item, path) of the first file that a step's `items` cannot be restored without, or None."""
+        step_dir = self.directory / str(step)
+        for item in items:
+            if not (step_dir / item).exists():
+                return item, str(step_dir / item)
+            required = {
+                STATE: ["_METADATA"] + (["manifest.ocdbt"] if any(
+                    p.name.startswith("ocdbt.process_") for p in (step_dir / STATE).iterdir()) else []),
+                DATA: [f"process_{jax.process_index()}-of-{jax.process_count()}.json"],
+            }.get(item, ["metadata"])
+            for name in required:
+                if not (step_dir / item / name).exists():
+                    return item, str(step_dir / item / name)
+        return None
+
+    def restore_newest_readable(self, abstract_state: Any, *, data_iterator: Any = None,
+                                check_config: Callable[[int, ml_collections.ConfigDict], None] | None = None
+                                ) -> tuple[int | None, Any]:
+        """Restores the newest step that reads back: (step, state), or (None, None) when none does.
+
+        A step that fails is named in one warning line (item and file or error), moved to
+        ``{workdir}/checkpoints_unreadable/{step}-{time}`` and the previous step is tried. `check_config(step,
+        config)` sees each step's stored config before its state is restored; what it raises (a refused config
+        change) is not a fault of the checkpoint and propagates.
+        """
+        items = (CONFIG, STATE) + ((DATA,) if data_iterator is not None else ())
+        while (steps := self.all_steps()):
+            step = steps[-1]
+            try:
+                state = self._restore_checked(step, items, abstract_state, data_iterator, check_config)
+                failure = None
+            except UnreadableCheckpoint as err:
+                failure = err
+            if jax.process_count() > 1:  # every process falls back if any failed (e.g. its own data file)
+                failed = multihost_utils.process_allgather(np.int32(failure is not None))
+                if failure is None and failed.any():
+                    failure = UnreadableCheckpoint(step, "another process", "it could not restore this step")
+            if failure is None:
+                return step, state
+            self._quiet_restore_noise()
+            moved = self._move_aside(step)
+            older = [s for s in steps if s < step]
+            logging.warning("%s; moved it to %s; %s", failure, moved,
+                            f"resuming from step {older[-1]}" if older else "no older step: starting from scratch")
+        return None, None
+
+    def _restore_checked(self, step, items, abstract_state, data_iterator, check_config) -> Any:
+        missing = self.missing_files(step, items)
+        if missing is not None:
+            raise UnreadableCheckpoint(step, missing[0], f"{missing[1]} is missing")
+        try:
+            stored = self.restore_config(step)
+        except Exception as err:  # noqa: BLE001 -- any failure to read the step is a fault of the step
+            raise UnreadableCheckpoint(step, CONFIG, _short_error(err)) from None
+        if check_config is not None:
+            check_config(step, stored)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(
+                abstract_state)}))
+        except Exception as err:  # noqa: BLE001
+            raise UnreadableCheckpoint(step, STATE, _short_error(err)) from None
+        if data_iterator is not None:
+            try:
+                self.manager.restore(step, args=ocp.args.Composite(
+                    **{DATA: data_pipeline.iterator_restore_args(data_iterator)}))
+            except Exception as err:  # noqa: BLE001
+                raise UnreadableCheckpoint(step, DATA, _short_error(err)) from None
+        return restored[STATE]
+
+    def _move_aside(self, step: int) -> epath.Path:
+        target = self.directory.parent / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moved aside unreadable checkpoint {step}")
+        self.manager.reload()
+        return target
+
+    def _quiet_restore_noise(self) -> None:
+        """From the first failed restore on, hides the tracebacks its abandoned TensorStore reads print."""
+        if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+            sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
+        asyncio_logger = std_logging.getLogger("asyncio")
+        if not any(isinstance(f, _DropUnretrievedFutures) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_DropUnretrievedFutures())
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 200
     c.checkpoint.max_to_keep = 3
     c.checkpoint.async_save = True
+    c.checkpoint.allow_changes = False  # resuming with changed train.* settings (lr, schedule, ...); see config_changes
     c.checkpoint.step = -1  # jobs that read a checkpoint: -1 = latest
     c.checkpoint.source_workdir = ""  # probe/finetune/sample/evaluate: the pretraining run's workdir
 

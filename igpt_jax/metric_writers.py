@@ -1,18 +1,15 @@
-"""Metric sinks for training: TensorBoard event files and a one-line progress logger.
+"""Metric sinks for training: TensorBoard event files (tensorboardX) and a one-line progress logger.
 
-`TensorBoardWriter` writes TensorBoard event files without TensorFlow, tensorboardX or clu: every record is an
-`Event` protobuf encoded by hand (only the handful of fields a scalar needs) and framed as a TFRecord
-(length, masked CRC32C of the length, payload, masked CRC32C of the payload). The files are read by the stock
-TensorBoard (`tensorboard --logdir ...`) and by `tf.compat.v1.train.summary_iterator`.
+`TensorBoardWriter` writes scalar events with tensorboardX's event writer (its protobufs, CRC32C and record framing;
+no TensorFlow), synchronously, so that `flush()` puts every scalar written so far on disk (the pretraining job flushes
+at each checkpoint). Each writer starts its own event file; `drop_events_after(logdir, step)` rewrites the event
+files of a directory without the events after a step, which a resumed run calls so that TensorBoard sees every
+step once (the steps a killed run logged after its last checkpoint are redone by the resumed run).
 
-Storage:
-  * Local paths are written with plain Python file I/O: one file opened once, records appended, `flush()` flushes
-    the OS buffer.
-  * URL paths (`gs://bucket/...`, any `scheme://`) go through `etils.epath`. Object stores cannot append, so the
-    writer keeps the current file's bytes in memory and REWRITES the whole object on every `flush()`; the object
-    only ever grows by appending, so TensorBoard's incremental reader sees ordinary appends. To bound the cost of
-    a rewrite, once a file holds `max_file_bytes` the writer rolls over to a new event file (a new name that sorts
-    after the old one; TensorBoard reads all event files of a directory in name order).
+Storage: local paths are appended to. ``gs://`` paths go through `etils.epath` (what Orbax uses): object stores
+cannot append, so the file's bytes are kept in memory and the object is rewritten on every flush (it only grows, so
+TensorBoard's incremental reader sees ordinary appends). tensorboardX's own ``s3://`` writer (needs boto3) is kept.
+Reading event files back (`drop_events_after`) uses TensorBoard's reader.
 
 Only process 0 of a multi-host job should create a writer (the caller's concern).
 
@@ -23,226 +20,93 @@ Only process 0 of a multi-host job should create a writer (the caller's concern)
 
 from __future__ import annotations
 
+import io
 import itertools
 import logging
 import math
 import os
-import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
+from tensorboardX import record_writer
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2, summary_pb2
+
 __all__ = [
     "TensorBoardWriter",
     "ProgressLogger",
+    "drop_events_after",
     "format_duration",
     "write_scalars",
-    "crc32c",
-    "masked_crc32c",
 ]
 
-
-# --------------------------------------------------------------------------------------------------------------
-# CRC32C (Castagnoli) and TFRecord framing.
-# --------------------------------------------------------------------------------------------------------------
+EVENT_FILE_MARK = "tfevents"  # TensorBoard reads the files of a directory whose names contain this
 
 
-def _make_crc32c_table() -> tuple[int, ...]:
-    poly = 0x82F63B78  # Reflected Castagnoli polynomial.
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-        table.append(crc)
-    return tuple(table)
+class _EpathRecordFile:
+    """A file object for tensorboardX's record writer on an object store: rewrites the whole object on flush."""
 
+    def __init__(self, path: str):
+        from etils import epath  # noqa: PLC0415
 
-_CRC32C_TABLE = _make_crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli) of `data`; pure Python, fine for the few KB/s a metric stream produces."""
-    crc = 0xFFFFFFFF
-    table = _CRC32C_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-    """The masked CRC that TFRecord stores: rotate right by 15 bits, add a constant."""
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tfrecord(payload: bytes) -> bytes:
-    length = struct.pack("<Q", len(payload))
-    return (
-        length
-        + struct.pack("<I", masked_crc32c(length))
-        + payload
-        + struct.pack("<I", masked_crc32c(payload))
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Hand-rolled protobuf encoding of the Event fields we need.
-#
-#   Event:          wall_time (1, double), step (2, int64), file_version (3, string), summary (5, Summary)
-#   Summary:        value (1, repeated Summary.Value)
-#   Summary.Value:  tag (1, string), simple_value (2, float)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    value &= 0xFFFFFFFFFFFFFFFF  # int64 two's complement: negative numbers take 10 bytes, as in protobuf.
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _encode_event(wall_time: float, *, step: int | None = None, file_version: str | None = None,
-                  summary: bytes | None = None) -> bytes:
-    out = _key(1, 1) + struct.pack("<d", wall_time)
-    if step is not None:
-        out += _key(2, 0) + _varint(int(step))
-    if file_version is not None:
-        out += _length_delimited(3, file_version.encode("utf-8"))
-    if summary is not None:
-        out += _length_delimited(5, summary)
-    return out
-
-
-def _encode_scalar_summary(values: Mapping[str, float]) -> bytes:
-    out = b""
-    for tag, value in values.items():
-        entry = _length_delimited(1, str(tag).encode("utf-8")) + _key(2, 5) + struct.pack("<f", float(value))
-        out += _length_delimited(1, entry)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sinks: append to a local file, or rewrite an object-store object.
-# --------------------------------------------------------------------------------------------------------------
-
-_FILE_COUNTER = itertools.count()
-
-
-def _event_file_name() -> str:
-    # Same pattern as TensorFlow's writer: events.out.tfevents.<time>.<host>.<pid>.<uid>. The pid and a process-wide
-    # counter keep two writers started in the same second (or a rollover) from clobbering each other.
-    return f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_FILE_COUNTER)}"
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
-class _LocalSink:
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        self.path = os.path.join(logdir, _event_file_name())
-        self._file = open(self.path, "ab")  # noqa: SIM115 -- closed in close().
-
-    def write(self, record: bytes) -> None:
-        self._file.write(record)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _RewriteSink:
-    """For stores without append (GCS): keep the file's bytes, rewrite the object on flush, roll over at a size."""
-
-    def __init__(self, logdir: Any, header: Callable[[], bytes], max_file_bytes: int):
-        from etils import epath
-
-        self._dir = epath.Path(logdir)
-        self._dir.mkdir(parents=True, exist_ok=True)
-        self._header = header
-        self._max_file_bytes = max_file_bytes
-        self._open_new_file()
-
-    def _open_new_file(self) -> None:
-        self.path = self._dir / _event_file_name()
-        self._buffer = bytearray(self._header())
+        self._path = epath.Path(path)
+        self._buffer = io.BytesIO()
         self._dirty = True
 
-    def write(self, record: bytes) -> None:
-        self._buffer += record
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
         self._dirty = True
 
     def flush(self) -> None:
         if self._dirty:
-            self.path.write_bytes(bytes(self._buffer))
+            self._path.write_bytes(self._buffer.getvalue())
             self._dirty = False
-        if len(self._buffer) >= self._max_file_bytes:
-            self._open_new_file()
-            self._dirty = False  # Do not create an object holding only the header; it is written with the next data.
 
     def close(self) -> None:
-        pass  # The writer flushes before closing; nothing is held open.
+        self.flush()
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The writer.
-# --------------------------------------------------------------------------------------------------------------
+class _EpathRecordFileFactory:
+    def open(self, path: str) -> _EpathRecordFile:
+        return _EpathRecordFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no directories
+
+
+# gs:// through etils.epath instead of tensorboardX's google-cloud-storage writer (not a dependency here).
+record_writer.register_writer_factory("gs", _EpathRecordFileFactory())
+
+_FILE_COUNTER = itertools.count()
 
 
 class TensorBoardWriter:
-    """Writes scalar summaries to a TensorBoard event file in `logdir` (local path or `gs://...`).
+    """Writes scalar summaries to a new TensorBoard event file in `logdir` (local path or ``gs://...``).
 
     Args:
       logdir: directory for the event file; created if missing.
-      flush_secs: `scalars()` flushes by itself when this long has passed since the last flush (like TensorFlow's
-        writer). `flush()` / `close()` always flush.
-      rewrite_on_flush: keep the file in memory and rewrite it on flush instead of appending. Default (None): on for
-        URL paths (`gs://...`), off for local paths.
-      max_file_bytes: in rewrite mode, start a new event file once the current one is this large.
+      flush_secs: `scalars()` flushes by itself when this long has passed since the last flush. `flush()` and
+        `close()` always flush.
     """
 
-    def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0, rewrite_on_flush: bool | None = None,
-                 max_file_bytes: int = 4 << 20):
-        self.logdir = str(logdir)  # str() of a pathlib / epath path ('gs://...' stays a URL).
+    def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
+        self.logdir = str(logdir)  # str() of a pathlib / epath path ('gs://...' stays a URL)
+        record_writer.directory_check(self.logdir)
+        # tensorboardX names files events.out.tfevents.<time>.<host><suffix>; the pid and a counter keep two writers
+        # started in the same second (a quick resume) from writing the same file.
+        suffix = f".{os.getpid()}.{next(_FILE_COUNTER)}"
+        self._events = EventsWriter(os.path.join(self.logdir, "events") if "://" not in self.logdir
+                                    else self.logdir.rstrip("/") + "/events", suffix)
         self._flush_secs = flush_secs
-        if rewrite_on_flush is None:
-            rewrite_on_flush = _is_url(self.logdir)
-        if rewrite_on_flush:
-            self._sink: _LocalSink | _RewriteSink = _RewriteSink(self.logdir, self._header, max_file_bytes)
-        else:
-            self._sink = _LocalSink(self.logdir)
-            self._sink.write(self._header())
         self._closed = False
         self._last_flush = time.monotonic()
 
-    @staticmethod
-    def _header() -> bytes:
-        return _tfrecord(_encode_event(time.time(), file_version="brain.Event:2"))
-
     @property
     def path(self) -> str:
-        """The event file currently being written."""
-        return str(self._sink.path)
+        """The event file being written."""
+        return self._events._file_name  # noqa: SLF001 (tensorboardX keeps the name only there)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Writes one event holding every `tag -> value` (converted with `float()`: numpy / JAX scalars are fine)."""
@@ -250,22 +114,23 @@ class TensorBoardWriter:
             raise ValueError("TensorBoardWriter is closed")
         if not values:
             return
-        summary = _encode_scalar_summary(values)
-        self._sink.write(_tfrecord(_encode_event(time.time(), step=int(step), summary=summary)))
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=str(tag), simple_value=float(v)) for tag, v in values.items()])
+        self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
         if time.monotonic() - self._last_flush >= self._flush_secs:
             self.flush()
 
     def flush(self) -> None:
+        """Puts every event written so far on disk (local files are also fsync'ed)."""
         if self._closed:
             return
-        self._sink.flush()
+        self._events.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self._closed:
             return
-        self._sink.flush()
-        self._sink.close()
+        self._events.close()
         self._closed = True
 
     def __enter__(self) -> TensorBoardWriter:
@@ -273,6 +138,42 @@ class TensorBoardWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def drop_events_after(logdir: str, step: int) -> int:
+    """Rewrites the event files in `logdir` without the events of steps after `step`; returns how many it dropped.
+
+    A run resumed from the checkpoint of `step` calls this before writing, so that the steps it redoes appear once.
+    Each file is rewritten next to itself and renamed over (local paths), so a kill leaves the old or the new file.
+    """
+    from etils import epath  # noqa: PLC0415
+
+    directory = epath.Path(logdir)
+    if not directory.exists():
+        return 0
+    from tensorboard.backend.event_processing import event_file_loader  # noqa: PLC0415
+    dropped = 0
+    for path in sorted(p for p in directory.iterdir() if EVENT_FILE_MARK in p.name):
+        records = list(event_file_loader.RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not _after(r, step)]
+        if len(kept) == len(records):
+            continue
+        dropped += len(records) - len(kept)
+        local = "://" not in str(path)
+        target = str(path.parent / f".rewrite-{path.name.replace(EVENT_FILE_MARK, 'events')}") if local else str(path)
+        writer = record_writer.RecordWriter(target)
+        for r in kept:
+            writer.write(r)
+        writer.flush()
+        writer.close()
+        if local:
+            os.replace(target, str(path))
+    return dropped
+
+
+def _after(record: bytes, step: int) -> bool:
+    event = event_pb2.Event.FromString(record)
+    return event.HasField("summary") and event.step > step
 
 
 class _ScalarWriter(Protocol):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import threading
 from typing import Any
@@ -15,7 +16,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from igpt_jax.metric_writers import ProgressLogger, TensorBoardWriter
+from igpt_jax.metric_writers import ProgressLogger, TensorBoardWriter, drop_events_after
 
 
 class PreemptionWatcher:
@@ -64,16 +65,40 @@ class RunLog:
     """The run's metrics: progress lines, TensorBoard, and ``metrics.jsonl`` (local workdirs), from process 0.
 
     Metrics stay on the device until a flush, so logging never stalls the step pipeline; a flush fetches every
-    pending step, raises on the first non-finite loss, and records them all.
+    pending step, raises on the first non-finite loss, and records them all. `sync()` puts everything recorded on
+    disk (call it before saving a checkpoint). A run that starts at `start_step` (resumed from that checkpoint)
+    first drops what an earlier, killed run recorded after it, in ``metrics.jsonl`` and in TensorBoard's event
+    files, so that every step appears once; the resumed run's TensorBoard events go to a new event file.
     """
 
     def __init__(self, workpath: epath.Path, *, num_steps: int, start_step: int, tokens_per_step: int, local: bool):
         primary = jax.process_index() == 0
         self.progress = ProgressLogger(num_steps, start_step=start_step, tokens_per_step=tokens_per_step)
-        self.writer = TensorBoardWriter(str(workpath / "tensorboard")) if primary else None
         self.metrics_file = workpath / "metrics.jsonl" if primary and local else None
+        if primary:
+            self._drop_after(workpath, start_step)
+        self.writer = TensorBoardWriter(str(workpath / "tensorboard")) if primary else None
         self.pending: list[tuple[int, Any]] = []
         self.history: list[dict[str, float]] = []
+
+    def _drop_after(self, workpath: epath.Path, step: int) -> None:
+        dropped = drop_events_after(str(workpath / "tensorboard"), step)
+        if self.metrics_file is not None and self.metrics_file.exists():
+            lines = self.metrics_file.read_text().splitlines(keepends=True)
+            kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+            if len(kept) < len(lines):
+                partial = self.metrics_file.parent / (self.metrics_file.name + ".partial")
+                partial.write_text("".join(kept))
+                os.replace(partial, self.metrics_file)  # a kill leaves the old or the new file
+                dropped += len(lines) - len(kept)
+        if dropped:
+            logging.info("dropped %d metric records of steps after %d (logged by a run stopped after its last "
+                         "checkpoint; they are redone now)", dropped, step)
+
+    def sync(self) -> None:
+        """Puts every metric recorded so far on disk (``metrics.jsonl`` is written through at each record)."""
+        if self.writer:
+            self.writer.flush()
 
     def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
         self.pending.append((step, metrics))

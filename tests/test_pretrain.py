@@ -1,5 +1,7 @@
-"""The pretraining job end to end on the embedded digits: sharding, resumption, preemption, NaN guard, multi-host."""
+"""The pretraining job end to end on the embedded digits: sharding, resumption, preemption (SIGTERM, Ctrl-C, SIGKILL),
+unreadable checkpoints, logs across kills, changed settings on resume, NaN guard, multi-host."""
 
+import io
 import json
 import os
 import signal
@@ -173,6 +175,77 @@ def test_bad_mesh_and_batch_settings_fail_with_the_numbers(data_dir, tmp_path):
         pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
 
 
+# ------------------------------------------------------------------------- faults and changed settings on resume
+
+def _truncate_largest_state_file(step_dir: Path) -> None:
+    largest = max((p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"),
+                  key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+
+
+CORRUPTIONS = {  # fault -> (how, the item the one-line report names)
+    "truncated data file": (_truncate_largest_state_file, "state"),
+    "deleted manifest": (lambda step_dir: (step_dir / "state" / "manifest.ocdbt").unlink(), "state"),
+    "deleted data iterator state": (lambda step_dir: (step_dir / "data" / "process_0-of-1.json").unlink(), "data"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """(result, workdir) of the 6-step tiny run without interruption."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    return pretrain.run(tiny_config(data_dir), workdir, devices=jax.devices()[:1]), workdir
+
+
+@pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
+def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous_one(
+        fault, data_dir, tmp_path, uninterrupted, capsys, caplog):
+    full, full_dir = uninterrupted
+    config = tiny_config(data_dir)
+    pretrain.run(config, str(tmp_path), devices=jax.devices()[:1], stop_at_step=4)  # checkpoints at steps 2 and 4
+    corrupt, item = CORRUPTIONS[fault]
+    corrupt(tmp_path / "checkpoints" / "4")
+    capsys.readouterr()
+    caplog.clear()
+    resumed = pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+    (report,) = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert report.startswith(f"checkpoint step 4 is unreadable ({item}: ") and report.endswith("resuming from step 2")
+    assert "\n" not in report and "Traceback" not in capsys.readouterr().err
+    (moved,) = (tmp_path / "checkpoints_unreadable").iterdir()
+    assert moved.name.startswith("4-") and str(moved) in report and (moved / "state").is_dir()  # kept, not deleted
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    assert losses(resumed) == losses(full)[2:]  # bit-exact with the uninterrupted run
+    jax.tree.map(np.testing.assert_array_equal, restore_params(str(tmp_path), config), restore_params(full_dir, config))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_refuses_a_changed_architecture_and_needs_the_flag_to_change_the_learning_rate(data_dir, tmp_path):
+    one = jax.devices()[:1]
+    pretrain.run(tiny_config(data_dir), str(tmp_path), devices=one, stop_at_step=2)
+    wider = tiny_config(data_dir)
+    wider.model.d_model = 64
+    with pytest.raises(ValueError, match=r"with model.d_model=64: the checkpoint was trained with model.d_model=32,"
+                       ) as err:
+        pretrain.run(wider, str(tmp_path), devices=one)
+    assert "\n" not in str(err.value) and "strict" not in str(err.value)
+    lower = tiny_config(data_dir, lr=1e-3)
+    with pytest.raises(ValueError, match=r"would change train.lr from 0.003 to 0.001: set "
+                       r"--config.checkpoint.allow_changes=True"):
+        pretrain.run(lower, str(tmp_path), devices=one)
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 3e-3  # nothing changed yet
+    assert not (tmp_path / "config_history.jsonl").exists() and not (tmp_path / "checkpoints_unreadable").exists()
+    lower.checkpoint.allow_changes = True
+    resumed = pretrain.run(lower, str(tmp_path), devices=one)
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    np.testing.assert_allclose(resumed["history"][0]["learning_rate"], 1e-3, rtol=1e-6)  # step 3: warmup is over
+    history = [json.loads(line) for line in (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["field"], h["old"], h["new"]) for h in history] == [
+        (2, "checkpoint.allow_changes", False, True), (2, "train.lr", 3e-3, 1e-3)]
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["lr"] == 1e-3
+
+
 # ------------------------------------------------------------------------- real processes
 
 def _main_command(workdir, data_dir, *extra):
@@ -209,16 +282,17 @@ def _metrics(workdir: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-def test_sigterm_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path, sig):
     # Import the data once in this process so the subprocess starts training quickly.
     pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
     cmd = _main_command(tmp_path, data_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     _wait_for_line(proc, "3/100000 |")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    stopped = int(out.split("Stopped by SIGTERM at step ")[1].split(";")[0])
+    stopped = int(out.split(f"Stopped by {sig.name} at step ")[1].split(";")[0])
     assert stopped >= 3
     ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
     assert ckpt.all_steps() == [stopped]
@@ -291,3 +365,43 @@ def test_two_processes_sharing_examples_match_one_process(data_dir, tmp_path):
                              "--config.train.batch_size=3", "--config.checkpoint.every_steps=3"])
     np.testing.assert_allclose(two, one, atol=1e-5, rtol=0)
     assert len(one) == 3
+
+
+def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    steps = 30
+    cmd = _main_command(tmp_path, data_dir, f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=4")
+    kills = []
+    for until in (" 9/30 |", " 19/30 |"):  # killed after logging steps past its last checkpoint, twice
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        _wait_for_line(proc, until)
+        proc.kill()
+        proc.wait(timeout=60)
+        ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
+        kills.append((json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"], ckpt.latest_step()))
+        ckpt.close()
+    finished = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert any(logged > saved for logged, saved in kills)  # steps logged after the last checkpoint were redone
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert len(list((tmp_path / "tensorboard").glob("*tfevents*"))) == 3  # one event file per segment
+    for purge in (False, True):
+        acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=purge,
+                                                 size_guidance={event_accumulator.SCALARS: 0})
+        acc.Reload()
+        scalars = acc.Scalars("train/loss")
+        assert [e.step for e in scalars] == list(range(1, steps + 1))
+        assert [e.value for e in scalars] == [float(np.float32(r["loss"])) for r in records]
+
+
+def test_the_event_loop_tracebacks_of_an_abandoned_restore_are_dropped_and_nothing_else():
+    out = io.StringIO()
+    stream = ckpt_lib._DropClosedLoopTracebacks(out)
+    noise = ('Traceback (most recent call last):\n  File "asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
+             "    self._check_closed()\nRuntimeError: Event loop is closed\n")
+    other = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: real\n'
+    for chunk in ["before\n", noise[:30], noise[30:], other, "after", " the end\n"]:
+        stream.write(chunk)
+    assert out.getvalue() == "before\n" + other + "after the end\n"

@@ -396,6 +396,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
                 if stopped_early():
                     logging.info("early stop at step %d: %d evaluations without improvement", step, patience)
             if save_now or stopped_early():
+                log.sync()  # the metrics up to this step are on disk before the checkpoint is
                 ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
             if stop and not final and not stopped_early():
                 ckpt.wait()

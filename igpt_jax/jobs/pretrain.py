@@ -1,8 +1,12 @@
 """The pretraining job: palette tokens -> global sharded batches -> train step -> Orbax.
 
-Resumes from the workdir's latest checkpoint (state, data position), says so and exits 0 when the run is already
-finished, stops with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM (preemption) or SIGINT
-(Ctrl-C) saves the current step and exits cleanly.
+Resumes from the workdir's newest readable checkpoint (state, data position; an unreadable step is named, moved to
+``checkpoints_unreadable/`` and the one before it used), says so and exits 0 when the run is already finished, stops
+with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM (preemption) or SIGINT (Ctrl-C)
+saves the current step and exits cleanly. A resumed run may not change its architecture or data, needs
+``checkpoint.allow_changes`` to change optimizer or schedule settings (`igpt_jax.config_changes`), and writes
+``config.json`` once its settings are accepted. Metrics reach disk before each checkpoint is saved; what a killed run
+logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from absl import logging
 from etils import epath
 
 from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import optim, sharding, train
+from igpt_jax import config_changes, optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.model import ModelConfig, count_params
 from igpt_jax.run_log import PreemptionWatcher, RunLog
@@ -42,7 +46,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
-        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
     if data_cfg.n_colors != model_cfg.vocab_size:
         raise ValueError(
             f"data.n_colors={data_cfg.n_colors} differs from model.vocab_size={model_cfg.vocab_size}: "
@@ -102,12 +105,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         print(f"Run already finished: {workdir} holds step {latest} of {num_steps}. Nothing to do.", flush=True)
         ckpt.close()
         return {"step": latest, "finished": True, "resumed": True}
-    if latest is not None:
-        state = ckpt.restore(latest, layout.abstract, data_iterator=train_iter)
-        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    accepted: list = []
+
+    def check_config(step: int, stored: ml_collections.ConfigDict) -> None:
+        accepted[:] = config_changes.check_resume(stored, config, step=step, workdir=workdir,
+                                                  allow_changes=bool(config.checkpoint.allow_changes))
+
+    restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
+        layout.abstract, data_iterator=train_iter, check_config=check_config)
+    if restored_step is not None:
+        logging.info("resumed from %s at step %d", ckpt.directory, restored_step)
     else:
         state = train.create_state(model_cfg, tx, layout, mesh, rules, jax.random.fold_in(base_rng, 1))
     start_step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        for field, old, new in accepted:
+            logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", start_step, field,
+                            old, new, config_changes.HISTORY_FILE)
+        config_changes.record(workpath, start_step, accepted)
+        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     # ---------------------------------------------------------------- steps
     step_fn = train.jitted_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh, accum_steps=accum)
@@ -121,7 +137,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                  tokens_per_step=global_batch * data_cfg.resolution**2, local="://" not in workdir)
     watcher = PreemptionWatcher(stop_at_step)
     save_kwargs = dict(config=config, palette=palette.centres)
-    result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
+    result: dict[str, Any] = {"resumed": restored_step is not None, "start_step": start_step}
 
     # ---------------------------------------------------------------- loop
     try:
@@ -145,6 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                     log.validation(step, val)
                     result["val_loss"] = val["nll"]
                 if save_now:
+                    log.sync()  # every metric up to this step is on disk before the checkpoint is
                     ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
                 if stop and not final:
                     ckpt.wait()

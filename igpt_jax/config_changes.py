@@ -1,0 +1,99 @@
+"""What a resumed run may change: its settings against those stored in the checkpoint it resumes from.
+
+* Architecture (``model.*``) and data (``data.*``) settings cannot change within a run: the parameters and the
+  token stream would no longer be those of the checkpoint. Settings that only say where or how fast things run are
+  free: ``model.{attention, attention_block, remat, scan_unroll}`` and ``data.{data_dir, palette_path,
+  import_source, auto_import, num_workers, read_threads, prefetch_buffer_size}``.
+* Optimizer and schedule settings (``train.{batch_size, num_steps, lr, warmup_steps, schedule, b1, b2, eps,
+  weight_decay, grad_clip_norm}``, ``model.{dropout, dtype}`` and ``seed``) change the run from the resumed step on:
+  they need ``checkpoint.allow_changes=True``.
+* Everything else (logging, evaluation, checkpointing, mesh, later jobs) is free.
+
+Every change that is made is appended to ``{workdir}/config_history.jsonl`` (step, field, old, new, time), and
+``config.json`` holds the settings in force.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+HISTORY_FILE = "config_history.jsonl"
+FREE_MODEL = frozenset({"attention", "attention_block", "remat", "scan_unroll"})
+FREE_DATA = frozenset({"data_dir", "palette_path", "import_source", "auto_import", "num_workers", "read_threads",
+                       "prefetch_buffer_size"})
+SCHEDULE = frozenset({"train." + k for k in ("batch_size", "num_steps", "lr", "warmup_steps", "schedule", "b1", "b2",
+                                             "eps", "weight_decay", "grad_clip_norm")}
+                     | {"model.dropout", "model.dtype", "seed"})
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _plain(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+    """The config as JSON would store it (tuples as lists), so that stored and current values compare equal."""
+    text = config.to_json_best_effort() if isinstance(config, ml_collections.ConfigDict) else json.dumps(config)
+    return _flatten(json.loads(text))
+
+
+def kind_of(field: str) -> str:
+    """'fixed' (architecture, data), 'schedule' (needs the flag) or 'free'."""
+    group, _, name = field.partition(".")
+    if field in SCHEDULE:
+        return "schedule"
+    if group == "model":
+        return "free" if name in FREE_MODEL else "fixed"
+    if group == "data":
+        return "free" if name in FREE_DATA else "fixed"
+    return "free"
+
+
+def changes(stored: ml_collections.ConfigDict | dict, current: ml_collections.ConfigDict | dict
+            ) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, current value) of every field both configs have and that differs, in field order."""
+    old, new = _plain(stored), _plain(current)
+    return [(k, old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+
+
+def check_resume(stored: ml_collections.ConfigDict | dict, current: ml_collections.ConfigDict, *, step: int,
+                 workdir: str, allow_changes: bool) -> list[tuple[str, Any, Any]]:
+    """The changes a resumed run makes; raises before any of them is applied when one is not allowed.
+
+    Raises:
+      ValueError: one line naming the field, its value in the checkpoint and its value now.
+    """
+    diff = changes(stored, current)
+    for field, old, new in diff:
+        if kind_of(field) == "fixed":
+            raise ValueError(
+                f"cannot resume {workdir} (checkpoint step {step}) with {field}={new!r}: the checkpoint was trained "
+                f"with {field}={old!r}, and architecture and data settings cannot change within a run (use a new "
+                "workdir)")
+    for field, old, new in diff:
+        if kind_of(field) == "schedule" and not allow_changes:
+            raise ValueError(
+                f"resuming {workdir} (checkpoint step {step}) would change {field} from {old!r} to {new!r}: set "
+                f"--config.checkpoint.allow_changes=True to change optimizer or schedule settings mid-run (each "
+                f"change is recorded in {HISTORY_FILE})")
+    return diff
+
+
+def record(workpath: epath.Path, step: int, diff: list[tuple[str, Any, Any]]) -> None:
+    """Appends each change to the workdir's history (read it with one JSON object per line)."""
+    if not diff:
+        return
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    lines = "".join(json.dumps({"step": step, "field": f, "old": old, "new": new, "time": now}) + "\n"
+                    for f, old, new in diff)
+    path = workpath / HISTORY_FILE
+    path.write_text((path.read_text() if path.exists() else "") + lines)

@@ -17,26 +17,15 @@ transformers = pytest.importorskip("transformers")
 from igpt_jax import convert  # noqa: E402
 from igpt_jax.model import IGPT, ModelConfig, abstract_params  # noqa: E402
 from igpt_jax.palette import Palette  # noqa: E402
+from hf_models import random_hf_model  # noqa: E402
 
 TOL = 1e-4
 # Tiny but complete: 2 layers, width 64, 4 heads, 64 positions (8x8), the real 512-colour vocabulary.
-HF_KW = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0)
+HF_KW = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=513)
 
 
 def _random_hf_model(seed: int):
-    """An eval-mode HF model whose every weight is random (lm_head and norms included) and biases are zero."""
-    torch.manual_seed(seed)
-    model = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(**HF_KW)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.zero_()
-            elif "ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3 if "wte" in name or "wpe" in name else 0.15)
-    return model
+    return random_hf_model(seed, **HF_KW)
 
 
 def _hf_logits(model, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:

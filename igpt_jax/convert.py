@@ -21,7 +21,8 @@ Tokens: the processor maps a pixel to ``argmin_j |x - c_j|^2`` with x the pixel 
 lowest index. `igpt_jax.palette.Palette.encode` uses the same colour space (``v / 127.5 - 1``), the same squared
 distance and the same tie rule, but sums ``(x - c_j)^2`` per channel, which has no cancellation error; the two
 disagree only where two clusters are within float32 rounding (~1e-7) of equally near a pixel. Measured on the first
-2,000 CIFAR-10 training images with 512 random clusters: 1 pixel of 2,048,000 differs. Resizing differs: the
+2,000 CIFAR-10 training images with three sets of 512 random clusters: 1, 1 and 4 pixels of 2,048,000 differ
+(``python bench/palette_vs_hf.py``). Resizing differs: the
 processor resizes every image to its ``size`` (bilinear), our pipeline resizes with Pillow's area filter when
 shrinking (`igpt_jax.data.augment`); for images already at the model's resolution (CIFAR-10 at 32x32) neither resizes.
 

@@ -341,9 +341,7 @@ def data_config_for_job(job_data: Any, source_data: dict[str, int], model_cfg: M
         field (not None) that differs from the source's; one line naming both values and the source.
     """
     job = _items(job_data)
-    data_cfg = ml_collections.ConfigDict(job.to_dict() if hasattr(job, "to_dict") else job)
-    if hasattr(job_data, "to_dict"):
-        data_cfg = ml_collections.ConfigDict(job_data.to_dict())
+    data_cfg = ml_collections.ConfigDict(job_data.to_dict() if hasattr(job_data, "to_dict") else job)
     res = job.get("resolution")
     if res is not None and int(res) ** 2 > model_cfg.n_ctx:
         raise ValueError(f"data.resolution={res} gives {int(res) ** 2} tokens per image, more than the context "

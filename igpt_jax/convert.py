@@ -1,16 +1,30 @@
-"""Weights to and from the Hugging Face port of iGPT (`transformers.ImageGPTForCausalImageModeling`).
+"""Models to and from the Hugging Face port of iGPT (`transformers.ImageGPTForCausalImageModeling`).
 
 This is what loads OpenAI's released iGPT-S/M/L weights (`openai/imagegpt-small`, `openai/imagegpt-medium`,
-`openai/imagegpt-large` on the Hugging Face Hub) into our model, on a machine that can reach the Hub:
+`openai/imagegpt-large` on the Hugging Face Hub) into our jobs, on a machine that can reach the Hub:
 
     python -m igpt_jax.convert --hf=openai/imagegpt-small --out=/abs/path/igpt_s_openai
 
-writes ``/abs/path/igpt_s_openai/params`` (an Orbax checkpoint of the plain parameter tree) and
-``/abs/path/igpt_s_openai/model_config.json`` (our `ModelConfig`); `load_params` reads both back. The other way,
+(``--hf`` may also be a folder holding ``save_pretrained`` output of the model and of its image processor, e.g.
+copied by hand). The output is a converted model that every job accepts as
+``--config.checkpoint.source_workdir=/abs/path/igpt_s_openai`` (see `igpt_jax.pretrained`): ``params/`` (an Orbax
+checkpoint of the plain parameter tree), ``model_config.json`` (our `ModelConfig`) and ``palette.json`` (the image
+processor's ``clusters``: OpenAI's 512 colours, already in [-1, 1]). The other way,
 
-    python -m igpt_jax.convert --direction=to_hf --params=/abs/path/igpt_s_openai --out=/abs/path/igpt_s_hf
+    python -m igpt_jax.convert --direction=to_hf --source=RUN_OR_CONVERTED_DIR --out=/abs/path/igpt_s_hf
 
-writes a folder that `ImageGPTForCausalImageModeling.from_pretrained` loads.
+writes a folder that ``ImageGPTForCausalImageModeling.from_pretrained`` and ``ImageGPTImageProcessor.from_pretrained``
+load: the model, and the processor with our palette as its clusters and the model's resolution as its size.
+
+Tokens: the processor maps a pixel to ``argmin_j |x - c_j|^2`` with x the pixel scaled to [-1, 1]
+(``(v / 255 - 0.5) / 0.5``) and c_j the clusters, computed as ``|x|^2 - 2 x.c_j + |c_j|^2`` in float32, ties to the
+lowest index. `igpt_jax.palette.Palette.encode` uses the same colour space (``v / 127.5 - 1``), the same squared
+distance and the same tie rule, but sums ``(x - c_j)^2`` per channel, which has no cancellation error; the two
+disagree only where two clusters are within float32 rounding (~1e-7) of equally near a pixel. Measured on the first
+2,000 CIFAR-10 training images with three sets of 512 random clusters: 1, 1 and 4 pixels of 2,048,000 differ
+(``python bench/palette_vs_hf.py``). Resizing differs: the
+processor resizes every image to its ``size`` (bilinear), our pipeline resizes with Pillow's area filter when
+shrinking (`igpt_jax.data.augment`); for images already at the model's resolution (CIFAR-10 at 32x32) neither resizes.
 
 How the port differs from our model, and how each piece maps (L layers, width d, H heads of size k, V colours):
 
@@ -37,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -45,6 +60,8 @@ from typing import Any
 import numpy as np
 
 from igpt_jax.model import ModelConfig
+from igpt_jax.palette import Palette
+from igpt_jax.pretrained import CONFIG_FILE, PALETTE_FILE, PARAMS_DIR
 
 PREFIX = "transformer."
 LM_HEAD = "lm_head.weight"
@@ -52,8 +69,7 @@ LM_HEAD = "lm_head.weight"
 _IGNORED_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 _LAYER_KEY = re.compile(r"^h\.(\d+)\.")
 _LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-CONFIG_FILE = "model_config.json"
-PARAMS_DIR = "params"
+PROCESSOR_FILE = "preprocessor_config.json"  # the image processor of a save_pretrained folder
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -415,12 +431,66 @@ def hf_input_ids(tokens: Any, cfg: ModelConfig) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Orbax export
+# The palette: the image processor's clusters
 # --------------------------------------------------------------------------------------------------------------
 
 
-def save_params(directory: str, params: Mapping[str, Any], cfg: ModelConfig) -> None:
-    """Writes ``directory/params`` (Orbax StandardCheckpointer, plain tree) and ``directory/model_config.json``."""
+def load_hf_palette(name_or_path: str, **kwargs: Any) -> tuple[Palette, dict[str, Any]]:
+    """The palette of an `ImageGPTImageProcessor` (its ``clusters``, already in [-1, 1]) and its settings.
+
+    Returns:
+      (Palette of the clusters as float32, the processor's dict: size, resample, do_normalize, ...).
+
+    Raises:
+      ValueError: a folder without an image processor (preprocessor_config.json) or a processor without clusters.
+    """
+    from transformers import ImageGPTImageProcessor  # optional dependency
+
+    where = os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+    if os.path.isdir(name_or_path) and not os.path.exists(os.path.join(name_or_path, PROCESSOR_FILE)):
+        raise ValueError(f"{where} has no image processor ({PROCESSOR_FILE}): expected the folder to hold the "
+                         "ImageGPTImageProcessor saved with save_pretrained next to the model (its clusters are the "
+                         "palette)")
+    try:
+        processor = ImageGPTImageProcessor.from_pretrained(name_or_path, **kwargs)
+    except OSError as err:
+        raise ValueError(f"cannot load the image processor of {where}: expected an ImageGPTImageProcessor with its "
+                         f"clusters (the palette) ({str(err).splitlines()[0] if str(err) else err!r})") from err
+    clusters = getattr(processor, "clusters", None)
+    if clusters is None:
+        raise ValueError(f"the image processor of {where} has no clusters: expected the palette as "
+                         "clusters [n_colors, 3]")
+    centres = np.asarray(_to_numpy(clusters) if hasattr(clusters, "detach") else clusters, np.float32)
+    return Palette(centres), processor.to_dict()
+
+
+def hf_image_processor(palette: Palette, resolution: int):
+    """An `ImageGPTImageProcessor` whose tokens are ours: clusters = the palette, resized to `resolution`.
+
+    Raises:
+      ValueError: a grayscale palette (the processor quantizes RGB only).
+    """
+    from transformers import ImageGPTImageProcessor  # optional dependency
+
+    if palette.channels != 3:
+        raise ValueError(f"the palette has {palette.channels} channel(s): ImageGPTImageProcessor quantizes RGB "
+                         "colours only, expected 3")
+    return ImageGPTImageProcessor(clusters=palette.centres.astype(np.float32),
+                                  size={"height": int(resolution), "width": int(resolution)})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Converted models: what `igpt_jax.pretrained` reads
+# --------------------------------------------------------------------------------------------------------------
+
+
+def save_params(directory: str, params: Mapping[str, Any], cfg: ModelConfig, palette: Palette) -> None:
+    """Writes a converted model: ``params/`` (Orbax, plain tree), ``model_config.json`` and ``palette.json``.
+
+    Raises:
+      FileExistsError: the directory already holds parameters.
+      ValueError: a palette whose size is not the vocabulary.
+    """
     import flax.linen as nn
     import jax
     import orbax.checkpoint as ocp
@@ -429,34 +499,38 @@ def save_params(directory: str, params: Mapping[str, Any], cfg: ModelConfig) -> 
     target = os.path.join(directory, PARAMS_DIR)
     if os.path.exists(target):
         raise FileExistsError(f"{target} already exists; choose a new --out directory")
+    if palette.k != cfg.vocab_size:
+        raise ValueError(f"the palette has {palette.k} colours but the model's vocabulary is {cfg.vocab_size}: "
+                         "expected one colour per token")
     os.makedirs(directory, exist_ok=True)
     tree = jax.tree.map(lambda x: np.asarray(x, np.float32), nn.meta.unbox(params))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(target, tree)
         ckptr.wait_until_finished()
-    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    with open(os.path.join(directory, PALETTE_FILE), "w") as f:
+        json.dump({"centres": np.asarray(palette.centres, np.float64).tolist()}, f)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:  # last: its presence marks a complete model
         json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
 
 
-def load_params(directory: str, **model_overrides: Any) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads what `save_params` wrote: (cfg with `model_overrides` applied, plain tree of float32 numpy arrays)."""
-    import jax
-    import orbax.checkpoint as ocp
+def load_params(directory: str, *, step: int = -1) -> tuple[ModelConfig, dict[str, Any], Palette]:
+    """A pretrained model as numpy: (its config, plain float32 parameter tree, palette).
 
-    directory = os.path.abspath(directory)
-    with open(os.path.join(directory, CONFIG_FILE)) as f:
-        cfg = ModelConfig.from_config({**json.load(f), **model_overrides})
-    shapes = expected_param_shapes(cfg)
-    target: dict[str, Any] = {}
-    for name, shape in shapes.items():
-        node = target
-        *parents, leaf = name.split("/")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = jax.ShapeDtypeStruct(shape, np.float32)
-    with ocp.StandardCheckpointer() as ckptr:
-        restored = ckptr.restore(os.path.join(directory, PARAMS_DIR), target)
-    return cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), restored)
+    `directory` is a converted model or a pretraining run (`step` of it; -1 = the latest), read through
+    `igpt_jax.pretrained` on one device.
+    """
+    import jax
+
+    from igpt_jax import pretrained, sharding
+    from igpt_jax.layout import param_layout
+
+    with pretrained.Source(directory) as source:
+        step = source.resolve_step(step)
+        cfg = source.model_config(step)
+        palette = source.palette(step)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        params = source.restore_params(step, param_layout(cfg, mesh, sharding.DEFAULT_RULES))
+    return cfg, jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(params)), palette
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -465,19 +539,40 @@ def load_params(directory: str, **model_overrides: Any) -> tuple[ModelConfig, di
 
 
 def export_from_hf(name_or_path: str, out: str, *, bias_atol: float = 0.0, **kwargs: Any) -> ModelConfig:
-    """`load_hf_pretrained` then `save_params` into `out` (what ``--direction=from_hf`` does); returns the config."""
+    """What ``--direction=from_hf`` does: the HF model and its processor's palette into a converted model `out`.
+
+    Raises:
+      FileExistsError: `out` already holds a model (checked before anything is downloaded).
+      ValueError: no image processor, or a palette whose size is not the vocabulary (naming the source).
+    """
     target = os.path.join(os.path.abspath(out), PARAMS_DIR)
     if os.path.exists(target):  # fail before downloading gigabytes
         raise FileExistsError(f"{target} already exists; choose a new --out directory")
+    palette, processor = load_hf_palette(name_or_path, **kwargs)
     cfg, params = load_hf_pretrained(name_or_path, bias_atol=bias_atol, **kwargs)
-    save_params(out, params, cfg)
+    if palette.k != cfg.vocab_size:
+        raise ValueError(f"the image processor of {name_or_path} has {palette.k} clusters but the model's vocabulary "
+                         f"is {cfg.vocab_size} (+1 SOS): expected one cluster per colour token")
+    size = processor.get("size") or {}
+    side = math.isqrt(cfg.n_ctx)
+    if processor.get("do_resize", True) and size.get("height") not in (None, side):
+        print(f"Note: the image processor resizes to {size}, the model's context is {side}x{side}; our jobs use "
+              f"data.resolution={side}.")
+    save_params(out, params, cfg, palette)
     return cfg
 
 
-def export_to_hf(params_dir: str, out: str) -> ModelConfig:
-    """`load_params` then ``save_pretrained`` into `out` (what ``--direction=to_hf`` does); returns the config."""
-    cfg, params = load_params(params_dir)
-    to_hf_model(params, cfg).save_pretrained(os.path.abspath(out))
+def export_to_hf(source_dir: str, out: str, *, step: int = -1) -> ModelConfig:
+    """What ``--direction=to_hf`` does: a run or converted model into a ``save_pretrained`` folder, palette included.
+
+    `out` then holds the `ImageGPTForCausalImageModeling` (config.json and weights) and the `ImageGPTImageProcessor`
+    (preprocessor_config.json) whose clusters are our palette and whose size is the model's resolution.
+    """
+    cfg, params, palette = load_params(source_dir, step=step)
+    processor = hf_image_processor(palette, math.isqrt(cfg.n_ctx))  # refuses grayscale before writing anything
+    out = os.path.abspath(out)
+    to_hf_model(params, cfg).save_pretrained(out)
+    processor.save_pretrained(out)
     return cfg
 
 
@@ -495,9 +590,11 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--direction=from_hf needs --hf=HUB_ID_OR_FOLDER")
         cfg = export_from_hf(FLAGS.hf, out, bias_atol=FLAGS.bias_atol)
     else:
-        if not FLAGS.params:
-            raise app.UsageError("--direction=to_hf needs --params=DIR (a folder written by --direction=from_hf)")
-        cfg = export_to_hf(FLAGS.params, out)
+        source = FLAGS.source or FLAGS.params
+        if not source:
+            raise app.UsageError("--direction=to_hf needs --source=DIR (a pretraining run's workdir or a converted "
+                                 "model)")
+        cfg = export_to_hf(source, out, step=FLAGS.step)
     logging.info("wrote %s for %s", out, cfg)
     print(out)
 
@@ -507,7 +604,9 @@ if __name__ == "__main__":
 
     flags.DEFINE_enum("direction", "from_hf", ["from_hf", "to_hf"], "Convert from or to the Hugging Face port.")
     flags.DEFINE_string("hf", None, "from_hf: Hub id (e.g. openai/imagegpt-small) or save_pretrained folder.")
-    flags.DEFINE_string("params", None, "to_hf: directory written by --direction=from_hf (params/ + config).")
+    flags.DEFINE_string("source", None, "to_hf: a pretraining run's workdir or a converted model's folder.")
+    flags.DEFINE_string("params", None, "to_hf: the same as --source (older name).")
+    flags.DEFINE_integer("step", -1, "to_hf from a run: the checkpoint step (-1 = the latest).")
     flags.DEFINE_string("out", None, "Output directory (made absolute).")
     flags.DEFINE_float("bias_atol", 0.0, "from_hf: largest |linear bias| accepted and dropped (0 = exactly zero).")
     app.run(main)

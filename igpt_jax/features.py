@@ -1,8 +1,4 @@
-"""Pretrained models for evaluation jobs: checkpoint loading onto the mesh, and batched, sharded feature extraction.
-
-`load_pretrained` reads a pretraining run's checkpoint (a named step or the latest): its model config (checked
-against the job's), its palette, and only its parameters (an Orbax partial restore: the optimizer state is never
-read), placed directly into their shardings on the job's mesh.
+"""Batched, sharded feature extraction from a pretrained model (loaded with `igpt_jax.pretrained`).
 
 `FeatureExtractor` runs the model once per split over the evaluation iterator (in order, padded last batch) and
 returns every requested layer's sequence-mean feature at once: entry l < L is the mean of block l's ``ln_1`` output
@@ -21,166 +17,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import objectives, sharding
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.model import IGPT, ModelConfig, init_params
+from igpt_jax.layout import Layout
+from igpt_jax.model import IGPT, ModelConfig
 from igpt_jax.palette import Palette
-
-# Fields that define the trained function: the job's config must agree with the checkpoint on these.
-ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "mlp_ratio", "objective",
-                       "bert_mask_rate", "norm_eps", "param_dtype")
-# Fields that only change how the function is computed: taken from the job's config.
-RUNTIME_FIELDS = ("attention", "attention_block", "remat", "dtype", "scan_unroll", "dropout")
-
-
-def model_config_for_job(job_model: Any, ckpt_model: Any, *, where: str) -> ModelConfig:
-    """The model of a checkpoint, run with the job's runtime settings (attention kernel, remat, compute dtype).
-
-    Raises:
-      ValueError: when the job's ``config.model`` disagrees with the checkpoint's on an architecture field, naming
-        each field, both values and the checkpoint.
-    """
-    ckpt_cfg = ModelConfig.from_config(ckpt_model)
-    job = dict(job_model.items()) if hasattr(job_model, "items") else dict(job_model)
-    diffs = [f"model.{name}: job config {job[name]!r}, checkpoint {getattr(ckpt_cfg, name)!r}"
-             for name in ARCHITECTURE_FIELDS if name in job and job[name] != getattr(ckpt_cfg, name)]
-    if diffs:
-        raise ValueError(
-            f"the job's model config disagrees with the checkpoint {where}: " + "; ".join(diffs)
-            + ". Use the pretraining run's config file (or override these fields to the checkpoint's values)."
-        )
-    runtime = {name: job[name] for name in RUNTIME_FIELDS if name in job}
-    return ckpt_cfg.replace(**runtime)
-
-
-def check_data_fits_model(data_cfg: Any, model_cfg: ModelConfig, palette: Palette, *, where: str) -> None:
-    """The dataset's tokens must be the model's: palette size = vocabulary, sequence no longer than the context."""
-    if data_cfg.n_colors != model_cfg.vocab_size or palette.k != model_cfg.vocab_size:
-        raise ValueError(
-            f"data.n_colors={data_cfg.n_colors} (checkpoint palette: {palette.k} colours) differs from the model's "
-            f"vocabulary {model_cfg.vocab_size} ({where})"
-        )
-    if palette.channels != data_cfg.channels:
-        raise ValueError(
-            f"the checkpoint's palette has {palette.channels} channel(s) but data.channels={data_cfg.channels} "
-            f"({where})"
-        )
-    if data_cfg.resolution**2 > model_cfg.n_ctx:
-        raise ValueError(
-            f"data.resolution={data_cfg.resolution} gives {data_cfg.resolution**2} tokens, more than the model's "
-            f"context n_ctx={model_cfg.n_ctx} ({where})"
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamLayout:
-    abstract: Any  # ShapeDtypeStructs with shardings
-    shardings: Any
-
-
-def param_layout(model_cfg: ModelConfig, mesh: Mesh, rules) -> ParamLayout:
-    """Shapes and shardings of the model parameters on `mesh` (nothing allocated)."""
-    boxed = jax.eval_shape(lambda rng: init_params(model_cfg, rng), jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                            nn.meta.unbox(boxed), shardings)
-    return ParamLayout(abstract, shardings)
-
-
-def random_params(model_cfg: ModelConfig, layout: ParamLayout, mesh: Mesh, rules, rng: jax.Array) -> Any:
-    """Freshly initialised parameters (the random-weights baseline), created directly in their shardings."""
-    init = jax.jit(lambda r: nn.meta.unbox(init_params(model_cfg, r)), out_shardings=layout.shardings)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return init(rng)
-
-
-@dataclasses.dataclass
-class Pretrained:
-    """A pretraining checkpoint, loaded."""
-
-    step: int
-    model_cfg: ModelConfig
-    params: Any
-    palette: Palette
-    config: ml_collections.ConfigDict  # the pretraining run's config
-    directory: str  # the checkpoint directory
-    layout: ParamLayout
-
-
-def open_source(config: ml_collections.ConfigDict, workdir: str) -> ckpt_lib.Checkpointer:
-    """The Checkpointer of ``config.checkpoint.source_workdir`` (empty: the job's own workdir), read-only.
-
-    Raises:
-      FileNotFoundError: when the directory holds no checkpoint.
-    """
-    source = config.checkpoint.source_workdir or workdir
-    ckpt = ckpt_lib.Checkpointer(source, create=False, async_save=False)
-    if not ckpt.all_steps():
-        ckpt.close()
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_lib.checkpoint_dir(source)} (config.checkpoint.source_workdir="
-            f"{config.checkpoint.source_workdir!r}, workdir={workdir!r}): run the pretraining job there first, or "
-            "point checkpoint.source_workdir at a pretraining run"
-        )
-    return ckpt
-
-
-def read_model(ckpt: ckpt_lib.Checkpointer, step: int, job_config: ml_collections.ConfigDict
-               ) -> tuple[ModelConfig, ml_collections.ConfigDict, Palette]:
-    """The checkpoint's model (with the job's runtime settings), its run config and its palette."""
-    where = f"{ckpt.directory}/{step}"
-    run_config = ckpt.restore_config(step)
-    if "model" not in run_config:
-        raise ValueError(f"checkpoint {where} has no model config")
-    model_cfg = model_config_for_job(job_config.model, run_config.model, where=where)
-    palette = Palette(ckpt.restore_palette(step))
-    return model_cfg, run_config, palette
-
-
-def restore_params(ckpt: ckpt_lib.Checkpointer, step: int, layout: ParamLayout, *, key: str = "params") -> Any:
-    """Only the parameters of a saved train state (Orbax partial restore), in the layout's shardings."""
-    item = {key: layout.abstract}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-    try:
-        restored = ckpt.manager.restore(step, args=ocp.args.Composite(**{
-            ckpt_lib.STATE: ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)}))
-    except (ValueError, KeyError) as err:
-        raise ValueError(
-            f"cannot restore the model parameters of checkpoint {ckpt.directory}/{step}: {err}. Is it a pretraining "
-            "checkpoint of this model?"
-        ) from err
-    return restored[ckpt_lib.STATE][key]
-
-
-def load_pretrained(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh, rules, *,
-                    step: int | None = None, ckpt: ckpt_lib.Checkpointer | None = None) -> Pretrained:
-    """Loads a pretraining checkpoint's parameters onto `mesh` (see `open_source`, `model_config_for_job`).
-
-    Args:
-      config: the job's config (``checkpoint.source_workdir``, ``checkpoint.step``, ``model``).
-      workdir: the job's workdir (the source when ``source_workdir`` is empty).
-      mesh, rules: where the parameters go.
-      step: the step (default ``config.checkpoint.step``; -1 = latest).
-      ckpt: an already opened source Checkpointer.
-    """
-    own = ckpt is None
-    ckpt = ckpt or open_source(config, workdir)
-    try:
-        step = ckpt_lib.resolve_step(ckpt, int(config.checkpoint.step if step is None else step))
-        model_cfg, run_config, palette = read_model(ckpt, step, config)
-        layout = param_layout(model_cfg, mesh, rules)
-        params = restore_params(ckpt, step, layout)
-        return Pretrained(step, model_cfg, params, palette, run_config, str(ckpt.directory), layout)
-    finally:
-        if own:
-            ckpt.close()
-
 
 # ------------------------------------------------------------------------------------------------ extraction
 
@@ -250,7 +94,7 @@ class FeatureExtractor:
       seed: seed of the BERT masks.
     """
 
-    def __init__(self, model_cfg: ModelConfig, layout: ParamLayout, mesh: Mesh, rules, data_cfg, palette: Palette,
+    def __init__(self, model_cfg: ModelConfig, layout: Layout, mesh: Mesh, rules, data_cfg, palette: Palette,
                  layers: Sequence[int], *, batch_size: int, seed: int = 0):
         self.model_cfg, self.layout, self.mesh, self.rules = model_cfg, layout, mesh, rules
         self.data_cfg, self.palette, self.layers, self.seed = data_cfg, palette, list(layers), seed

@@ -79,8 +79,9 @@ def main(argv: list[str]) -> None:
         with follow_config.unlocked():
             follow_config.job = follow_up
             follow_config.then = ()
-            follow_config.checkpoint.source_workdir = _WORKDIR.value
-            follow_config.checkpoint.step = -1
+            if config.job == "pretrain":  # follow-ups read the run just trained; otherwise the job's own source
+                follow_config.checkpoint.source_workdir = _WORKDIR.value
+                follow_config.checkpoint.step = -1
         run_job(follow_config, os.path.join(_WORKDIR.value, follow_up))
 
 

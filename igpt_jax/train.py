@@ -1,14 +1,13 @@
 """The train state, its sharded creation, and the one pure train step.
 
-Shapes first, then sharded creation: `abstract_state` runs the initialiser under `jax.eval_shape` (no allocation),
-its logical annotations give every leaf a `NamedSharding` through the rules table, and `create_state` jits the
-initialiser with those output shardings, so no full copy of the parameters ever sits on one device. The same
-abstract state is Orbax's restore target, on any mesh.
+Shapes first, then sharded creation: `state_layout` (`igpt_jax.layout`) runs the initialiser under
+`jax.eval_shape` (no allocation), its logical annotations give every leaf a `NamedSharding` through the rules table,
+and `create_state` jits the initialiser with those output shardings, so no full copy of the parameters ever sits on
+one device. The same abstract state is Orbax's restore target, on any mesh.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from igpt_jax import layout as layout_lib
 from igpt_jax import objectives, sharding
 from igpt_jax.model import ModelConfig, init_params
 
@@ -36,22 +36,12 @@ def _boxed_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, rng: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-@dataclasses.dataclass(frozen=True)
-class StateLayout:
-    """The abstract train state (ShapeDtypeStructs carrying shardings) and its shardings tree."""
-
-    abstract: TrainState
-    shardings: TrainState
+StateLayout = layout_lib.Layout  # abstract: TrainState of ShapeDtypeStructs; shardings: TrainState of shardings
 
 
 def state_layout(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules) -> StateLayout:
     """Shapes and shardings of the train state on `mesh`, without allocating it."""
-    boxed = jax.eval_shape(lambda rng: _boxed_state(model_cfg, tx, rng), jax.random.key(0))
-    shardings = sharding.logical_shardings(boxed, mesh, rules)
-    abstract = jax.tree.map(
-        lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), nn.meta.unbox(boxed), shardings
-    )
-    return StateLayout(abstract=abstract, shardings=shardings)
+    return layout_lib.layout_of(lambda rng: _boxed_state(model_cfg, tx, rng), mesh, rules)
 
 
 def create_state(

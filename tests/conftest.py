@@ -1,4 +1,5 @@
-"""Test session set-up: 8 fake CPU devices for sharding tests, and absl flags parsed for Grain workers."""
+"""Test session set-up: 8 fake CPU devices for sharding tests, absl flags parsed for Grain workers, and the shared
+fixtures (a tiny pretraining run made once per session)."""
 
 import os
 
@@ -13,3 +14,20 @@ from absl import flags  # noqa: E402
 
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def pretrained_digits_run(tmp_path_factory):
+    """(data_dir, workdir) of a finished tiny pretraining run (`tiny_runs.downstream_config`), made once."""
+    import jax  # noqa: PLC0415
+
+    from igpt_jax.jobs import pretrain  # noqa: PLC0415
+    from tiny_runs import downstream_config  # noqa: PLC0415
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    pretrain.run(downstream_config(data_dir), workdir, devices=jax.devices()[:1])
+    return data_dir, workdir

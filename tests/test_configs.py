@@ -19,7 +19,8 @@ def _load(path: Path):
 
 
 def test_the_configs_are_found():
-    assert {"demo", "cifar10_cpu", "igpt_s", "igpt_m", "igpt_l", "igpt_xl"} <= {p.stem for p in CONFIGS}
+    assert {"demo", "cifar10_cpu", "igpt_s", "igpt_m", "igpt_l", "igpt_xl", "openai_cifar10"} <= {
+        p.stem for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -32,5 +33,17 @@ def test_config_documents_and_builds_a_consistent_model(path):
     model = ModelConfig.from_config(config.model)
     assert config.data.resolution**2 <= model.n_ctx
     assert model.vocab_size == config.data.n_colors
-    assert config.job == "pretrain"
+    assert config.job in {"pretrain", "probe"}  # a probe config reads a converted model (openai_cifar10.py)
     assert set(config.then) <= {"probe", "finetune", "sample", "evaluate"}
+
+
+def test_openai_cifar10_variants_are_the_released_models():
+    module = _load(next(p for p in CONFIGS if p.stem == "openai_cifar10"))
+    sizes = {v: ModelConfig.from_config(module.get_config(v).model) for v in ("s", "m", "l")}
+    assert [(c.n_layer, c.d_model, c.n_head, c.n_ctx, c.vocab_size) for c in sizes.values()] == [
+        (24, 512, 8, 1024, 512), (36, 1024, 8, 1024, 512), (48, 1536, 16, 1024, 512)]
+    config = module.get_config("l")
+    assert config.probe.concat_layers == 11 and tuple(config.probe.low_data_budgets) == (40, 250, 4000)
+    assert config.job == "probe" and tuple(config.then) == ("finetune",)
+    with pytest.raises(ValueError, match="choose one size"):
+        module.get_config("s,m")

@@ -16,26 +16,16 @@ transformers = pytest.importorskip("transformers")
 
 from igpt_jax import convert  # noqa: E402
 from igpt_jax.model import IGPT, ModelConfig, abstract_params  # noqa: E402
+from igpt_jax.palette import Palette  # noqa: E402
+from hf_models import random_hf_model  # noqa: E402
 
 TOL = 1e-4
 # Tiny but complete: 2 layers, width 64, 4 heads, 64 positions (8x8), the real 512-colour vocabulary.
-HF_KW = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=513, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0)
+HF_KW = dict(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=513)
 
 
 def _random_hf_model(seed: int):
-    """An eval-mode HF model whose every weight is random (lm_head and norms included) and biases are zero."""
-    torch.manual_seed(seed)
-    model = transformers.ImageGPTForCausalImageModeling(transformers.ImageGPTConfig(**HF_KW)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.zero_()
-            elif "ln_" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3 if "wte" in name or "wpe" in name else 0.15)
-    return model
+    return random_hf_model(seed, **HF_KW)
 
 
 def _hf_logits(model, tokens: np.ndarray, cfg: ModelConfig) -> np.ndarray:
@@ -216,22 +206,28 @@ def test_to_hf_shape_mismatch(hf_state):
 def test_orbax_export_round_trip(hf_state, tmp_path):
     sd, cfg = hf_state
     params = convert.from_hf_state_dict(sd, cfg)
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (cfg.vocab_size, 3)))
     out = tmp_path / "igpt_export"
-    convert.save_params(str(out), params, cfg)
+    convert.save_params(str(out), params, cfg, palette)
     assert json.loads((out / convert.CONFIG_FILE).read_text())["d_model"] == 64
-    cfg2, restored = convert.load_params(str(out))
-    assert cfg2 == cfg
+    cfg2, restored, palette2 = convert.load_params(str(out))
+    assert cfg2 == cfg and np.array_equal(palette2.centres, palette.centres)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
         assert isinstance(a, np.ndarray) and np.array_equal(a, b)
     with pytest.raises(FileExistsError):
-        convert.save_params(str(out), params, cfg)
+        convert.save_params(str(out), params, cfg, palette)
     assert os.path.isdir(out / convert.PARAMS_DIR)
+    with pytest.raises(ValueError, match="the palette has 16 colours but the model's vocabulary is 512"):
+        convert.save_params(str(tmp_path / "other"), params, cfg, Palette(np.zeros((16, 3))))
 
 
 def test_cli_functions_round_trip_through_folders(tmp_path):
     """What ``python -m igpt_jax.convert`` does, both directions, on a local save_pretrained folder."""
     model = _random_hf_model(5)
     model.save_pretrained(str(tmp_path / "hf_in"))
+    clusters = np.random.default_rng(5).uniform(-1, 1, (512, 3)).astype(np.float32)
+    transformers.ImageGPTImageProcessor(clusters=clusters, size={"height": 8, "width": 8}).save_pretrained(
+        str(tmp_path / "hf_in"))
     cfg = convert.export_from_hf(str(tmp_path / "hf_in"), str(tmp_path / "ours"))
     assert cfg == convert.hf_config_to_model_config(model.config)
     with pytest.raises(FileExistsError, match="already exists"):
@@ -240,3 +236,6 @@ def test_cli_functions_round_trip_through_folders(tmp_path):
     back = transformers.ImageGPTForCausalImageModeling.from_pretrained(str(tmp_path / "hf_out")).state_dict()
     original = model.state_dict()
     assert set(back) == set(original) and all(torch.equal(back[k], original[k]) for k in original)
+    processor = transformers.ImageGPTImageProcessor.from_pretrained(str(tmp_path / "hf_out"))
+    np.testing.assert_array_equal(np.asarray(processor.clusters, np.float32), clusters)
+    assert processor.size["height"] == 8  # the model's resolution (n_ctx 64)

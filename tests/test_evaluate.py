@@ -8,34 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import objectives, optim, sharding, train
+from igpt_jax import objectives
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import evaluate
 from igpt_jax.model import IGPT, ModelConfig
-from test_pretrain import tiny_config
-
-
-def write_checkpoint(tmp_path_factory, step: int = 5):
-    """A checkpoint as pretraining writes it (state, config, palette) of a random model whose logits are not flat.
-
-    Returns:
-      (the run's config, its workdir, the parameters, the palette).
-    """
-    config = tiny_config(str(tmp_path_factory.mktemp("tfds")))
-    workdir = str(tmp_path_factory.mktemp("run"))
-    model_cfg = ModelConfig.from_config(config.model)
-    tx = optim.make_optimizer(config.train, optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=1))
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    layout = train.state_layout(model_cfg, tx, mesh, sharding.DEFAULT_RULES)
-    state = train.create_state(model_cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
-    wtet = 0.3 * jax.random.normal(jax.random.key(1), state.params["wtet"].shape)
-    state = state.replace(params={**state.params, "wtet": wtet})
-    palette = data_pipeline.load_or_fit_palette(config.data)
-    ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-    ckpt.save(step, state, config=config, palette=palette.centres, force=True)
-    ckpt.close()
-    return config, workdir, jax.device_get(state.params), palette
+from tiny_runs import write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,18 @@ from igpt_jax import sharding
 from igpt_jax import features as features_lib
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import finetune
+from igpt_jax.layout import param_layout, random_params
 from igpt_jax.model import ModelConfig
 
-from test_probe import PRETRAIN_STEPS, pretrained_run, tiny_config
+from tiny_runs import PRETRAIN_STEPS
+from tiny_runs import downstream_config as tiny_config
 
 STEPS, EVAL_EVERY = 40, 20
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    return pretrained_run(tmp_path_factory)
+def run(pretrained_digits_run):
+    return pretrained_digits_run
 
 
 def finetune_config(run, **overrides):
@@ -106,7 +108,7 @@ def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatc
         finetune.run(config, str(tmp_path / "b"), devices=jax.devices()[:1])
     config = finetune_config(run)
     config.model.n_layer = 3
-    with pytest.raises(ValueError, match=r"checkpoints/40: model\.n_layer: job config 3, checkpoint 2"):
+    with pytest.raises(ValueError, match=r"checkpoints/40: model\.n_layer=3 but the source has 2"):
         finetune.run(config, str(tmp_path / "c"), devices=jax.devices()[:1])
     # Resuming a run whose head was made for another number of classes.
     workdir, _ = full_run
@@ -119,8 +121,8 @@ def test_bert_predictions_use_independent_masks_per_example():
     cfg = ModelConfig(vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense",
                       objective="bert")
     mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
-    layout = features_lib.param_layout(cfg, mesh, rules)
-    params = {"model": jax.device_get(features_lib.random_params(cfg, layout, mesh, rules, jax.random.key(0))),
+    layout = param_layout(cfg, mesh, rules)
+    params = {"model": jax.device_get(random_params(cfg, layout, mesh, rules, jax.random.key(0))),
               "head": {"w": jax.random.normal(jax.random.key(1), (32, 10))}}
     tokens = jax.random.randint(jax.random.key(2), (32, 64), 0, 16)
     batch = {"tokens": tokens, "label": jnp.zeros(32, jnp.int32), "mask": jnp.ones(32, bool),

@@ -14,7 +14,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -23,6 +22,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import config_defaults, optim, sharding, train
 from igpt_jax.jobs import pretrain
 from igpt_jax.model import ModelConfig
+from tiny_runs import pretrain_config as tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,25 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
-    config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config("digits")
-    config.data.data_dir = data_dir
-    config.model = config_defaults.model_config(
-        vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense"
-    )
-    config.train.batch_size = 16
-    config.train.num_steps = 6
-    config.train.warmup_steps = 2
-    config.train.lr = 3e-3
-    config.train.log_every = 1
-    config.train.eval_every = 0
-    config.checkpoint.every_steps = 2
-    config.mesh.shape = (1, 1, 1)
-    config.train.update(train_overrides)
-    return config
 
 
 def restore_params(workdir: str, config, step: int | None = None):

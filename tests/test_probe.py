@@ -11,48 +11,20 @@ from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from igpt_jax import config_defaults, linear_probe, sharding
+from igpt_jax import linear_probe, pretrained, sharding
 from igpt_jax import features as features_lib
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import pretrain, probe
+from igpt_jax.jobs import probe
+from igpt_jax.layout import param_layout, random_params
 from igpt_jax.model import IGPT, ModelConfig
-from igpt_jax.palette import Palette
+from tiny_runs import PRETRAIN_STEPS, downstream_config
 
-PRETRAIN_STEPS = 40
-_CACHE: dict = {}
-
-
-def tiny_config(data_dir: str) -> ml_collections.ConfigDict:
-    config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config("digits")
-    config.data.data_dir = data_dir
-    config.model = config_defaults.model_config(
-        vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense")
-    config.train.batch_size = 32
-    config.train.num_steps = PRETRAIN_STEPS
-    config.train.warmup_steps = 4
-    config.train.lr = 3e-3
-    config.train.log_every = 20
-    config.train.eval_every = 0
-    config.checkpoint.every_steps = PRETRAIN_STEPS // 2
-    config.mesh.shape = (1, 1, 1)
-    config.probe.batch_size = 64
-    return config
-
-
-def pretrained_run(tmp_path_factory) -> tuple[str, str]:
-    """(data_dir, workdir of a finished tiny pretraining run with checkpoints at steps 20 and 40), made once."""
-    if "run" not in _CACHE:
-        data_dir = str(tmp_path_factory.mktemp("tfds"))
-        workdir = str(tmp_path_factory.mktemp("pretrain"))
-        pretrain.run(tiny_config(data_dir), workdir, devices=jax.devices()[:1])
-        _CACHE["run"] = (data_dir, workdir)
-    return _CACHE["run"]
+tiny_config = downstream_config
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory):
-    return pretrained_run(tmp_path_factory)
+def run(pretrained_digits_run):
+    return pretrained_digits_run
 
 
 def probe_config(run, **probe_overrides) -> ml_collections.ConfigDict:
@@ -74,7 +46,7 @@ def one_device_mesh():
 def test_probe_features_equal_the_models_forward_pass(run):
     config = probe_config(run)
     mesh, rules = one_device_mesh(), sharding.DEFAULT_RULES
-    loaded = features_lib.load_pretrained(config, "unused", mesh, rules)
+    loaded = pretrained.load(config, "unused", mesh, rules)
     assert loaded.step == PRETRAIN_STEPS and loaded.model_cfg.d_model == 32
     extractor = features_lib.FeatureExtractor(loaded.model_cfg, loaded.layout, mesh, rules, config.data,
                                               loaded.palette, [0, 1, 2], batch_size=64)
@@ -92,7 +64,7 @@ def test_probe_features_equal_the_models_forward_pass(run):
     np.testing.assert_allclose(got.features[0, :, 2], np.asarray(out.final_features), atol=1e-5, rtol=1e-5)
     # The same on a (data 2, fsdp 2, tensor 2) mesh: parameters restored into their shards, batches split.
     mesh8 = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
-    sharded = features_lib.load_pretrained(config, "unused", mesh8, rules)
+    sharded = pretrained.load(config, "unused", mesh8, rules)
     assert sharded.params["blocks"]["mlp"]["fc"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     got8 = features_lib.FeatureExtractor(sharded.model_cfg, sharded.layout, mesh8, rules, config.data,
                                          sharded.palette, [0, 1, 2], batch_size=64).extract(sharded.params,
@@ -107,8 +79,8 @@ def test_bert_features_are_the_models_under_masks_that_depend_on_the_example_onl
     cfg = ModelConfig(vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense",
                       objective="bert")
     mesh, rules = one_device_mesh(), sharding.DEFAULT_RULES
-    layout = features_lib.param_layout(cfg, mesh, rules)
-    params = features_lib.random_params(cfg, layout, mesh, rules, jax.random.key(0))
+    layout = param_layout(cfg, mesh, rules)
+    params = random_params(cfg, layout, mesh, rules, jax.random.key(0))
     palette = data_pipeline.load_or_fit_palette(config.data)
     got = features_lib.FeatureExtractor(cfg, layout, mesh, rules, config.data, palette, [1, 2],
                                         batch_size=30).extract(params, "validation", num_masks=2)
@@ -230,9 +202,8 @@ def test_probe_job_reports_every_layer_the_best_layer_and_the_baselines(probe_re
 
 def test_raw_pixel_baseline_equals_a_direct_scikit_learn_fit(run, probe_results):
     config, _, res = probe_results
-    source = features_lib.open_source(config, "unused")
-    palette = Palette(source.restore_palette(res["step"]))
-    source.close()
+    with pretrained.open_source(config, "unused") as source:
+        palette = source.palette(res["step"])
     data = {}
     for split in data_pipeline.SPLITS:
         batch = next(data_pipeline.make_iterator(config.data, split, batch_size=2000, train=False, palette=palette))
@@ -270,7 +241,7 @@ def test_bad_inputs_fail_with_what_and_where(run, tmp_path):
     config = probe_config(run)
     config.model.d_model = 48
     config.model.n_head = 2
-    with pytest.raises(ValueError, match=r"model\.d_model: job config 48, checkpoint 32") as err:
+    with pytest.raises(ValueError, match=r"model\.d_model=48 but the source has 32") as err:
         probe.run(config, str(tmp_path / "out"), devices=jax.devices()[:1])
     assert str(Path(run[1]) / "checkpoints" / str(PRETRAIN_STEPS)) in str(err.value)
     config = probe_config(run)

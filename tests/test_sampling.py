@@ -16,7 +16,7 @@ from PIL import Image
 from igpt_jax import objectives, sampling, sharding
 from igpt_jax.jobs import sample
 from igpt_jax.model import IGPT, ModelConfig, init_params
-from test_evaluate import write_checkpoint
+from tiny_runs import write_checkpoint
 
 CFG = ModelConfig(vocab_size=16, n_ctx=32, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense")
 SETTINGS = dict(temperature=0.8, top_k=5)
@@ -170,7 +170,7 @@ def test_completion_grid_and_tokens_for_the_demo(run_dir, tmp_path):
     config, source = run_dir
     config = config.copy_and_resolve_references()  # the pretraining config, as the demo has it
     config.checkpoint.source_workdir = source  # the demo leaves this empty: its own workdir holds the checkpoint
-    config.model.d_model = 64  # a config that disagrees with the checkpoint: the checkpoint's model is used
+    config.model.remat = "full"  # a runtime setting: the job's applies to the checkpoint's model
     config.sample.update(given_rows=-1, batch_size=4, top_k=4)
     out = tmp_path / "samples"
     result = sample.write_completion_grid(config, str(out), num_images=3, samples_per_image=2,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 # Per-dataset presets: (resolution, channels, n_colors, augment, val_fraction).
@@ -79,3 +81,10 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
     cfg.auto_import = True
     cfg.import_source = ml_collections.FieldReference(None, field_type=str)
     return cfg
+
+
+def resolve_data_dir(data_dir: str | None) -> str:
+    """config data_dir -> $TFDS_DATA_DIR -> ~/tensorflow_datasets (TFDS's own default)."""
+    if data_dir:
+        return os.fspath(data_dir)
+    return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')

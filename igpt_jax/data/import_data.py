@@ -38,6 +38,7 @@ from PIL import Image
 
 from igpt_jax.data import builders
 from igpt_jax.data.builders import DatasetSpec
+from igpt_jax.data.config import resolve_data_dir
 
 _IMAGE_SUFFIXES = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm', '.pgm'}
 _TEST_DIR_NAMES = ('test', 'val', 'validation')
@@ -427,8 +428,6 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if not f.name:
         raise app.UsageError('--name is required.')
-    from igpt_jax.data.pipeline import resolve_data_dir  # pylint: disable=g-import-not-at-top
-
     data_dir = resolve_data_dir(f.data_dir)
     status = import_dataset(f.source, f.name, data_dir, overwrite=f.overwrite, channels=f.channels,
                             test_fraction=f.test_fraction, progress=True)

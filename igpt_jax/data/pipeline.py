@@ -26,7 +26,6 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -39,72 +38,16 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax.data import augment, builders
+from igpt_jax.data.auto_import import ensure_dataset  # noqa: F401  (part of this API)
+from igpt_jax.data.config import resolve_data_dir  # noqa: F401  (part of this API)
 from igpt_jax.palette import Palette, _pack
 
 SPLITS = ('train', 'validation', 'test')
-# Where auto_import looks for {name}.npz when config.data.import_source is None.
-_NPZ_DIRS_ENV = 'IGPT_NPZ_DIR'
-_SHARED_DATA = Path(__file__).resolve().parents[3] / 'shared' / 'data'
-
-
 class DataError(ValueError):
     """Bad data in a dataset; the message names the dataset, split and record."""
 
 
 # ----------------------------------------------------------------- dataset
-def resolve_data_dir(data_dir: str | None) -> str:
-    """config data_dir -> $TFDS_DATA_DIR -> ~/tensorflow_datasets (TFDS's own default)."""
-    if data_dir:
-        return os.fspath(data_dir)
-    return os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
-
-
-def _prepared_versions(name: str, data_dir: str) -> list[str]:
-    root = epath.Path(data_dir) / name
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / 'dataset_info.json').exists())
-
-
-def _auto_import_source(data_cfg: ml_collections.ConfigDict) -> str | None:
-    if data_cfg.get('import_source'):
-        return data_cfg.import_source
-    dirs = [d for d in os.environ.get(_NPZ_DIRS_ENV, '').split(os.pathsep) if d] + [str(_SHARED_DATA)]
-    for d in dirs:
-        candidate = Path(d) / f'{data_cfg.name}.npz'
-        if candidate.is_file():
-            return str(candidate)
-    return None
-
-
-def ensure_dataset(data_cfg: ml_collections.ConfigDict) -> str:
-    """Makes sure the dataset is in data_dir (importing it if allowed); returns data_dir.
-
-    Raises:
-      FileNotFoundError: the dataset is missing and cannot be imported here.
-    """
-    data_dir = resolve_data_dir(data_cfg.data_dir)
-    name = data_cfg.name
-    if _prepared_versions(name, data_dir):
-        return data_dir
-    hint = (f'Import it with: python -m igpt_jax.data.import_data --name={name} '
-            f'--data_dir={data_dir} --source=<.npz or image folder>')
-    if not data_cfg.get('auto_import', False):
-        raise FileNotFoundError(f'Dataset {name!r} not found in {data_dir} (auto_import is off). {hint}')
-    source = None if name == 'digits' else _auto_import_source(data_cfg)
-    if name != 'digits' and source is None:
-        raise FileNotFoundError(f'Dataset {name!r} not found in {data_dir} and no source to import. {hint}')
-    if jax.process_count() > 1:
-        raise FileNotFoundError(
-            f'Dataset {name!r} not found in {data_dir}; with {jax.process_count()} processes it must be '
-            f'prepared before the run. {hint}')
-    from igpt_jax.data import import_data  # pylint: disable=g-import-not-at-top
-
-    logging.info('Dataset %s not in %s: importing it from %s.', name, data_dir, source or 'scikit-learn')
-    import_data.import_dataset(source, name, data_dir)
-    return data_dir
-
-
 def _builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     data_dir = ensure_dataset(data_cfg)
     return tfds.builder(data_cfg.name, data_dir=data_dir)

@@ -37,10 +37,10 @@ import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
-from etils import epath
 
 from igpt_jax import optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.job_outputs import workpath_of
 from igpt_jax.model import ModelConfig, count_params
 
 GIB = 1024**3
@@ -379,7 +379,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     Raises:
       CompileError: when the step does not compile or does not fit (after printing and writing the report).
     """
-    workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    workpath = workpath_of(workdir)
     workpath.mkdir(parents=True, exist_ok=True)
     try:
         report, _ = compile_train_step(config, devices)

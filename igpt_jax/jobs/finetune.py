@@ -1,6 +1,7 @@
 """The fine-tuning job (``config.job = 'finetune'``, paper 2.3, 3.4, 4.5).
 
-Initialises the model from a pretraining checkpoint (``config.checkpoint.source_workdir`` / ``step``; or randomly,
+Initialises the model from a pretrained model (``config.checkpoint.source_workdir`` / ``step``: a pretraining run or
+a converted model, read by `igpt_jax.pretrained`; or randomly,
 ``finetune.init = 'random'``, the from-scratch baseline), attaches a zero-initialised, bias-free linear head to the
 sequence mean of the final norm's output (or of block ``finetune.head_layer``'s ``ln_1`` output), and trains
 L_GEN + L_CLF (or L_CLF alone) with Adam as in pretraining (``config.train``'s b1, b2, eps, clipping) at a constant
@@ -35,9 +36,10 @@ from etils import epath
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, objectives, optim, sharding
+from igpt_jax import linear_probe, objectives, optim, pretrained, sharding
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs.probe import jsonable
+from igpt_jax.job_outputs import jsonable
+from igpt_jax.layout import Layout, layout_of, param_layout
 from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
 from igpt_jax.palette import Palette
 from igpt_jax.run_log import PreemptionWatcher, RunLog
@@ -70,23 +72,10 @@ def _state(params: Any, tx: optax.GradientTransformation) -> FinetuneState:
                          evals_since_best=jnp.zeros((), jnp.int32), initial_accuracy=jnp.full((), -1.0, jnp.float32))
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    abstract: FinetuneState
-    shardings: FinetuneState
-
-
 def state_layout(model_cfg: ModelConfig, num_classes: int, tx: optax.GradientTransformation, mesh, rules) -> Layout:
     """Shapes and shardings of the fine-tuning state (the head is ('embed', 'classes'))."""
-    def boxed(rng):
-        return _state({"model": init_params(model_cfg, rng), "head": {"w": head_param(model_cfg.d_model, num_classes)}},
-                      tx)
-
-    shapes = jax.eval_shape(boxed, jax.random.key(0))
-    shardings = sharding.logical_shardings(shapes, mesh, rules)
-    abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                            nn.meta.unbox(shapes), shardings)
-    return Layout(abstract, shardings)
+    return layout_of(lambda rng: _state({"model": init_params(model_cfg, rng),
+                                         "head": {"w": head_param(model_cfg.d_model, num_classes)}}, tx), mesh, rules)
 
 
 def create_state(model_params: Any | None, model_cfg: ModelConfig, num_classes: int, tx, layout: Layout, mesh, rules,
@@ -261,7 +250,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
 
     # ------------------------------------------------------------------ model, palette, classes
     latest = ckpt.latest_step()
-    source_ckpt, source_step = None, None
+    source, source_step = None, None
     num_classes = data_pipeline.num_classes(config.data)
     if fcfg.num_classes and int(fcfg.num_classes) != num_classes:
         raise ValueError(f"finetune.num_classes={fcfg.num_classes} but dataset {config.data.name!r} (data_dir "
@@ -269,25 +258,30 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     if latest is not None:  # resuming: everything from our own checkpoint
         where = f"checkpoint {ckpt.directory}/{latest}"
         saved = ckpt.restore_config(latest)
-        model_cfg = features_lib.model_config_for_job(config.model, saved.model, where=where)
+        model_cfg = pretrained.model_config_for_job(config.model, ModelConfig.from_config(saved.model), where=where)
         palette = Palette(ckpt.restore_palette(latest))
+        data_cfg = pretrained.data_config_for_job(
+            config.data, {k: int(saved.data[k]) for k in pretrained.DATA_FIELDS}, model_cfg, where=where)
         saved_classes = int(saved.finetune.num_classes)
         if saved_classes != num_classes:
             raise ValueError(f"{where} has a head for {saved_classes} classes but dataset {config.data.name!r} has "
                              f"{num_classes}: use a new workdir for a different dataset")
         source_step = int(saved.checkpoint.step)
     elif fcfg.init == "pretrained":
-        source_ckpt = features_lib.open_source(config, workdir)
-        closers.append(source_ckpt.close)
-        source_step = ckpt_lib.resolve_step(source_ckpt, int(config.checkpoint.step))
-        where = f"checkpoint {source_ckpt.directory}/{source_step}"
-        model_cfg, _, palette = features_lib.read_model(source_ckpt, source_step, config)
+        source = pretrained.open_source(config, workdir)
+        closers.append(source.close)
+        source_step = source.resolve_step(int(config.checkpoint.step))
+        where = source.where(source_step)
+        model_cfg, palette, data_cfg = source.settings(config, source_step)
     else:
         where = "config.model (random init)"
         model_cfg = ModelConfig.from_config(config.model)
         palette = data_pipeline.load_or_fit_palette(config.data)
+        data_cfg = pretrained.data_config_for_job(
+            config.data, {k: int(config.data[k]) for k in pretrained.DATA_FIELDS}, model_cfg, where=where)
+        if palette.k != model_cfg.vocab_size:
+            raise ValueError(f"data.n_colors={palette.k} differs from model.vocab_size={model_cfg.vocab_size} ({where})")
     model_cfg = model_cfg.replace(dropout=float(fcfg.dropout))
-    features_lib.check_data_fits_model(config.data, model_cfg, palette, where=where)
     head_layer = int(fcfg.head_layer)
     if not -1 <= head_layer <= model_cfg.n_layer:
         raise ValueError(f"finetune.head_layer={head_layer} must be -1 (final norm) or in [0, {model_cfg.n_layer}]")
@@ -305,7 +299,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     tx = optim.make_optimizer(config.train, schedule)
     layout = state_layout(model_cfg, num_classes, tx, mesh, rules)
     train_rows = data_pipeline.host_rows(batch_size, mesh, sharding.batch_axes(rules))
-    train_iter = data_pipeline.make_iterator(config.data, "train", batch_size=train_rows.size, rows=train_rows,
+    train_iter = data_pipeline.make_iterator(data_cfg, "train", batch_size=train_rows.size, rows=train_rows,
                                              train=True, seed=config.seed, palette=palette)
     base_rng = jax.random.key(config.seed)
     if latest is not None:
@@ -313,9 +307,8 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         logging.info("resumed fine-tuning from %s at step %d", ckpt.directory, latest)
     else:
         model_params = None
-        if source_ckpt is not None:
-            model_params = features_lib.restore_params(source_ckpt, source_step,
-                                                       features_lib.param_layout(model_cfg, mesh, rules))
+        if source is not None:
+            model_params = source.restore_params(source_step, param_layout(model_cfg, mesh, rules))
             logging.info("fine-tuning from %s", where)
         state = create_state(model_params, model_cfg, num_classes, tx, layout, mesh, rules,
                              jax.random.fold_in(base_rng, 1))
@@ -326,12 +319,13 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
                                    base_rng=jax.random.fold_in(base_rng, 2), head_layer=head_layer, use_gen=use_gen),
         in_shardings=(layout.shardings, sharding.batch_sharding(mesh, rules)),
         out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
-    evaluator = Evaluator(model_cfg, layout, mesh, rules, config.data, palette, batch_size=eval_batch,
+    evaluator = Evaluator(model_cfg, layout, mesh, rules, data_cfg, palette, batch_size=eval_batch,
                           head_layer=head_layer, num_masks=max(1, int(fcfg.bert_ensemble)), seed=config.seed,
                           num_classes=num_classes)
 
     saved_config = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
     saved_config.model = dataclasses.asdict(model_cfg)
+    saved_config.data = data_cfg.to_dict()
     saved_config.finetune.num_classes = num_classes
     saved_config.finetune.head_layer = head_layer
     saved_config.checkpoint.step = -1 if source_step is None else source_step
@@ -341,7 +335,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
 
     start_step = int(jax.device_get(state.step))
     log = RunLog(workpath, num_steps=num_steps, start_step=start_step,
-                          tokens_per_step=batch_size * config.data.resolution**2, local="://" not in run_dir)
+                   tokens_per_step=batch_size * data_cfg.resolution**2, local="://" not in run_dir)
     closers.append(log.close)
     watcher = PreemptionWatcher(stop_at_step)
     closers.append(watcher.close)

@@ -1,7 +1,7 @@
 """The linear-probe job (``config.job = 'probe'``): a pretraining checkpoint's features, one probe per layer.
 
 For each checkpoint step (``config.checkpoint.step``, or every step of ``config.probe.checkpoint_steps``):
-  1. restore only the parameters onto the mesh (`igpt_jax.features.load_pretrained` pieces);
+  1. restore only the parameters onto the mesh (`igpt_jax.pretrained`: a run's checkpoint or a converted model);
   2. extract every requested layer's sequence-mean feature for the train, validation and test splits, one pass per
      split (BERT models: masked inputs; validation and test under ``probe.bert_ensemble`` masks);
   3. per layer, fit a logistic regression on train (L-BFGS, or the JAX SGD probe), choose C on validation; the best
@@ -18,8 +18,6 @@ checkpoints ``probe_vs_val_loss.png`` (best-layer accuracy against validation lo
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from typing import Any
 
@@ -27,18 +25,15 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, sharding
+from igpt_jax import linear_probe, pretrained, sharding
 from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.job_outputs import jsonable, workpath_of
+from igpt_jax.layout import param_layout, random_params
 
 RESULTS, LAYERS_PLOT, LOSS_PLOT = "results.json", "probe_layers.png", "probe_vs_val_loss.png"
-
-
-def _workpath(workdir: str) -> epath.Path:
-    return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
 def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0
@@ -103,42 +98,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
                          "layer on validation and folds it back itself; set data.fold_val=False")
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
-    workpath = _workpath(workdir)
+    workpath = workpath_of(workdir)
     primary = jax.process_index() == 0
 
-    ckpt = features_lib.open_source(config, workdir)
+    source = pretrained.open_source(config, workdir)
     try:
         requested = list(pcfg.checkpoint_steps) or [int(config.checkpoint.step)]
-        steps = sorted({ckpt_lib.resolve_step(ckpt, int(s)) for s in requested})
-        model_cfg, run_config, palette = features_lib.read_model(ckpt, steps[-1], config)
-        where = f"checkpoint {ckpt.directory}/{steps[-1]}"
-        features_lib.check_data_fits_model(config.data, model_cfg, palette, where=where)
-        num_classes = data_pipeline.num_classes(config.data)
+        steps = sorted({source.resolve_step(int(s)) for s in requested}, key=lambda s: -1 if s is None else s)
+        model_cfg, palette, data_cfg = source.settings(config, steps[-1])
+        run_config = source.run_config(steps[-1])
+        num_classes = data_pipeline.num_classes(data_cfg)
         layers = features_lib.resolve_layers(pcfg.layers, model_cfg.n_layer)
         masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
         batch_size = int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size)
-        layout = features_lib.param_layout(model_cfg, mesh, rules)
-        extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, config.data, palette, layers,
+        layout = param_layout(model_cfg, mesh, rules)
+        extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, data_cfg, palette, layers,
                                                   batch_size=batch_size, seed=int(pcfg.seed))
-        n = {s: data_pipeline.num_examples(config.data, s) for s in data_pipeline.SPLITS}
+        n = {s: data_pipeline.num_examples(data_cfg, s) for s in data_pipeline.SPLITS}
         if pcfg.max_train_examples:
             n["train"] = min(n["train"], int(pcfg.max_train_examples))
         size = sum(features_lib.approx_feature_bytes(n[s], len(layers), model_cfg.d_model, 1 if s == "train" else masks)
                    for s in n)
         logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s; %s examples (train/val/test); %d classes; "
-                     "features take %s per checkpoint", len(steps), steps, ckpt.directory, len(layers), layers,
+                     "features take %s per checkpoint", len(steps), steps, source.path, len(layers), layers,
                      "/".join(str(n[s]) for s in data_pipeline.SPLITS), num_classes, features_lib.human_bytes(size))
 
         per_checkpoint, splits = [], None
         baselines: dict[str, Any] = {}
         for i, step in enumerate(steps):
             if i:  # every step must be the same model (one run)
-                other, _, other_palette = features_lib.read_model(ckpt, step, config)
+                other, other_palette, _ = source.settings(config, step)
                 if other != model_cfg or not np.array_equal(other_palette.centres, palette.centres):
-                    raise ValueError(f"checkpoint {ckpt.directory}/{step} is not the same model or palette as step "
+                    raise ValueError(f"{source.where(step)} is not the same model or palette as step "
                                      f"{steps[-1]}: probe.checkpoint_steps must come from one run")
             t0 = time.time()
-            params = features_lib.restore_params(ckpt, step, layout)
+            params = source.restore_params(step, layout)
             first = i == 0
             splits = extract_splits(extractor, params, masks=masks, max_train=int(pcfg.max_train_examples))
             del params
@@ -156,11 +150,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
                 baselines["raw_pixels"] = pixel_baseline(splits, palette, settings, num_classes=num_classes)
                 logging.info("raw-pixel baseline: test %.4f", baselines["raw_pixels"]["test_accuracy"])
     finally:
-        ckpt.close()
+        source.close()
 
     if pcfg.baselines:
         t0 = time.time()
-        rand = features_lib.random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345))
+        rand = random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345))
         rsplits = extract_splits(extractor, rand, masks=masks, max_train=int(pcfg.max_train_examples))
         del rand
         rres = probe_splits(rsplits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer)
@@ -173,13 +167,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     _warn_grid_edges(last, settings)
     results: dict[str, Any] = {
         "job": "probe",
-        "source_checkpoints": str(ckpt_lib.checkpoint_dir(config.checkpoint.source_workdir or workdir)),
+        "source": {"path": source.path, "kind": source.kind},
+        "source_checkpoints": (str(ckpt_lib.checkpoint_dir(source.path)) if source.kind == pretrained.RUN
+                               else source.path),
         "steps": steps,
         "step": last["step"],
         "dataset": config.data.name,
         "num_classes": num_classes,
         "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
-        "model": {k: getattr(model_cfg, k) for k in features_lib.ARCHITECTURE_FIELDS},
+        "model": {k: getattr(model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
         "bert_masks": masks,
         "best_layer": last["best_layer"],
         "val_accuracy": last["best"]["val_accuracy"],
@@ -187,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         "checkpoints": per_checkpoint,
         "baselines": baselines,
         "config": json.loads(config.to_json_best_effort()),
-        "pretrain_config": run_config.to_dict(),
+        "pretrain_config": run_config.to_dict() if run_config is not None else None,
         "seconds": time.time() - t_start,
     }
     table = format_table(results)
@@ -219,20 +215,6 @@ def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) 
                         hyper, res["best"][hyper], tuple(grid), "C" if hyper == "C" else "sgd_lrs")
     elif edge:
         logging.info("probe: %s at the edge of the grid for layers %s", hyper, edge)
-
-
-def jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.ndarray):
-        return jsonable(x.tolist())
-    return x
 
 
 def format_table(results: dict[str, Any]) -> str:

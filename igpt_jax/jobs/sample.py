@@ -1,4 +1,4 @@
-"""The sample job: images from a pretraining checkpoint, decoded with a key/value cache.
+"""The sample job: images from a pretrained model (a run's checkpoint or a converted model), with a key/value cache.
 
 Commands (``--workdir`` receives the outputs; the checkpoint comes from ``config.checkpoint.source_workdir``, or
 from the workdir itself when that is empty; ``config.checkpoint.step`` -1 = the latest):
@@ -41,8 +41,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from igpt_jax import sampling, sharding
+from igpt_jax.pretrained import Pretrained, load_on_mesh
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs.evaluate import Loaded, load_checkpoint, workpath_of
+from igpt_jax.job_outputs import workpath_of
 
 MODES = ("complete", "unconditional")
 
@@ -64,7 +65,7 @@ def resolve_given_rows(given_rows: int, resolution: int, n_ctx: int) -> int:
     return rows
 
 
-def check_sample_config(sample_cfg: ml_collections.ConfigDict, loaded: Loaded) -> None:
+def check_sample_config(sample_cfg: ml_collections.ConfigDict, loaded: Pretrained) -> None:
     """Fails fast, naming the setting, before anything is read or compiled."""
     if sample_cfg.mode not in MODES:
         raise ValueError(f"sample.mode={sample_cfg.mode!r}, expected one of {MODES}")
@@ -80,7 +81,7 @@ def check_sample_config(sample_cfg: ml_collections.ConfigDict, loaded: Loaded) -
         resolve_given_rows(sample_cfg.given_rows, loaded.data_cfg.resolution, loaded.model_cfg.n_ctx)
 
 
-def first_images(loaded: Loaded, split: str, num_images: int) -> np.ndarray:
+def first_images(loaded: Pretrained, split: str, num_images: int) -> np.ndarray:
     """Tokens of the first `num_images` images of a split (every process reads the same ones); int32 [n, res*res]."""
     it = data_pipeline.make_iterator(loaded.data_cfg, split, batch_size=min(num_images, 64), train=False, seed=0,
                                      shard_index=0, shard_count=1, palette=loaded.palette)
@@ -106,7 +107,7 @@ def _fetch(array: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(array))
 
 
-def generate_rows(loaded: Loaded, prefixes: np.ndarray, sample_cfg: ml_collections.ConfigDict
+def generate_rows(loaded: Pretrained, prefixes: np.ndarray, sample_cfg: ml_collections.ConfigDict
                   ) -> tuple[np.ndarray, dict[str, float]]:
     """Completes every row of int32 `prefixes` [rows, t] to the image length, `sample_cfg.batch_size` at a time.
 
@@ -121,7 +122,7 @@ def generate_rows(loaded: Loaded, prefixes: np.ndarray, sample_cfg: ml_collectio
     batch = max(dp, math.ceil(batch / dp) * dp)  # whole rows per data-parallel shard
     padded = math.ceil(rows / batch) * batch
     prefixes = np.concatenate([prefixes, np.repeat(prefixes[:1], padded - rows, axis=0)]) if padded > rows else prefixes
-    fn = sampling.make_generate_fn(model_cfg, mesh, rules, loaded.param_shardings, length=length,
+    fn = sampling.make_generate_fn(model_cfg, mesh, rules, loaded.layout.shardings, length=length,
                                    temperature=float(sample_cfg.temperature), top_k=int(sample_cfg.top_k))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     base = jax.random.key(int(sample_cfg.seed))
@@ -136,7 +137,7 @@ def generate_rows(loaded: Loaded, prefixes: np.ndarray, sample_cfg: ml_collectio
     return tokens, {"seconds": seconds, "tokens_per_s": new_tokens / max(seconds, 1e-9), "batch_size": batch}
 
 
-def sample_and_save(loaded: Loaded, sample_cfg: ml_collections.ConfigDict, workdir: str, *,
+def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, workdir: str, *,
                     scale: int | None = None) -> dict[str, Any]:
     """Runs the configured mode and writes the grid, the token arrays and sample_info.json to `workdir`."""
     check_sample_config(sample_cfg, loaded)
@@ -181,14 +182,14 @@ def sample_and_save(loaded: Loaded, sample_cfg: ml_collections.ConfigDict, workd
         (workpath / "sample_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"Sampling ({sample_cfg.mode}): wrote {files['grid']} ({grid.shape[1]}x{grid.shape[0]} pixels) and "
           f"{files['tokens']}; {timing['tokens_per_s']:,.0f} tokens/s (batch {timing['batch_size']}, "
-          f"{timing['seconds']:.1f}s including compilation). Step {loaded.step} of {loaded.source}.", flush=True)
+          f"{timing['seconds']:.1f}s including compilation). {loaded.info.describe().capitalize()}.", flush=True)
     result.update(info=info, grid=grid, files=files)
     return result
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
     """The 'sample' job: restore the checkpoint, generate, write the grid and the tokens to `workdir`."""
-    loaded = load_checkpoint(config, workdir, devices=devices)
+    loaded = load_on_mesh(config, workdir, devices=devices)
     return sample_and_save(loaded, config.sample, workdir)
 
 

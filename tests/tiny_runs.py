@@ -1,0 +1,65 @@
+"""Helpers (not a test module) for tests that need a tiny pretraining config or run on the embedded digits.
+
+The session fixture that pretrains once (`pretrained_digits_run`) is in conftest.py; test modules import these
+functions, never each other.
+"""
+
+import jax
+import ml_collections
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import config_defaults, optim, sharding, train
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.model import ModelConfig
+
+PRETRAIN_STEPS = 40  # the shared pretraining run: checkpoints at steps 20 and 40
+
+
+def pretrain_config(data_dir: str, **train_overrides) -> ml_collections.ConfigDict:
+    """A 2-layer, width-32 model on the 8x8 digits: 6 steps of 16, a checkpoint every 2 steps, one device."""
+    config = config_defaults.base_config()
+    config.data = config_defaults.default_data_config("digits")
+    config.data.data_dir = data_dir
+    config.model = config_defaults.model_config(
+        vocab_size=16, n_ctx=64, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense"
+    )
+    config.train.batch_size = 16
+    config.train.num_steps = 6
+    config.train.warmup_steps = 2
+    config.train.lr = 3e-3
+    config.train.log_every = 1
+    config.train.eval_every = 0
+    config.checkpoint.every_steps = 2
+    config.mesh.shape = (1, 1, 1)
+    config.train.update(train_overrides)
+    return config
+
+
+def downstream_config(data_dir: str) -> ml_collections.ConfigDict:
+    """The shared run's config (PRETRAIN_STEPS steps of 32, checkpoints at the half and the end), probe batch 64."""
+    config = pretrain_config(data_dir, batch_size=32, num_steps=PRETRAIN_STEPS, warmup_steps=4, log_every=20)
+    config.checkpoint.every_steps = PRETRAIN_STEPS // 2
+    config.probe.batch_size = 64
+    return config
+
+
+def write_checkpoint(tmp_path_factory, step: int = 5):
+    """A checkpoint as pretraining writes it (state, config, palette) of a random model whose logits are not flat.
+
+    Returns:
+      (the run's config, its workdir, the parameters, the palette).
+    """
+    config = pretrain_config(str(tmp_path_factory.mktemp("tfds")))
+    workdir = str(tmp_path_factory.mktemp("run"))
+    model_cfg = ModelConfig.from_config(config.model)
+    tx = optim.make_optimizer(config.train, optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=1))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    layout = train.state_layout(model_cfg, tx, mesh, sharding.DEFAULT_RULES)
+    state = train.create_state(model_cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
+    wtet = 0.3 * jax.random.normal(jax.random.key(1), state.params["wtet"].shape)
+    state = state.replace(params={**state.params, "wtet": wtet})
+    palette = data_pipeline.load_or_fit_palette(config.data)
+    ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+    ckpt.save(step, state, config=config, palette=palette.centres, force=True)
+    ckpt.close()
+    return config, workdir, jax.device_get(state.params), palette

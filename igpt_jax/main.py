@@ -44,7 +44,12 @@ JOBS = {
     "finetune": "igpt_jax.jobs.finetune",
     "sample": "igpt_jax.jobs.sample",
     "evaluate": "igpt_jax.jobs.evaluate",
+    "vqvae": "igpt_jax.jobs.vqvae",
+    "tokenize": "igpt_jax.jobs.tokenize",
 }
+# Jobs whose workdir the jobs after them in `config.then` read (checkpoint.source_workdir): the VQ-VAE for tokenize,
+# the pretrained model for probe, finetune, sample and evaluate.
+SOURCE_JOBS = ("pretrain", "vqvae")
 
 
 def _multi_host_environment() -> bool:
@@ -74,14 +79,18 @@ def main(argv: list[str]) -> None:
     result = run_job(config, _WORKDIR.value)
     if isinstance(result, dict) and result.get("preempted"):
         return  # the follow-up jobs run when the re-launched job has finished
+    source = _WORKDIR.value
     for follow_up in config.then:
         follow_config = config.copy_and_resolve_references()
         with follow_config.unlocked():
             follow_config.job = follow_up
             follow_config.then = ()
-            follow_config.checkpoint.source_workdir = _WORKDIR.value
+            follow_config.checkpoint.source_workdir = source
             follow_config.checkpoint.step = -1
-        run_job(follow_config, os.path.join(_WORKDIR.value, follow_up))
+        follow_workdir = os.path.join(_WORKDIR.value, follow_up)
+        run_job(follow_config, follow_workdir)
+        if follow_up in SOURCE_JOBS:
+            source = follow_workdir
 
 
 def run_job(config, workdir: str):

@@ -32,5 +32,5 @@ def test_config_documents_and_builds_a_consistent_model(path):
     model = ModelConfig.from_config(config.model)
     assert config.data.resolution**2 <= model.n_ctx
     assert model.vocab_size == config.data.n_colors
-    assert config.job == "pretrain"
-    assert set(config.then) <= {"probe", "finetune", "sample", "evaluate"}
+    assert config.job in ("pretrain", "vqvae")
+    assert set(config.then) <= {"probe", "finetune", "sample", "evaluate", "tokenize", "pretrain"}

@@ -226,3 +226,24 @@ def test_vqvae_checkpoint_whose_codebook_disagrees_with_the_config_is_a_one_line
     config.data.n_colors = 16
     with pytest.raises(ValueError, match=r"data.n_colors=16 differs from vqvae.vocab_size=32"):
         tokenize.check_config(config)
+
+
+# ------------------------------------------------------------------ the paper's ImageNet setting on a pod
+@pytest.mark.slow
+def test_vqvae_imagenet_pretraining_on_codes_compiles_and_fits_its_pod(tmp_path):
+    pytest.importorskip("libtpu", reason="the compile job needs libtpu to describe TPU slices")
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from igpt_jax.jobs import compile as compile_job  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "vqvae_imagenet.py"
+    spec = importlib.util.spec_from_file_location("vqvae_imagenet", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("pod=v4-1024")
+    config.job, config.then = "compile", ()
+    report = compile_job.run(config, str(tmp_path))
+    assert report["fits"] is True
+    assert report["model"]["vocab_size"] == 4096 and report["seq_len"] == 48 * 48
+    assert report["mesh"] == {"data": 1, "fsdp": 128, "tensor": 4}

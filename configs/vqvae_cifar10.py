@@ -13,7 +13,7 @@ Command:   python -m igpt_jax.main --config=configs/vqvae_cifar10.py --workdir=w
            (VQ-VAE: workdirs/vqvae_cifar10/vqvae_results.json, reconstructions.png; then tokenize/, pretrain/,
            probe/results.json)
 Hardware:  any CPU; sized for 2 cores.
-Time:      VQ-VAE 3,000 steps of 64 images: see README "VQ-VAE" for the measured rate; pretraining on codes as
+Time:      VQ-VAE 2,000 steps of 64 images: see README "VQ-VAE" for the measured rate; pretraining on codes as
            configs/cifar10_cpu.py (about 1 h 15 min on 2 cores), probe about 25 min. The pretraining and probe on
            codes have not been run yet.
 Result:    VQ-VAE reconstruction on the test split: README "VQ-VAE" (MSE, RMSE in grey levels next to the
@@ -38,7 +38,7 @@ def get_config(arg=None):
     config.vqvae.vocab_size = 512
     config.vqvae.downsample = 1
     config.vqvae.batch_size = 64
-    config.vqvae.num_steps = 3000
+    config.vqvae.num_steps = 2000
     config.vqvae.log_every = 100
     config.vqvae.grid_images = 16
 

@@ -11,8 +11,9 @@ Command:   python -m igpt_jax.main --config=configs/vqvae_imagenet.py:pod=v4-102
 Fits?      python -m igpt_jax.main --config=configs/vqvae_imagenet.py:pod=v4-1024 --config.job=compile \
            "--config.then=()" --workdir=/tmp/c
 Hardware:  a Cloud TPU slice, `:pod=TYPE` as configs/igpt_l.py (default v4-1024, mesh (1, 128, 4)); the
-           pretraining step on codes compiles and fits (bench/RESULTS.md "VQ-VAE"). The VQ-VAE (under 250K
-           parameters) trains data-parallel on the same mesh, its parameters replicated.
+           pretraining step on codes compiles and fits (bench/RESULTS.md "VQ-VAE"). The VQ-VAE (219,715
+           parameters outside the codebook: two blocks, each with its residual stack; the paper says fewer than
+           200K) trains data-parallel on the same mesh, its parameters replicated.
 Time:      not run here; the paper's iGPT-L pretraining is 1M steps of batch 128 (about 2500 V100-days).
 Result:    not measured here (no ImageNet on this machine). Paper: linear probe 65.3 % best layer, 69.0 % with 11
            concatenated layers (Table 2).

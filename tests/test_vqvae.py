@@ -9,11 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_defaults
+from igpt_jax import config_defaults, sampling
 from igpt_jax import vqvae as vq
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import pretrain, probe, tokenize
+from igpt_jax.jobs import pretrain, probe, sample, tokenize
 from igpt_jax.jobs import vqvae as vqvae_job
 
 VOCAB = 32
@@ -175,7 +174,7 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     src = data_pipeline.make_iterator(vqvae_job.source_data_config(vq_config), "test", batch_size=8, train=False,
                                       shard_index=0, shard_count=1)
     first = next(src)
-    want, _ = vqvae_job.reconstruct_fn(vqvae_job.model_config(config))(params, emb, first["image"])
+    want, recon = vqvae_job.reconstruct_fn(vqvae_job.model_config(config))(params, emb, first["image"])
     got = next(data_pipeline.make_iterator(config.data, "test", batch_size=8, train=False, shard_index=0,
                                            shard_count=1))
     np.testing.assert_array_equal(got["tokens"], np.asarray(want).reshape(8, -1))
@@ -189,6 +188,14 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     config.checkpoint.source_workdir = str(tmp_path / "pretrain")
     config.job = "probe"
     probed = probe.run(config, str(tmp_path / "probe"), devices=ONE)
+    # The sample job shows generated codes through the VQ-VAE's decoder: 8x8 images, not 4x4 grids of codes.
+    config.job = "sample"
+    config.sample.update(mode="unconditional", num_samples=4, batch_size=4)
+    sampled = sample.run(config, str(tmp_path / "sample"), devices=ONE)
+    scale = sampling.default_scale(8)
+    assert sampled["grid"].shape == (2 * (8 * scale + 2) + 2, 2 * (8 * scale + 2) + 2, 1)
+    decoder = vqvae_job.CodeDecoder.from_codes_dataset(config.data)
+    np.testing.assert_array_equal(decoder.decode(got["tokens"].reshape(8, 4, 4)), vqvae_job.to_uint8(recon))
     assert probed["dataset"] == "digits_vq" and probed["examples"]["test"] == 297
     assert probed["test_accuracy"] > 0.3  # ten classes: chance is 0.1
 

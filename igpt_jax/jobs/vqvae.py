@@ -275,3 +275,36 @@ def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq
         if key in saved and int(saved[key]) != int(getattr(vq_cfg, key)):
             raise ValueError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
                              f"says vqvae.{key}={getattr(vq_cfg, key)}")
+
+
+class CodeDecoder:
+    """Decodes code grids to images through a trained VQ-VAE's decoder; `decode` has the palette's signature, so
+    the sample job's panels can use it in place of the palette (data.tokens='codes')."""
+
+    def __init__(self, vq_cfg: vq.VQVAEConfig, params: Any, embeddings: Any):
+        self.cfg, self.params, self.embeddings = vq_cfg, params, jnp.asarray(embeddings)
+        model = vq.VQVAE(vq_cfg)
+        self._decode = jax.jit(lambda p, e, ids: model.apply({"params": p}, e[ids], method=vq.VQVAE.decode))
+
+    @classmethod
+    def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
+        """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
+        meta = data_pipeline.check_codes_dataset(data_cfg)
+        ckpt = ckpt_lib.Checkpointer(str(epath.Path(meta["vqvae_checkpoint"]).parent), create=False)
+        try:
+            step = int(meta["vqvae_step"])
+            saved = ckpt.restore_config(step)
+            vq_cfg = model_config(saved)
+            mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+            tx = optax.adam(float(saved.vqvae.lr))
+            state = ckpt.restore(step, abstract_state(vq_cfg, tx, int(saved.vqvae.data.resolution), mesh))
+        finally:
+            ckpt.close()
+        return cls(vq_cfg, jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings))
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """int [..., g, g] -> uint8 [..., g*f, g*f, C]."""
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1, *ids.shape[-2:])
+        images = to_uint8(jax.device_get(self._decode(self.params, self.embeddings, jnp.asarray(flat, jnp.int32))))
+        return images.reshape(*ids.shape[:-2], *images.shape[1:])

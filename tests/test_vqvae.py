@@ -159,6 +159,16 @@ def test_vqvae_resumed_training_is_bit_exact_with_an_uninterrupted_one(data_dir,
     assert whole["test"]["mse"] == second["test"]["mse"]
 
 
+def test_vqvae_on_an_8_device_mesh_trains_like_one_device(data_dir, tmp_path):
+    config = vqvae_config(data_dir, num_steps=4, grid_images=0)
+    one = vqvae_job.run(config, str(tmp_path / "one"), devices=ONE)
+    config.mesh.shape = (-1, 1, 1)  # the batch of 32 split over 8 devices; parameters and codebook replicated
+    eight = vqvae_job.run(config, str(tmp_path / "eight"), devices=jax.devices()[:8])
+    for a, b in zip(one["history"], eight["history"]):
+        assert a["revived"] == b["revived"] and a["codes_used"] == b["codes_used"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 # ------------------------------------------------------------------ tokenize -> pretrain -> probe
 def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     vq_workdir, vq_config, _ = trained

@@ -35,7 +35,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """All settings with their defaults (a small CPU-friendly model on the embedded digits dataset)."""
     c = ml_collections.ConfigDict()
-    c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile
+    c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile | vqvae | tokenize
     c.seed = 0
     # Jobs to run after `job` in the same command, each reading this run's checkpoint and writing to WORKDIR/<job>
     # (the demo: pretrain, then probe and sample).
@@ -140,6 +140,28 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.num_classes = 0  # 0: the dataset's; otherwise it must equal the dataset's
     c.finetune.bert_ensemble = 5  # BERT models: masks per evaluation example, modal prediction (1: off)
     c.finetune.log_every = 10
+
+    # The VQ-VAE of paper A.2 (job 'vqvae', igpt_jax/jobs/vqvae.py) and the codes it writes (job 'tokenize').
+    c.vqvae = ml_collections.ConfigDict()
+    c.vqvae.data = default_data_config()  # the images it encodes (read as raw pixels in [-1, 1])
+    c.vqvae.vocab_size = 512  # codebook size (paper: 4,096)
+    c.vqvae.downsample = 1  # encoder blocks: 1 = 2x (32 -> 16, 96 -> 48), 2 = 4x (192 -> 48)
+    c.vqvae.residual_layers = 1  # residual layers per block (32 hidden units each)
+    c.vqvae.decay = 0.99  # EMA decay of the codebook's cluster sizes and sums
+    c.vqvae.epsilon = 1e-5  # Laplace smoothing of the cluster sizes
+    c.vqvae.commitment = 0.02  # paper A.2
+    c.vqvae.dead_fraction = 0.1  # dead: EMA usage below this fraction of batch x grid / vocabulary (paper)
+    c.vqvae.revive_noise = 0.01  # revived code = a random encoder output of the batch + this x std x N(0, 1)
+    c.vqvae.lr = 1e-4  # Adam (paper A.2)
+    c.vqvae.batch_size = 64  # global
+    c.vqvae.num_steps = 1000
+    c.vqvae.log_every = 50
+    c.vqvae.data_variance = 0.0  # the reconstruction loss's divisor; 0: estimated from training images
+    c.vqvae.variance_images = 1000  # images the estimate uses
+    c.vqvae.eval_batch_size = 256  # test-split reconstruction error
+    c.vqvae.grid_images = 8  # test images in reconstructions.png (0: none)
+    c.tokenize = ml_collections.ConfigDict()
+    c.tokenize.batch_size = 256  # images encoded at once
     return c
 
 

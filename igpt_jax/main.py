@@ -44,7 +44,12 @@ JOBS = {
     "finetune": "igpt_jax.jobs.finetune",
     "sample": "igpt_jax.jobs.sample",
     "evaluate": "igpt_jax.jobs.evaluate",
+    "vqvae": "igpt_jax.jobs.vqvae",
+    "tokenize": "igpt_jax.jobs.tokenize",
 }
+# Jobs whose workdir the jobs after them in `config.then` read (checkpoint.source_workdir): the VQ-VAE for tokenize,
+# the pretrained model for probe, finetune, sample and evaluate.
+SOURCE_JOBS = ("pretrain", "vqvae")
 
 
 def _multi_host_environment() -> bool:
@@ -74,15 +79,21 @@ def main(argv: list[str]) -> None:
     result = run_job(config, _WORKDIR.value)
     if isinstance(result, dict) and result.get("preempted"):
         return  # the follow-up jobs run when the re-launched job has finished
+    # Follow-ups read the newest run this command trained (pretrain or vqvae); after a job that trains nothing
+    # (a probe of a converted model) they keep that job's own source.
+    source = _WORKDIR.value if config.job in SOURCE_JOBS else None
     for follow_up in config.then:
         follow_config = config.copy_and_resolve_references()
         with follow_config.unlocked():
             follow_config.job = follow_up
             follow_config.then = ()
-            if config.job == "pretrain":  # follow-ups read the run just trained; otherwise the job's own source
-                follow_config.checkpoint.source_workdir = _WORKDIR.value
+            if source is not None:
+                follow_config.checkpoint.source_workdir = source
                 follow_config.checkpoint.step = -1
-        run_job(follow_config, os.path.join(_WORKDIR.value, follow_up))
+        follow_workdir = os.path.join(_WORKDIR.value, follow_up)
+        run_job(follow_config, follow_workdir)
+        if follow_up in SOURCE_JOBS:
+            source = follow_workdir
 
 
 def run_job(config, workdir: str):

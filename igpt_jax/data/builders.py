@@ -207,7 +207,8 @@ class ImageDatasetBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
 
 
 def make_builder(
-    spec: DatasetSpec, examples: dict[str, ExampleGen], data_dir: str
+    spec: DatasetSpec, examples: dict[str, ExampleGen], data_dir: str,
+    base: type[ImageDatasetBuilder] | None = None,
 ) -> ImageDatasetBuilder:
     """An array_record builder for `spec` writing into `data_dir`/name/version.
 
@@ -217,6 +218,8 @@ def make_builder(
         examples are dicts with 'image' (encoded bytes), 'label' (int) and the id
         feature if the spec has one.
       data_dir: TFDS data_dir.
+      base: the builder class to derive from (default ImageDatasetBuilder; the
+        tokenize job's has other features).
     """
     check_name(spec.name)
     camel = ''.join(part.capitalize() for part in spec.name.split('_')) or 'Dataset'
@@ -226,7 +229,7 @@ def make_builder(
         ns['VERSION'] = tfds.core.Version(spec.version)
         ns['__module__'] = __name__
 
-    cls = types.new_class(camel, (ImageDatasetBuilder,), {'skip_registration': True}, body)
+    cls = types.new_class(camel, (base or ImageDatasetBuilder,), {'skip_registration': True}, body)
     return cls(spec=spec, examples=examples, data_dir=data_dir, file_format='array_record')
 
 

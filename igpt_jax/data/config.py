@@ -54,6 +54,11 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
         scikit-learn; other names from import_source, else from {name}.npz found
         in $IGPT_NPZ_DIR or the project's shared/data directory.
       import_source: optional .npz or image folder for auto_import.
+      tokens: what a batch holds. 'palette': palette tokens of the pixels (iGPT);
+        'raw': the images as float32 in [-1, 1] under 'image' (the VQ-VAE job);
+        'codes': the dataset stores VQ-VAE code grids (written by the tokenize job),
+        which are the tokens as they are (n_colors = the codebook size,
+        resolution = the grid side, channels 1, no palette, no augmentation).
     """
     preset = PRESETS.get(name, _OTHER)
     cfg = ml_collections.ConfigDict()
@@ -80,6 +85,7 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
     cfg.prefetch_buffer_size = 16  # batches
     cfg.auto_import = True
     cfg.import_source = ml_collections.FieldReference(None, field_type=str)
+    cfg.tokens = 'palette'
     return cfg
 
 

@@ -8,6 +8,10 @@
       -> {'tokens': int32 [b, res*res], 'label': int32 [b], 'mask': bool [b],
           'index': int32 [b] (record index in the TFDS split, -1 for padding)}
 
+``data.tokens`` changes the last step: 'raw' yields the images as float32 in
+[-1, 1] ('image' [b, res, res, C]) for the VQ-VAE job; 'codes' reads datasets of
+VQ-VAE code grids (the tokenize job's) whose stored grid already is the tokens.
+
 Splits: 'train' and 'validation' are cut from the TFDS train split (validation
 = its last ``val_fraction`` of records; TFDS stores records in a fixed
 pseudo-random order, so that is a random, reproducible subset); ``fold_val``
@@ -43,6 +47,9 @@ from igpt_jax.data.config import resolve_data_dir  # noqa: F401  (part of this A
 from igpt_jax.palette import Palette, _pack
 
 SPLITS = ('train', 'validation', 'test')
+TOKENS = ('palette', 'raw', 'codes')
+
+
 class DataError(ValueError):
     """Bad data in a dataset; the message names the dataset, split and record."""
 
@@ -106,7 +113,9 @@ class ImageRecords:
 
     def __init__(self, *, name: str, data_dir: str, tfds_split: str, split: str, start: int,
                  stop: int, channels: int, classes: int, allow_unlabeled: bool,
-                 resolution: int, min_side: int | None = None, pad_to: int | None = None):
+                 resolution: int, min_side: int | None = None, pad_to: int | None = None,
+                 field: str = 'image'):
+        self.field = field  # 'image' (encoded image) or 'codes' (a stored code grid, data.tokens='codes')
         self.name, self.data_dir, self.tfds_split, self.split = name, data_dir, tfds_split, split
         self.start, self.stop = start, stop
         self.channels, self.classes, self.allow_unlabeled = channels, classes, allow_unlabeled
@@ -140,9 +149,10 @@ class ImageRecords:
         if self._source is None:
             with self._lock:
                 if self._source is None:
+                    decoders = {'image': tfds.decode.SkipDecoding()} if self.field == 'image' else None
                     self._source = tfds.data_source(
                         self.name, split=self.tfds_split, data_dir=self.data_dir, download=False,
-                        decoders={'image': tfds.decode.SkipDecoding()})
+                        decoders=decoders)
         return self._source
 
     def _check(self, i: int) -> int:
@@ -163,7 +173,10 @@ class ImageRecords:
 
     def _example(self, record: int, raw: Any) -> dict[str, Any]:
         try:
-            image = builders.decode_image(raw['image'], self.channels, self.min_side)
+            if self.field == 'codes':
+                image = np.asarray(raw['codes'], np.int32)[..., None]  # [g, g, 1]
+            else:
+                image = builders.decode_image(raw['image'], self.channels, self.min_side)
         except Exception as e:  # pylint: disable=broad-except
             raise DataError(f'{self._where(record)}: cannot decode the image ({type(e).__name__}: {e}).') from e
         label = int(raw['label'])
@@ -229,7 +242,7 @@ class _ReadBatch(grain.transforms.MapWithIndex):
         examples = self.reader._getitems(records)  # pylint: disable=protected-access
         images = []
         for j, ex in enumerate(examples):
-            if not ex['mask']:
+            if not ex['mask'] or self.transform is None:
                 images.append(ex['image'])
             elif self.train:
                 rng = np.random.default_rng((self.seed, index * self.stride + self.rows[j]))
@@ -252,6 +265,22 @@ class _Slice(grain.transforms.Map):
         return np.asarray(positions)[self.rows]
 
 
+class _ToUnit(grain.transforms.Map):
+    """Batch of uint8 images -> float32 images in [-1, 1] (data.tokens='raw')."""
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {**batch, 'image': batch['image'].astype(np.float32) / np.float32(127.5) - np.float32(1.0)}
+
+
+class _Codes(grain.transforms.Map):
+    """Batch of stored code grids -> tokens in raster order (data.tokens='codes')."""
+
+    def map(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        codes = batch['image']  # [b, g, g, 1]
+        return {'tokens': codes.reshape(codes.shape[0], -1).astype(np.int32), 'label': batch['label'],
+                'mask': batch['mask'], 'index': batch['index']}
+
+
 class _Tokenize(grain.transforms.Map):
     """Batch of images -> palette tokens in raster order, via the palette's lookup table."""
 
@@ -264,7 +293,45 @@ class _Tokenize(grain.transforms.Map):
         return {'tokens': tokens, 'label': batch['label'], 'mask': batch['mask'], 'index': batch['index']}
 
 
-def _augment(data_cfg: ml_collections.ConfigDict) -> _Augment:
+def tokens_kind(data_cfg: ml_collections.ConfigDict) -> str:
+    """data.tokens ('palette' when the config predates it)."""
+    kind = data_cfg.get('tokens', 'palette')
+    if kind not in TOKENS:
+        raise ValueError(f'data.tokens must be one of {TOKENS}, got {kind!r}.')
+    return kind
+
+
+def code_palette(k: int) -> Palette:
+    """The stand-in palette of a dataset of codes: code i -> grey level i / (k - 1) in [-1, 1]. Jobs that keep a
+    palette with the model (checkpoints, probes) keep this one; it only says how many tokens there are."""
+    return Palette(np.linspace(-1.0, 1.0, k, dtype=np.float32)[:, None])
+
+
+def check_codes_dataset(data_cfg: ml_collections.ConfigDict,
+                        builder: tfds.core.DatasetBuilder | None = None) -> dict[str, Any]:
+    """The metadata of a dataset of codes, checked against data.n_colors and data.resolution.
+
+    Raises:
+      ValueError: the dataset holds no codes, or a vocabulary or grid other than the config's.
+    """
+    builder = builder or _builder(data_cfg)
+    meta = dict(builder.info.metadata or {})
+    if 'codes' not in builder.info.features or 'vocab_size' not in meta:
+        raise ValueError(f'data.tokens=codes but dataset {data_cfg.name!r} holds no VQ-VAE codes (features '
+                         f'{sorted(builder.info.features.keys())}); write one with the tokenize job.')
+    if int(meta['vocab_size']) != int(data_cfg.n_colors):
+        raise ValueError(f'dataset {data_cfg.name!r} holds codes of a {meta["vocab_size"]}-code VQ-VAE but '
+                         f'data.n_colors={data_cfg.n_colors} (the model\'s vocabulary): set both to '
+                         f'{meta["vocab_size"]}.')
+    if int(meta['grid']) != int(data_cfg.resolution):
+        raise ValueError(f'dataset {data_cfg.name!r} holds {meta["grid"]}x{meta["grid"]} code grids but '
+                         f'data.resolution={data_cfg.resolution}.')
+    return meta
+
+
+def _augment(data_cfg: ml_collections.ConfigDict) -> _Augment | None:
+    if tokens_kind(data_cfg) == 'codes':
+        return None  # code grids are read as stored
     if data_cfg.augment not in augment.STYLES:
         raise ValueError(f'augment must be one of {augment.STYLES}, got {data_cfg.augment!r}.')
     return _Augment(data_cfg.augment, int(data_cfg.resolution), int(data_cfg.cifar_pad),
@@ -282,12 +349,13 @@ def _records(data_cfg: ml_collections.ConfigDict, split: str, start: int, stop: 
         min_side = math.ceil(2 * res * max_short / data_cfg.imagenet_crop)
     else:
         min_side = 2 * res
+    codes = tokens_kind(data_cfg) == 'codes'
     return ImageRecords(
         name=data_cfg.name, data_dir=resolve_data_dir(data_cfg.data_dir), tfds_split=tfds_split,
-        split=split, start=lo + start, stop=lo + stop, channels=int(data_cfg.channels),
+        split=split, start=lo + start, stop=lo + stop, channels=1 if codes else int(data_cfg.channels),
         classes=int(builder.info.features['label'].num_classes),
         allow_unlabeled=bool(data_cfg.get('allow_unlabeled', False)), resolution=res,
-        min_side=min_side, pad_to=pad_to)
+        min_side=min_side, pad_to=pad_to, field='codes' if codes else 'image')
 
 
 def shard_range(n: int, options: grain.sharding.ShardOptions) -> tuple[int, int]:
@@ -346,6 +414,9 @@ def load_or_fit_palette(data_cfg: ml_collections.ConfigDict) -> Palette:
     Raises:
       ValueError: the palette's shape is not (n_colors, channels).
     """
+    if tokens_kind(data_cfg) == 'codes':
+        check_codes_dataset(data_cfg)
+        return code_palette(int(data_cfg.n_colors))
     path = data_cfg.palette_path or default_palette_path(data_cfg)
     what = f'dataset {data_cfg.name!r}, palette {path}'
     if epath.Path(path).exists():
@@ -421,9 +492,16 @@ def make_iterator(
     n = hi - lo
     if n == 0:
         raise ValueError(f'Dataset {data_cfg.name!r} split {split!r} is empty.')
-    palette = palette if palette is not None else load_or_fit_palette(data_cfg)
-    palette.check_shape(data_cfg.n_colors, data_cfg.channels, what=f'dataset {data_cfg.name!r}')
-    tokenize = _Tokenize(palette.lookup_table())
+    kind = tokens_kind(data_cfg)
+    if kind == 'palette':
+        palette = palette if palette is not None else load_or_fit_palette(data_cfg)
+        palette.check_shape(data_cfg.n_colors, data_cfg.channels, what=f'dataset {data_cfg.name!r}')
+        tokenize = _Tokenize(palette.lookup_table())
+    elif kind == 'codes':
+        check_codes_dataset(data_cfg, builder)
+        tokenize = _Codes()
+    else:
+        tokenize = _ToUnit()
     transform = _augment(data_cfg)
     seed = int(data_cfg.shuffle_seed if seed is None else seed) % 2**32
 

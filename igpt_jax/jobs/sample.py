@@ -142,7 +142,14 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     """Runs the configured mode and writes the grid, the token arrays and sample_info.json to `workdir`."""
     check_sample_config(sample_cfg, loaded)
     res = int(loaded.data_cfg.resolution)
-    scale = sampling.default_scale(res) if scale is None else int(scale)
+    # Codes (data.tokens='codes') are shown through the VQ-VAE's decoder; a code row is `factor` image rows.
+    panels_decoder, factor = loaded.palette, 1
+    if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
+        from igpt_jax.jobs.vqvae import CodeDecoder  # noqa: PLC0415
+
+        panels_decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
+        factor = panels_decoder.cfg.factor
+    scale = sampling.default_scale(res * factor) if scale is None else int(scale)
     workpath = workpath_of(workdir)
     primary = jax.process_index() == 0
     info: dict[str, Any] = {
@@ -158,7 +165,8 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
         tokens, timing = generate_rows(loaded, prefixes, sample_cfg)
         samples = tokens.reshape(len(originals), per_image, res * res)
         grid = sampling.image_grid(
-            sampling.completion_panels(loaded.palette, originals, samples, resolution=res, given_rows=given),
+            sampling.completion_panels(panels_decoder, originals, samples, resolution=res,
+                                       given_rows=given * factor),
             scale=scale)
         info.update(split=str(sample_cfg.split), images=len(originals), given_rows=given, samples_per_image=per_image)
         files = {"grid": workpath / "completions.png", "tokens": workpath / "completions.npy",
@@ -170,7 +178,7 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     else:
         n = int(sample_cfg.num_samples)
         tokens, timing = generate_rows(loaded, np.zeros((n, 0), np.int32), sample_cfg)
-        grid = sampling.image_grid(sampling.sample_panels(loaded.palette, tokens, resolution=res), scale=scale)
+        grid = sampling.image_grid(sampling.sample_panels(panels_decoder, tokens, resolution=res), scale=scale)
         info.update(num_samples=n)
         files = {"grid": workpath / "samples.png", "tokens": workpath / "samples.npy"}
         if primary:

@@ -1,0 +1,62 @@
+"""iGPT on VQ-VAE codes of CIFAR-10 on 2 CPU cores: 32x32x3 -> 16x16 codes from 512, then cifar10_cpu's model.
+
+The paper's VQ-VAE (appendix A.2) with one encoder block (4x4 stride-2 convolution to 64 channels, ReLU, residual
+stack of 32 hidden units; the decoder mirrors it) compresses CIFAR-10's 32x32x3 images to 16x16 grids of codes.
+Vocabulary 512: the same sequence length (256) and vocabulary as configs/cifar10_cpu.py's 512-colour palette at
+16x16 pixels, so the transformer (8 layers, width 128) and its step cost are identical and only the input differs:
+a code summarises a 2x2x3 patch at full resolution, a palette token one colour of a 2x-downsampled image.
+One command: the VQ-VAE job, then (`config.then`) tokenize (TFDS dataset `cifar10_vq16_k512`, train and test in
+the source's order, so the validation cut is the same 5,000 images), pretraining on the codes with cifar10_cpu's
+schedule (2,000 steps of 64) and the linear probe of every layer.
+
+Command:   python -m igpt_jax.main --config=configs/vqvae_cifar10.py --workdir=workdirs/vqvae_cifar10
+           (VQ-VAE: workdirs/vqvae_cifar10/vqvae_results.json, reconstructions.png; then tokenize/, pretrain/,
+           probe/results.json)
+Hardware:  any CPU; sized for 2 cores.
+Time:      VQ-VAE 2,000 steps of 64 images: see README "VQ-VAE" for the measured rate; pretraining on codes as
+           configs/cifar10_cpu.py (about 1 h 15 min on 2 cores), probe about 25 min. The pretraining and probe on
+           codes have not been run yet.
+Result:    VQ-VAE reconstruction on the test split: README "VQ-VAE" (MSE, RMSE in grey levels next to the
+           512-colour palette at 16x16, codebook usage). Probe on codes: not measured yet (the palette model of
+           configs/cifar10_cpu.py: best layer 49.17 %).
+"""
+
+from igpt_jax import config_defaults
+
+
+def get_config(arg=None):
+    del arg
+    config = config_defaults.base_config()
+    config.job = "vqvae"
+    config.then = ("tokenize", "pretrain", "probe")
+
+    # The images the VQ-VAE encodes; --config.data.data_dir moves both datasets.
+    codes = config_defaults.default_data_config("cifar10_vq16_k512")
+    config.vqvae.data = config_defaults.default_data_config("cifar10")  # auto-imported from ../shared/data
+    config.vqvae.data.data_dir = codes.get_ref("data_dir")
+    config.vqvae.data.augment = "cifar"  # pad 4, random crop, flip (training only)
+    config.vqvae.vocab_size = 512
+    config.vqvae.downsample = 1
+    config.vqvae.batch_size = 64
+    config.vqvae.num_steps = 2000
+    config.vqvae.log_every = 100
+    config.vqvae.grid_images = 16
+
+    config.data = codes
+    config.data.update(tokens="codes", resolution=16, n_colors=512, channels=1, augment="none", auto_import=False)
+    config.model = config_defaults.model_config(
+        vocab_size=512, n_ctx=16 * 16, d_model=128, n_head=4, n_layer=8, remat="none",
+    )
+    config.train.batch_size = 64
+    config.train.num_steps = 2000  # as configs/cifar10_cpu.py
+    config.train.lr = 3e-3
+    config.train.warmup_steps = 200
+    config.train.log_every = 50
+    config.train.eval_every = 500
+    config.train.eval_batches = 40
+    config.checkpoint.every_steps = 250
+
+    config.probe.C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+    config.probe.concat_layers = 3
+    config.probe.batch_size = 256
+    return config

@@ -1,0 +1,310 @@
+"""The VQ-VAE job (``config.job='vqvae'``): trains the paper's VQ-VAE (appendix A.2) on raw RGB images.
+
+Input: ``config.vqvae.data`` (a data config read with ``tokens='raw'``: images in [-1, 1], the augmentation of its
+``augment``), sharded over the mesh's batch axes like pretraining; the parameters and the codebook are replicated
+(the model has under 200K parameters). Each step: Adam (``vqvae.lr``, paper 1e-4) on reconstruction / data variance
++ 0.02 x commitment, then the EMA codebook update and the revival of dead codes (igpt_jax/vqvae.py).
+
+Like pretraining: Orbax checkpoints with the data position (resumes exactly), a finished run says so, SIGTERM saves
+and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
+codes_used, revived). At the end: reconstruction MSE (and RMSE in grey levels) and codebook usage on the test split
+-> ``vqvae_results.json``, and ``reconstructions.png`` (test images above their reconstructions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import sampling, sharding
+from igpt_jax import vqvae as vq
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.jobs.pretrain import FINISHED_MARKER, PreemptionWatcher, RunLog  # shared run helpers
+
+RESULTS_FILE = "vqvae_results.json"
+GRID_FILE = "reconstructions.png"
+
+
+def source_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The image dataset the VQ-VAE reads (``config.vqvae.data``) with ``tokens='raw'``."""
+    data_cfg = ml_collections.ConfigDict(config.vqvae.data.to_dict())
+    data_cfg.tokens = "raw"
+    return data_cfg
+
+
+def model_config(config: ml_collections.ConfigDict) -> vq.VQVAEConfig:
+    """`VQVAEConfig` of ``config.vqvae``, checked against the data (channels, divisible resolution)."""
+    cfg = vq.VQVAEConfig.from_config({**config.vqvae.to_dict(), "channels": config.vqvae.data.channels})
+    cfg.grid(int(config.vqvae.data.resolution))  # raises for a resolution the encoder cannot divide
+    return cfg
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adam(float(config.vqvae.lr))
+
+
+def create_state(cfg: vq.VQVAEConfig, tx: optax.GradientTransformation, resolution: int, key: jax.Array,
+                 data_variance: jax.Array) -> dict[str, Any]:
+    """params, Adam state, codebook (EMA statistics), step and the data variance the loss divides by."""
+    params_key, codebook_key = jax.random.split(key)
+    params = vq.init_params(cfg, params_key, resolution)
+    return {"params": params, "opt_state": tx.init(params), "codebook": vq.init_codebook(cfg, codebook_key),
+            "step": jnp.zeros((), jnp.int32), "data_variance": jnp.asarray(data_variance, jnp.float32)}
+
+
+def abstract_state(cfg: vq.VQVAEConfig, tx: optax.GradientTransformation, resolution: int, mesh) -> Any:
+    """The state's shapes with replicated shardings (for restoring)."""
+    shapes = jax.eval_shape(lambda: create_state(cfg, tx, resolution, jax.random.key(0), 1.0))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+def train_step(state: dict[str, Any], batch: dict[str, jax.Array], key: jax.Array, *, cfg: vq.VQVAEConfig,
+               tx: optax.GradientTransformation) -> tuple[dict[str, Any], dict[str, jax.Array]]:
+    """One Adam step on the autoencoder, then the EMA codebook update and revival (a pure function)."""
+    model = vq.VQVAE(cfg)
+    codebook = state["codebook"]
+
+    def loss_fn(params):
+        return vq.loss_and_aux(params, model, codebook, batch["image"], data_variance=state["data_variance"],
+                               commitment=cfg.commitment)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    z = jax.lax.stop_gradient(aux["z"]).reshape(-1, cfg.width)  # [N, D]
+    codes = aux["codes"].reshape(-1)
+    codebook = vq.ema_update(codebook, z, codes, decay=cfg.decay, epsilon=cfg.epsilon)
+    codebook, revived = vq.revive_dead_codes(codebook, z, jax.random.fold_in(key, state["step"]),
+                                             dead_fraction=cfg.dead_fraction, noise=cfg.revive_noise)
+    metrics = {"loss": loss, "recon_loss": aux["recon_loss"], "mse": aux["mse"], "commit_loss": aux["commit_loss"],
+               "perplexity": vq.perplexity(codes, cfg.vocab_size),
+               "codes_used": jnp.sum(jnp.bincount(codes, length=cfg.vocab_size) > 0), "revived": revived}
+    new_state = {**state, "params": params, "opt_state": opt_state, "codebook": codebook, "step": state["step"] + 1}
+    return new_state, metrics
+
+
+def estimate_data_variance(data_cfg: ml_collections.ConfigDict, num_images: int, seed: int) -> float:
+    """Variance of the pixels (in [-1, 1]) of `num_images` random training images (deterministic given seed)."""
+    images = data_pipeline.sample_images(data_cfg, max(1, num_images // 4) * data_cfg.resolution**2, seed)
+    return float(np.var(images.astype(np.float64) / 127.5 - 1.0))
+
+
+def reconstruct_fn(cfg: vq.VQVAEConfig):
+    """jitted (params, embeddings, images) -> (codes [b, g, g], reconstructions [b, R, R, C])."""
+    model = vq.VQVAE(cfg)
+
+    @jax.jit
+    def fn(params, embeddings, images):
+        z = model.apply({"params": params}, images, method=vq.VQVAE.encode)
+        codes, zq = vq.quantize(z, embeddings)
+        return codes, model.apply({"params": params}, zq, method=vq.VQVAE.decode)
+
+    return fn
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8, as the palette decodes its centres (rint(127.5 (x + 1)))."""
+    return np.clip(np.rint(127.5 * (np.asarray(images, np.float64) + 1.0)), 0, 255).astype(np.uint8)
+
+
+def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str, *, batch_size: int,
+                   grid_images: int = 0) -> dict[str, Any]:
+    """Reconstruction MSE over a whole split ([-1, 1] units, and grey levels^2 after rounding to uint8, as the
+    palette's error), the codes' usage, and the first `grid_images` originals and reconstructions (uint8)."""
+    fn = reconstruct_fn(cfg)
+    it = data_pipeline.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
+                                     shard_index=0, shard_count=1)
+    sq_sum, sq8_sum, values, counts = 0.0, 0.0, 0, np.zeros(cfg.vocab_size, np.int64)
+    originals, recons = [], []
+    for batch in it:
+        mask = batch["mask"]
+        codes, recon = jax.device_get(fn(params, embeddings, batch["image"]))
+        images, recon = batch["image"][mask], np.clip(recon[mask], -1.0, 1.0)
+        sq_sum += float(np.sum(np.square(recon.astype(np.float64) - images)))
+        sq8_sum += float(np.sum(np.square(to_uint8(recon).astype(np.float64) - to_uint8(images))))
+        values += images.size
+        counts += np.bincount(codes[mask].reshape(-1), minlength=cfg.vocab_size)
+        if sum(len(o) for o in originals) < grid_images:
+            originals.append(to_uint8(images))
+            recons.append(to_uint8(recon))
+    probs = counts / max(1, counts.sum())
+    nz = probs[probs > 0]
+    result = {"split": split, "mse": sq_sum / max(1, values), "mse_grey_levels": sq8_sum / max(1, values),
+              "rmse_grey_levels": math.sqrt(sq8_sum / max(1, values)), "codes_used": int(np.sum(counts > 0)),
+              "vocab_size": cfg.vocab_size, "perplexity": float(np.exp(-np.sum(nz * np.log(nz))))}
+    if grid_images:
+        result["originals"] = np.concatenate(originals)[:grid_images]
+        result["reconstructions"] = np.concatenate(recons)[:grid_images]
+    return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None
+        ) -> dict[str, Any]:
+    """Trains (or resumes) the VQ-VAE in `workdir`; returns the metrics and the test reconstruction error."""
+    vq_cfg = model_config(config)
+    data_cfg = source_data_config(config)
+    res = int(data_cfg.resolution)
+    workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    if jax.process_index() == 0:
+        workpath.mkdir(parents=True, exist_ok=True)
+        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
+
+    rules = sharding.rules_from_config(config.mesh.rules)
+    mesh = sharding.make_mesh(config.mesh.shape, devices)
+    global_batch = int(config.vqvae.batch_size)
+    sharding.check_batch_divides(global_batch, mesh, rules, what="vqvae.batch_size")
+    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
+    train_iter = data_pipeline.make_iterator(data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed,
+                                             rows=rows)
+    tx = make_optimizer(config)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    num_steps = int(config.vqvae.num_steps)
+
+    ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
+                                 max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
+    latest = ckpt.latest_step()
+    base_rng = jax.random.key(config.seed)
+    if latest is not None and latest >= num_steps:
+        print(f"Run already finished: {workdir} holds step {latest} of {num_steps}. Nothing to do.", flush=True)
+        ckpt.close()
+        return {"step": latest, "finished": True, "resumed": True}
+    if latest is not None:
+        check_checkpoint_codebook(ckpt, latest, vq_cfg)
+        state = ckpt.restore(latest, abstract_state(vq_cfg, tx, res, mesh), data_iterator=train_iter)
+        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    else:
+        variance = float(config.vqvae.data_variance) or estimate_data_variance(
+            data_cfg, int(config.vqvae.variance_images), config.seed)
+        state = jax.device_put(create_state(vq_cfg, tx, res, jax.random.fold_in(base_rng, 1), variance), replicated)
+    start_step = int(jax.device_get(state["step"]))
+    n_params = vq.count_params(state["params"])
+    grid = vq_cfg.grid(res)
+    message = (f"VQ-VAE: {n_params:,} parameters outside the codebook ({vq_cfg.downsample} block(s), {res}x{res} -> "
+               f"{grid}x{grid} codes); codebook {vq_cfg.vocab_size} x {vq_cfg.width}; data variance "
+               f"{float(jax.device_get(state['data_variance'])):.4f}; expected usage per code "
+               f"{vq.expected_usage(global_batch * grid * grid, vq_cfg.vocab_size):.1f} per batch")
+    logging.info("%s", message)
+    print(message, flush=True)
+
+    step_fn = jax.jit(lambda s, b, k: train_step(s, b, k, cfg=vq_cfg, tx=tx),
+                      in_shardings=(replicated, sharding.batch_sharding(mesh, rules), None),
+                      out_shardings=(replicated, None), donate_argnums=0)
+    step_rng = jax.random.fold_in(base_rng, 2)
+    log = RunLog(workpath, num_steps=num_steps, start_step=start_step, tokens_per_step=global_batch * res * res,
+                 local="://" not in workdir)
+    watcher = PreemptionWatcher(stop_at_step)
+    log_every = int(config.vqvae.log_every)
+    result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step, "params": n_params}
+    try:
+        with jax.set_mesh(mesh):
+            step = start_step
+            while step < num_steps:
+                local = next(train_iter)
+                batch = data_pipeline.make_global_batch({"image": local["image"]}, mesh, sharding.batch_axes(rules),
+                                                        rows)
+                state, metrics = step_fn(state, batch, step_rng)
+                step += 1
+                log.add(step, metrics)
+                stop = watcher.should_stop(step)
+                final = step == num_steps
+                save_now = final or stop or step % config.checkpoint.every_steps == 0
+                if save_now or step % log_every == 0:
+                    log.flush(last_good=ckpt.latest_step(), directory=ckpt.directory)
+                if save_now:
+                    ckpt.save(step, state, data_iterator=train_iter, config=config, force=True)
+                if stop and not final:
+                    ckpt.wait()
+                    print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
+                    result.update(step=step, preempted=True, history=log.history)
+                    return result
+        ckpt.wait()
+        result.update(step=num_steps, finished=True, history=log.history)
+        result.update(finish(config, vq_cfg, state, data_cfg, workpath))
+        if jax.process_index() == 0:
+            (workpath / FINISHED_MARKER).write_text(f"{num_steps}\n")
+        return result
+    finally:
+        watcher.close()
+        log.close()
+        ckpt.close()
+
+
+def finish(config, vq_cfg: vq.VQVAEConfig, state, data_cfg, workpath: epath.Path) -> dict[str, Any]:
+    """Test-split reconstruction error and codebook usage -> vqvae_results.json; reconstructions.png."""
+    params, embeddings = jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings)
+    n_grid = int(config.vqvae.grid_images)
+    test = evaluate_split(vq_cfg, params, embeddings, data_cfg, "test", batch_size=int(config.vqvae.eval_batch_size),
+                          grid_images=n_grid)
+    summary = {k: v for k, v in test.items() if k not in ("originals", "reconstructions")}
+    summary["params_outside_codebook"] = vq.count_params(params)
+    if jax.process_index() == 0:
+        (workpath / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        if n_grid:
+            panels = np.stack([test["originals"], test["reconstructions"]])  # [2, n, R, R, C]
+            sampling.save_png(workpath / GRID_FILE,
+                              sampling.image_grid(panels, scale=sampling.default_scale(data_cfg.resolution)))
+    message = (f"VQ-VAE test reconstruction: MSE {summary['mse']:.5f} ([-1, 1] units), RMSE "
+               f"{summary['rmse_grey_levels']:.2f} grey levels; {summary['codes_used']} of {vq_cfg.vocab_size} codes "
+               f"used (perplexity {summary['perplexity']:.1f}); {workpath / RESULTS_FILE}")
+    logging.info("%s", message)
+    print(message, flush=True)
+    return {"test": summary}
+
+
+def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq.VQVAEConfig) -> None:
+    """The checkpoint's VQ-VAE must be the config's.
+
+    Raises:
+      ValueError: naming the setting, the checkpoint's value and the config's.
+    """
+    saved = ckpt.restore_config(step).get("vqvae", {})
+    for key in ("vocab_size", "downsample", "residual_layers"):
+        if key in saved and int(saved[key]) != int(getattr(vq_cfg, key)):
+            raise ValueError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
+                             f"says vqvae.{key}={getattr(vq_cfg, key)}")
+
+
+class CodeDecoder:
+    """Decodes code grids to images through a trained VQ-VAE's decoder; `decode` has the palette's signature, so
+    the sample job's panels can use it in place of the palette (data.tokens='codes')."""
+
+    def __init__(self, vq_cfg: vq.VQVAEConfig, params: Any, embeddings: Any):
+        self.cfg, self.params, self.embeddings = vq_cfg, params, jnp.asarray(embeddings)
+        model = vq.VQVAE(vq_cfg)
+        self._decode = jax.jit(lambda p, e, ids: model.apply({"params": p}, e[ids], method=vq.VQVAE.decode))
+
+    @classmethod
+    def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
+        """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
+        meta = data_pipeline.check_codes_dataset(data_cfg)
+        ckpt = ckpt_lib.Checkpointer(str(epath.Path(meta["vqvae_checkpoint"]).parent), create=False)
+        try:
+            step = int(meta["vqvae_step"])
+            saved = ckpt.restore_config(step)
+            vq_cfg = model_config(saved)
+            mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+            tx = optax.adam(float(saved.vqvae.lr))
+            state = ckpt.restore(step, abstract_state(vq_cfg, tx, int(saved.vqvae.data.resolution), mesh))
+        finally:
+            ckpt.close()
+        return cls(vq_cfg, jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings))
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """int [..., g, g] -> uint8 [..., g*f, g*f, C]."""
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1, *ids.shape[-2:])
+        images = to_uint8(jax.device_get(self._decode(self.params, self.embeddings, jnp.asarray(flat, jnp.int32))))
+        return images.reshape(*ids.shape[:-2], *images.shape[1:])

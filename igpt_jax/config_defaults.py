@@ -105,9 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe = ml_collections.ConfigDict()
     c.probe.layers = "all"  # 'all' (0..n_layer; n_layer = the final norm) or comma-separated ids, e.g. '4,8,-1'
     c.probe.batch_size = 0  # global feature-extraction batch; 0: train.eval_batch_size, else train.batch_size
-    c.probe.solver = "lbfgs"  # lbfgs (scikit-learn; CIFAR/STL in the paper) | sgd (JAX; large datasets, ImageNet)
-    c.probe.C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # lbfgs: inverse L2 strengths searched on validation
-    c.probe.max_iter = 1000  # lbfgs iterations
+    # jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers at once (CIFAR/STL in the paper);
+    # lbfgs: scikit-learn itself (the reference, slower); sgd: JAX SGD (large datasets, ImageNet)
+    c.probe.solver = "jax_lbfgs"
+    c.probe.C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # jax_lbfgs/lbfgs: inverse L2 strengths searched on validation
+    c.probe.C_widen = 4  # more C values per side while a feature set's best C is at the grid's edge (0: fixed grid)
+    c.probe.C_bounds = (1e-6, 1e4)  # the widened grid stays inside these
+    c.probe.max_iter = 1000  # jax_lbfgs/lbfgs iterations
     c.probe.standardize = True  # features standardised with the training split's mean and std
     c.probe.sgd_lrs = (30.0, 10.0, 3.0, 1.0)  # sgd: learning rates searched on validation (paper: 30, 10, 3, ...)
     c.probe.sgd_steps = 1000  # sgd: steps, cosine decay to 0

@@ -171,7 +171,7 @@ def test_low_data_subsets_are_balanced_and_reported_as_mean_and_std():
 @pytest.fixture(scope="session")
 def probe_results(run, tmp_path_factory):
     config = probe_config(run, checkpoint_steps=(PRETRAIN_STEPS // 2, PRETRAIN_STEPS), concat_layers=2,
-                          low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0))
+                          low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0), solver="lbfgs", C_widen=0)
     workdir = tmp_path_factory.mktemp("probe")
     return config, workdir, probe.run(config, str(workdir), devices=jax.devices()[:1])
 

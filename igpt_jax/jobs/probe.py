@@ -204,24 +204,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
 
 
 def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) -> None:
-    """Says when the chosen hyper-parameter is at the edge of its grid (the grid may be too narrow)."""
+    """Says which layers chose a hyper-parameter at the edge of the values they tried.
+
+    For C, each layer's grid has already widened itself (``probe.C_widen``) while its best was at an edge, so an
+    edge left here is the bound ``probe.C_bounds`` or the end of the widening.
+    """
     hyper = settings.hyper_name
-    grid = settings.C if settings.solver == "lbfgs" else settings.sgd_lrs
-    if len(grid) < 2:
-        return
-    edge = [r["layer"] for r in res["layers"] if r[hyper] in (min(grid), max(grid))]
-    if res["best"][hyper] in (min(grid), max(grid)):
-        logging.warning("probe: the best layer's %s=%g is at the edge of the grid %s; consider widening probe.%s",
-                        hyper, res["best"][hyper], tuple(grid), "C" if hyper == "C" else "sgd_lrs")
+    edge = []
+    for r in res["layers"]:
+        tried = [float(k) for k in r["val_accuracy_by_" + hyper]]
+        if len(tried) > 1 and r[hyper] in (min(tried), max(tried)):
+            edge.append(r["layer"])
+    if res["best_layer"] in edge:
+        logging.warning("probe: the best layer's %s=%g is at the edge of the values it tried; %s", hyper,
+                        res["best"][hyper], "raise probe.C_widen or probe.C_bounds" if hyper == "C"
+                        else "widen probe.sgd_lrs")
     elif edge:
-        logging.info("probe: %s at the edge of the grid for layers %s", hyper, edge)
+        logging.info("probe: %s at the edge of the values tried for layers %s", hyper, edge)
 
 
 def format_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed at the end of the job."""
     pct = linear_probe.format_percent
     last = results["checkpoints"][-1]
-    hyper = "C" if last["solver"] == "lbfgs" else "lr"
+    hyper = "C" if last["solver"] in linear_probe.LOGISTIC_SOLVERS else "lr"
     rand = results["baselines"].get("random_init")
     rand_by_layer = {r["layer"]: r for r in rand["layers"]} if rand else {}
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "

@@ -111,11 +111,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         accepted[:] = config_changes.check_resume(stored, config, step=step, workdir=workdir,
                                                   allow_changes=bool(config.checkpoint.allow_changes))
 
-    restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
-        layout.abstract, data_iterator=train_iter, check_config=check_config)
+    try:
+        restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
+            layout.abstract, data_iterator=train_iter, check_config=check_config)
+    except BaseException:  # a refused config change: nothing was written
+        ckpt.close()
+        raise
     if restored_step is not None:
         logging.info("resumed from %s at step %d", ckpt.directory, restored_step)
     else:
+        accepted.clear()  # no checkpoint restored: nothing changes
         state = train.create_state(model_cfg, tx, layout, mesh, rules, jax.random.fold_in(base_rng, 1))
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:

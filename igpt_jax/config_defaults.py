@@ -71,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.async_save = True
     c.checkpoint.allow_changes = False  # resuming with changed train.* settings (lr, schedule, ...); see config_changes
     c.checkpoint.step = -1  # jobs that read a checkpoint: -1 = latest
-    c.checkpoint.source_workdir = ""  # probe/finetune/sample/evaluate: the pretraining run's workdir
+    c.checkpoint.source_workdir = ""  # probe/finetune/sample/evaluate: a pretraining run or a converted model
 
     # Job 'compile': compile the train step ahead of time for a described TPU slice (needs `pip install libtpu`).
     c.compile = ml_collections.ConfigDict()

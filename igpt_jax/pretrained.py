@@ -344,8 +344,9 @@ def data_config_for_job(job_data: Any, source_data: dict[str, int], model_cfg: M
     data_cfg = ml_collections.ConfigDict(job_data.to_dict() if hasattr(job_data, "to_dict") else job)
     res = job.get("resolution")
     if res is not None and int(res) ** 2 > model_cfg.n_ctx:
+        largest = math.isqrt(model_cfg.n_ctx)
         raise ValueError(f"data.resolution={res} gives {int(res) ** 2} tokens per image, more than the context "
-                         f"n_ctx={model_cfg.n_ctx} of {where}: expected data.resolution <= {math.isqrt(model_cfg.n_ctx)}")
+                         f"n_ctx={model_cfg.n_ctx} of {where}: expected data.resolution <= {largest}")
     diffs = [f"data.{name}={job[name]!r} but the source was trained with {source_data[name]!r}"
              for name in DATA_FIELDS if job.get(name) is not None and int(job[name]) != source_data[name]]
     if diffs:

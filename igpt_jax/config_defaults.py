@@ -126,6 +126,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe.bert_ensemble = 5  # BERT models: masks per validation/test example, modal prediction (1: off)
     c.probe.checkpoint_steps = ()  # (): just checkpoint.step; several steps also plot accuracy vs validation loss
     c.probe.seed = 0  # BERT masks, random-init baseline, tie breaking, low-data subsets
+    c.probe.resume = True  # save features per split and fitted probes in WORKDIR/progress; a rerun reuses them
     c.probe.plots = True  # probe_layers.png (and probe_vs_val_loss.png for several checkpoints)
 
     # Fine-tuning (job 'finetune', paper 2.3, 3.4, 4.5): a zero-initialised head on a sequence-mean feature.

@@ -231,6 +231,57 @@ def test_raw_pixel_baseline_equals_a_direct_scikit_learn_fit(run, probe_results)
     assert got["test_accuracy"] == pytest.approx(test_acc, abs=1e-9)
 
 
+# ----------------------------------------------------------------------------------------------- resume
+
+
+class Stopped(Exception):
+    """Stands for SIGTERM/SIGKILL arriving while the first probe is fitted."""
+
+
+def _comparable(workdir) -> dict:
+    res = json.loads((Path(workdir) / "results.json").read_text())
+    return {k: v for k, v in res.items() if k not in ("seconds", "reused")}
+
+
+def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_results(run, tmp_path, monkeypatch):
+    config = probe_config(run, C=(0.1, 1.0), concat_layers=2, low_data_budgets=(20,), low_data_subsets=2)
+    devices = jax.devices()[:1]
+    probe.run(config, str(tmp_path / "uninterrupted"), devices=devices)
+
+    stopped = tmp_path / "stopped"
+    real_probe_splits = probe.probe_splits
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    monkeypatch.setattr(probe, "probe_splits", stop)
+    with pytest.raises(Stopped):
+        probe.run(config, str(stopped), devices=devices)
+    saved = sorted(p.name for p in (stopped / "progress").iterdir())
+    assert saved == [f"features-step{PRETRAIN_STEPS}-{s}.npz" for s in ("test", "train", "validation")]
+
+    extracted = []
+    real_extract = features_lib.FeatureExtractor.extract
+
+    def counting_extract(self, params, split, **kwargs):
+        extracted.append(split)
+        return real_extract(self, params, split, **kwargs)
+
+    monkeypatch.setattr(probe, "probe_splits", real_probe_splits)
+    monkeypatch.setattr(features_lib.FeatureExtractor, "extract", counting_extract)
+    resumed = probe.run(config, str(stopped), devices=devices)
+    assert extracted == list(data_pipeline.SPLITS)  # the random-weights baseline's splits only
+    assert resumed["reused"] == [f"features-step{PRETRAIN_STEPS}-{s}" for s in data_pipeline.SPLITS]
+    assert _comparable(stopped) == _comparable(tmp_path / "uninterrupted")
+
+    # Other solver settings: the features are reused, every probe is fitted again.
+    extracted.clear()
+    config.probe.C = (0.1, 1.0, 10.0)
+    again = probe.run(config, str(stopped), devices=devices)
+    assert extracted == [] and not any(name.startswith("result-") for name in again["reused"])
+    assert again["checkpoints"][0]["layers"][0]["val_accuracy_by_C"].keys() >= {"0.1", "1.0", "10.0"}
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 

@@ -10,6 +10,10 @@ For each checkpoint step (``config.checkpoint.step``, or every step of ``config.
 Baselines in the same job, with the same splits and solver: raw pixels (the palette colours of the tokens, as the
 model sees them) and the same architecture with random weights (all layers, best chosen on validation).
 
+Progress: every split's features and every fitted probe are saved in ``{workdir}/progress/`` as they finish
+(`igpt_jax.probe_progress`; ``probe.resume``), so a stopped job (SIGTERM, SIGKILL) resumes from what it finished and
+a rerun with other solver settings reuses the features.
+
 Outputs in the workdir (process 0): ``results.json`` (everything, with the exact config and checkpoint steps),
 ``probe_layers.png`` (accuracy against layer, the baselines as lines: the paper's Figure 2), and with several
 checkpoints ``probe_vs_val_loss.png`` (best-layer accuracy against validation loss: Figure 3); a table on stdout.
@@ -28,7 +32,7 @@ from absl import logging
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, pretrained, sharding
+from igpt_jax import linear_probe, pretrained, probe_progress, sharding
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.job_outputs import jsonable, workpath_of
 from igpt_jax.layout import param_layout, random_params
@@ -36,17 +40,43 @@ from igpt_jax.layout import param_layout, random_params
 RESULTS, LAYERS_PLOT, LOSS_PLOT = "results.json", "probe_layers.png", "probe_vs_val_loss.png"
 
 
-def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0
+def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0,
+                   progress: probe_progress.ProbeProgress | None = None, name: str = "", fingerprint: str = ""
                    ) -> dict[str, features_lib.SplitFeatures]:
-    """Features of train (one mask), validation and test (``masks`` masks for BERT), one pass per split."""
+    """Features of train (one mask), validation and test (``masks`` masks for BERT), one pass per split.
+
+    Args:
+      params: the parameters, or a function returning them (called only when a split is not in ``progress``).
+      progress: where finished splits are saved (as ``{name}-{split}``) and found again.
+    """
     out = {}
     for split in data_pipeline.SPLITS:
         t0 = time.time()
+        found = progress.load_features(f"{name}-{split}", fingerprint) if progress else None
+        if found is not None:
+            out[split] = found
+            logging.info("features of %s: %d examples, reused from %s", split, found.n, progress.directory)
+            continue
+        if callable(params):
+            params = params()
         out[split] = extractor.extract(params, split, num_masks=1 if split == "train" else masks,
                                        max_examples=max_train if split == "train" else 0)
         logging.info("features of %s: %d examples x %d layers x %d in %.1fs", split, out[split].n,
                      out[split].features.shape[2], out[split].features.shape[3], time.time() - t0)
+        if progress:
+            progress.save_features(f"{name}-{split}", fingerprint, out[split])
     return out
+
+
+def _cached(progress: probe_progress.ProbeProgress, name: str, fp: str, compute) -> dict[str, Any]:
+    """The result saved under ``name`` with fingerprint ``fp``, else ``compute()`` (made JSON-ready) and saved."""
+    found = progress.load_result(name, fp)
+    if found is not None:
+        logging.info("probe: %s reused from %s", name, progress.directory)
+        return found
+    result = jsonable(compute())
+    progress.save_result(name, fp, result)
+    return result
 
 
 def probe_splits(splits: dict[str, features_lib.SplitFeatures], settings: linear_probe.ProbeSettings, *,
@@ -123,6 +153,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
                      "features take %s per checkpoint", len(steps), steps, source.path, len(layers), layers,
                      "/".join(str(n[s]) for s in data_pipeline.SPLITS), num_classes, features_lib.human_bytes(size))
 
+        # Everything that determines the features, and (with the solver settings) the fitted results.
+        feature_id = {"checkpoints": str(source.path), "model": model_cfg, "data": data_cfg.to_dict(),
+                      "palette": palette.centres.tolist(), "layers": layers, "masks": masks, "seed": int(pcfg.seed),
+                      "max_train_examples": int(pcfg.max_train_examples)}
+        result_id = {**feature_id, "settings": settings, "concat_layers": int(pcfg.concat_layers),
+                     "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
+        progress = probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=primary)
+
         per_checkpoint, splits = [], None
         baselines: dict[str, Any] = {}
         for i, step in enumerate(steps):
@@ -132,36 +170,53 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
                     raise ValueError(f"{source.where(step)} is not the same model or palette as step "
                                      f"{steps[-1]}: probe.checkpoint_steps must come from one run")
             t0 = time.time()
-            params = source.restore_params(step, layout)
-            first = i == 0
-            splits = extract_splits(extractor, params, masks=masks, max_train=int(pcfg.max_train_examples))
-            del params
-            res = probe_splits(splits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer,
-                               concat_layers=int(pcfg.concat_layers))
-            res = {"step": step, "val_loss": splits["validation"].loss, "test_loss": splits["test"].loss, **res}
-            if pcfg.low_data_budgets:
-                res["low_data"] = {"layer": res["best_layer"], "results": _low_data(
-                    splits, layers.index(res["best_layer"]), settings, num_classes=num_classes,
-                    budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
+            fp = probe_progress.fingerprint({**feature_id, "step": step})
+            splits = extract_splits(extractor, lambda step=step: source.restore_params(step, layout),
+                                    masks=masks, max_train=int(pcfg.max_train_examples), progress=progress,
+                                    name=f"step{step}", fingerprint=fp)
+
+            def fit_checkpoint(step=step, splits=splits):
+                res = probe_splits(splits, settings, num_classes=num_classes, layers=layers,
+                                   n_layer=model_cfg.n_layer, concat_layers=int(pcfg.concat_layers))
+                res = {"step": step, "val_loss": splits["validation"].loss, "test_loss": splits["test"].loss, **res}
+                if pcfg.low_data_budgets:
+                    res["low_data"] = {"layer": res["best_layer"], "results": _low_data(
+                        splits, layers.index(res["best_layer"]), settings, num_classes=num_classes,
+                        budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
+                return res
+
+            res = _cached(progress, f"step{step}", probe_progress.fingerprint({**result_id, "step": step}),
+                          fit_checkpoint)
             per_checkpoint.append(res)
             logging.info("step %d: best layer %d, validation %.4f, test %.4f (%.1fs)", step, res["best_layer"],
                          res["best"]["val_accuracy"], res["best"]["test_accuracy"], time.time() - t0)
-            if first and pcfg.baselines:
-                baselines["raw_pixels"] = pixel_baseline(splits, palette, settings, num_classes=num_classes)
+            if i == 0 and pcfg.baselines:
+                baselines["raw_pixels"] = _cached(
+                    progress, "raw_pixels", probe_progress.fingerprint({**result_id, "step": step}),
+                    lambda splits=splits: pixel_baseline(splits, palette, settings, num_classes=num_classes))
                 logging.info("raw-pixel baseline: test %.4f", baselines["raw_pixels"]["test_accuracy"])
     finally:
         source.close()
 
     if pcfg.baselines:
         t0 = time.time()
-        rand = random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345))
-        rsplits = extract_splits(extractor, rand, masks=masks, max_train=int(pcfg.max_train_examples))
-        del rand
-        rres = probe_splits(rsplits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer)
-        baselines["random_init"] = {"layers": rres["layers"], "best_layer": rres["best_layer"], "best": rres["best"],
-                                    "test_accuracy": rres["best"]["test_accuracy"]}
-        logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)", rres["best_layer"],
-                     rres["best"]["test_accuracy"], time.time() - t0)
+        rsplits = extract_splits(
+            extractor, lambda: random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345)),
+            masks=masks, max_train=int(pcfg.max_train_examples), progress=progress, name="random",
+            fingerprint=probe_progress.fingerprint(feature_id))
+
+        def fit_random():
+            rres = probe_splits(rsplits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer)
+            return {"layers": rres["layers"], "best_layer": rres["best_layer"], "best": rres["best"],
+                    "test_accuracy": rres["best"]["test_accuracy"]}
+
+        baselines["random_init"] = _cached(progress, "random_init", probe_progress.fingerprint(result_id), fit_random)
+        logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)",
+                     baselines["random_init"]["best_layer"], baselines["random_init"]["test_accuracy"],
+                     time.time() - t0)
+    if progress.reused:
+        logging.info("probe: resumed from %d saved pieces in %s: %s", len(progress.reused), progress.directory,
+                     ", ".join(progress.reused))
 
     last = per_checkpoint[-1]
     _warn_grid_edges(last, settings)
@@ -185,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         "config": json.loads(config.to_json_best_effort()),
         "pretrain_config": run_config.to_dict() if run_config is not None else None,
         "seconds": time.time() - t_start,
+        "reused": progress.reused,
     }
     table = format_table(results)
     if primary:
@@ -259,6 +315,12 @@ def format_table(results: dict[str, Any]) -> str:
     if rand:
         lines.append(f"baseline, random weights (best layer {rand['best_layer']}): test "
                      f"{pct(rand['test_accuracy']).strip()}%")
+    if "raw_pixels" in results["baselines"] and rand:
+        ours, raw, rnd = best["test_accuracy"], results["baselines"]["raw_pixels"]["test_accuracy"], rand["test_accuracy"]
+        holds = ours is not None and ours > max(raw or 0.0, rnd or 0.0)
+        lines.append(f"test accuracy, side by side: best layer {pct(ours).strip()}% | raw pixels {pct(raw).strip()}% | "
+                     f"random weights {pct(rnd).strip()}%: the pretrained features "
+                     + ("beat both baselines" if holds else "do NOT beat both baselines"))
     if "low_data" in last:
         lines.append(f"low-data (layer {last['low_data']['layer']}, test accuracy over "
                      f"{len(last['low_data']['results'][0]['test_accuracies'])} balanced subsets):")

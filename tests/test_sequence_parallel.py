@@ -121,3 +121,21 @@ def test_mesh_shapes_with_and_without_the_context_axis():
     with pytest.raises(ValueError, match="must have 4 entries"):
         sharding.resolve_mesh_shape((8, 1), 8)
     assert dict(sharding.make_mesh((-1, 1, 1), jax.devices()[:8]).shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
+
+
+def test_the_pretraining_job_with_the_sequence_split_equals_one_device(tmp_path):
+    """The whole job (input pipeline, loss, checkpointed state) on mesh (data 2, context 4) vs one device."""
+    from igpt_jax.jobs import pretrain  # noqa: PLC0415
+
+    config = config_defaults.base_config()  # digits 8x8 (64 tokens), 2 layers of width 64, auto attention
+    config.data = config_defaults.default_data_config("digits")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.train.update(batch_size=16, num_steps=3, warmup_steps=1, lr=1e-3, log_every=1, eval_every=0)
+    config.checkpoint.every_steps = 3
+    runs = {}
+    for name, shape in (("single", (1, 1, 1)), ("context", CONTEXT_MESH)):
+        config.mesh.shape = shape
+        devices = jax.devices()[: int(np.prod(shape))]
+        runs[name] = [h["loss"] for h in pretrain.run(config, str(tmp_path / name), devices=devices)["history"]]
+    assert len(runs["single"]) == 3
+    np.testing.assert_allclose(runs["context"], runs["single"], atol=1e-5, rtol=0)

@@ -50,7 +50,7 @@ PODS_96 = {
 
 
 def get_config(arg=None):
-    args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32, pod="v4-1024")
+    args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32, pod="")
     config = config_defaults.base_config()
     config.data = config_defaults.default_data_config(args.dataset)
     config.data.resolution = args.res
@@ -66,11 +66,11 @@ def get_config(arg=None):
     config.train.eval_batches = 50
     config.checkpoint.every_steps = 2_000
     pods = PODS_96 if args.res == 96 else PODS
-    pod = "v4-2048" if args.res == 96 and args.pod == "v4-1024" else args.pod  # 96x96's default slice
+    pod = args.pod or ("v4-2048" if args.res == 96 else "v4-1024")  # the default slice
     if pod not in pods:
         raise ValueError(f"pod={args.pod!r}: choose one of {sorted(pods)}" + (" at res=96" if args.res == 96 else ""))
     config.compile.topology, config.mesh.shape, config.mesh.rules = pods[pod]
-    if args.res == 96:
+    if args.res == 96 and not args.runlocal:
         config.train.grad_accum_steps = 2  # two micro-batches of 64: one example per device at a time
     if args.runlocal:
         config_defaults.make_runlocal(config)

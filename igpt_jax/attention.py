@@ -10,19 +10,34 @@ Implementations (chosen by `ModelConfig.attention`):
     upper triangle is never computed and the full [T, T] score matrix never exists. The default on CPU for the
     autoregressive objective.
   * ``xla`` / ``cudnn``: `jax.nn.dot_product_attention` with that implementation (cuDNN flash attention on GPU).
-  * ``auto``: ``cudnn`` on GPU with a 16-bit compute dtype, ``blockwise`` for causal attention on CPU when the
-    length divides into blocks, ``dense`` otherwise.
+  * ``splash``: the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`; causal
+    mask for the autoregressive objective, full mask for BERT), called under `jax.shard_map` over the batch, head
+    and query-sequence shards that the logical rules place ('activation_batch', 'activation_heads',
+    'activation_length'); keys and values enter whole ('activation_kv_length': gathered), as the kernel cannot
+    split them. Off TPU (tests on CPU) it runs in Pallas interpret mode: the same kernel, interpreted, slowly.
+  * ``auto``: ``splash`` on TPU when its block sizes divide the per-shard length (else ``dense``, logged);
+    ``cudnn`` on GPU with a 16-bit compute dtype; ``blockwise`` on CPU when the length divides into blocks;
+    ``dense`` otherwise.
+
+The platform is that of the mesh in context (`jax.set_mesh`), so a step lowered for a described TPU slice on this
+CPU (the compile job) chooses as a TPU would; without a mesh it is `jax.default_backend()`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
+from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = ("auto", "dense", "blockwise", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "dense", "blockwise", "xla", "cudnn", "splash")
+
+SPLASH_LANES = 128  # the splash kernel's key/value blocks are multiples of the TPU's 128 lanes
 
 _NEG_INF = -1e30  # finite, so fully masked rows (never produced here) cannot turn into NaN
 
@@ -211,22 +226,161 @@ def _blocks_fit(length: int, block_size: int) -> bool:
     return isinstance(block_size, int) and block_size > 0 and length % min(block_size, length) == 0
 
 
-def resolve_implementation(name: str, *, causal: bool, length: int, block_size: int, dtype: jnp.dtype) -> str:
-    """Turns ``auto`` into a concrete implementation for the current backend and shapes.
+# ---------------------------------------------------------------------------------------------- splash (TPU)
+def current_platform() -> str:
+    """The platform of the mesh in context ('tpu' for a described TPU slice's devices), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
-    ``auto``: ``cudnn`` on GPU with a 16-bit compute dtype; on CPU ``blockwise`` (causal or not) when the block
-    size divides the length (a block longer than the sequence counts as one block); ``dense`` otherwise.
-    ``causal`` is part of the signature for backends whose choice depends on it.
+
+def _mesh_axes(logical_name: str, mesh: Any) -> tuple[str, ...]:
+    """The mesh axes of the context's rules for a logical name (only axes of `mesh`)."""
+    if mesh.empty or not nn.get_logical_axis_rules():
+        return ()
+    axes = nn.logical_to_mesh_axes((logical_name,))[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return tuple(a for a in axes if a in mesh.axis_names)
+
+
+def _size(mesh: Any, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _spec_entry(axes: tuple[str, ...]) -> Any:
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def sequence_shards() -> int:
+    """How many ways the context's mesh and rules split the query sequence ('activation_length'); 1 without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return _size(mesh, _mesh_axes("activation_length", mesh)) if not mesh.empty else 1
+
+
+def splash_blocks_fit(length: int, q_shards: int, block_q: int, block_kv: int) -> str | None:
+    """None when splash's blocks fit ``length`` split ``q_shards`` ways, else why not (for the fallback's log)."""
+    if length % q_shards:
+        return f"sequence length {length} does not split into {q_shards} sequence shards"
+    per_shard = length // q_shards
+    if per_shard % min(block_q, per_shard):
+        return f"block_q {block_q} does not divide the per-shard length {per_shard}"
+    if length % min(block_kv, length):
+        return f"block_kv {block_kv} does not divide the key length {length}"
+    if min(block_kv, length) % SPLASH_LANES:
+        return f"the key block {min(block_kv, length)} is not a multiple of the kernel's {SPLASH_LANES} lanes"
+    return None
+
+
+def _make_splash_kernel(length: int, heads: int, *, causal: bool, block_q: int, block_kv: int, head_shards: int,
+                        q_shards: int, interpret: bool):
+    """The splash kernel for [heads, length, head_dim] inputs (one example) with blocks capped at the shard size.
+
+    Causal: the [length, length] mask's rows split into ``q_shards`` (each shard's mask info, `manual_sharding_spec`).
+    Full (BERT): every query shard sees the same all-true rows, so the kernel is built for one shard's queries
+    against all keys, [length / q_shards, length], and is not split along the sequence (this jax's mask processing
+    fails for a full mask split along the queries).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib  # noqa: PLC0415
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib  # noqa: PLC0415
+
+    q_len = length // q_shards
+    bq, bkv = min(block_q, q_len), min(block_kv, length)
+    blocks = kernel_lib.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                   block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    if causal:
+        one = mask_lib.CausalMask((length, length))
+    else:
+        one, q_shards = mask_lib.FullMask((q_len, length)), 1
+    return kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([one] * heads), block_sizes=blocks,
+                                      head_shards=head_shards, q_seq_shards=q_shards, interpret=interpret)
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, block_q: int = 512, block_kv: int = 512,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """The Pallas splash-attention kernel, under `shard_map` over the mesh in context.
+
+    With a mesh and rules in context (`jax.set_mesh`, `nn.logical_axis_rules`), the batch, heads and query sequence
+    are split as 'activation_batch', 'activation_heads' and 'activation_length' place them; every device gets the
+    whole key/value sequence of its examples and heads (all-gathered) and the kernel's mask rows of its query shard
+    (`make_splash_mha(q_seq_shards=...)` and `manual_sharding_spec`). Without a mesh it runs on the whole arrays.
+
+    Args:
+      q, k, v: [batch, length, heads, head_dim], the same length (self-attention).
+      causal: causal mask (autoregressive) or full mask (BERT).
+      block_q, block_kv: the kernel's query and key/value block lengths (forward and backward), capped at the
+        per-shard query length and the key length; they must divide them.
+      interpret: run the kernel in Pallas interpret mode; None: when the platform is not a TPU.
+
+    Returns:
+      [batch, length, heads, head_dim] in q's dtype.
+
+    Raises:
+      ValueError: for unequal query/key lengths, blocks that do not divide the (per-shard) length, or heads or
+        batch that do not split over their mesh axes.
+    """
+    batch, length, heads, _ = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"splash attention needs self-attention: q length {length} != kv length {k.shape[1]}")
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes, head_axes, length_axes = (_mesh_axes(n, mesh) for n in
+                                          ("activation_batch", "activation_heads", "activation_length"))
+    head_shards, q_shards = _size(mesh, head_axes) if head_axes else 1, _size(mesh, length_axes) if length_axes else 1
+    why = splash_blocks_fit(length, q_shards, block_q, block_kv)
+    if why:
+        raise ValueError(f"splash attention: {why}; choose model.splash_block_q/kv that divide it (or another "
+                         "model.attention)")
+    if heads % head_shards or (batch_axes and batch % _size(mesh, batch_axes)):
+        raise ValueError(f"splash attention: {heads} heads or batch {batch} do not split over the mesh axes "
+                         f"{head_axes} ({head_shards}) / {batch_axes}")
+    if interpret is None:
+        interpret = current_platform() != "tpu"
+    kernel = _make_splash_kernel(length, heads, causal=causal, block_q=block_q, block_kv=block_kv,
+                                 head_shards=head_shards, q_shards=q_shards, interpret=interpret)
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [b, t, h, d] <-> [b, h, t, d]
+    q, k, v = heads_major(_scale(q)), heads_major(k), heads_major(v)
+
+    def run(kernel, q, k, v):
+        return jax.vmap(kernel)(q, k, v)
+
+    if not (batch_axes or head_axes or length_axes):  # no mesh (or nothing split): the whole arrays
+        return heads_major(run(kernel, q, k, v))
+    b, h, t = _spec_entry(batch_axes), _spec_entry(head_axes), _spec_entry(length_axes)
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(h, t if causal else None)))
+    q_spec, kv_spec = P(b, h, t, None), P(b, h, None, None)
+    out = jax.shard_map(run, mesh=mesh, in_specs=(kernel_spec, q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                        check_vma=False)(kernel, q, k, v)
+    return heads_major(out)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+def resolve_implementation(
+    name: str, *, causal: bool, length: int, block_size: int, dtype: jnp.dtype, platform: str | None = None,
+    q_shards: int = 1, splash_blocks: tuple[int, int] = (512, 512),
+) -> str:
+    """Turns ``auto`` into a concrete implementation for the platform and shapes.
+
+    ``auto``: on TPU ``splash`` when its blocks (``splash_blocks`` = (block_q, block_kv)) divide the length split
+    ``q_shards`` ways, else ``dense`` (logged with the reason); ``cudnn`` on GPU with a 16-bit compute dtype; on
+    CPU ``blockwise`` (causal or not) when the block size divides the length (a block longer than the sequence
+    counts as one block); ``dense`` otherwise. ``platform`` defaults to `current_platform()`.
     """
     del causal
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {name!r} is not one of {IMPLEMENTATIONS}")
     if name != "auto":
         return name
-    backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype).itemsize == 2:
+    platform = platform or current_platform()
+    if platform == "tpu":
+        why = splash_blocks_fit(length, q_shards, *splash_blocks)
+        if why is None:
+            return "splash"
+        logging.info("attention 'auto' on TPU: dense, not splash, because %s", why)
+        return "dense"
+    if platform == "gpu" and jnp.dtype(dtype).itemsize == 2:
         return "cudnn"
-    if backend == "cpu" and _blocks_fit(length, block_size):
+    if platform == "cpu" and _blocks_fit(length, block_size):
         return "blockwise"
     return "dense"
 
@@ -239,19 +393,23 @@ def attention(
     causal: bool,
     implementation: str = "auto",
     block_size: int = 128,
+    splash_blocks: tuple[int, int] = (512, 512),
 ) -> jax.Array:
     """Dispatches to the configured attention implementation (see module docstring).
 
-    ``blockwise`` needs self-attention (equal query and key lengths); for queries against a longer key sequence
-    (decoding with a cache) it falls back to ``dense``.
+    ``blockwise`` and ``splash`` need self-attention (equal query and key lengths); for queries against a longer
+    key sequence (decoding with a cache) they fall back to ``dense``.
     """
-    impl = resolve_implementation(implementation, causal=causal, length=q.shape[1], block_size=block_size, dtype=q.dtype)
+    impl = resolve_implementation(implementation, causal=causal, length=q.shape[1], block_size=block_size,
+                                  dtype=q.dtype, q_shards=sequence_shards(), splash_blocks=splash_blocks)
+    if impl in ("blockwise", "splash") and q.shape[1] != k.shape[1]:
+        impl = "dense"
     if impl == "dense":
         return dense_attention(q, k, v, causal=causal)
     if impl == "blockwise":
-        if q.shape[1] != k.shape[1]:
-            return dense_attention(q, k, v, causal=causal)
         return blockwise_attention(q, k, v, causal=causal, block_size=block_size)
+    if impl == "splash":
+        return splash_attention(q, k, v, causal=causal, block_q=splash_blocks[0], block_kv=splash_blocks[1])
     return jax_dot_product_attention(q, k, v, causal=causal, implementation=impl)
 
 
@@ -263,4 +421,5 @@ __all__ = [
     "dense_attention",
     "jax_dot_product_attention",
     "resolve_implementation",
+    "splash_attention",
 ]

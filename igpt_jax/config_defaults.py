@@ -62,7 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batch_size = 0  # 0: the training batch size
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 fills the remaining devices
+    # (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1; one -1 fills the remaining devices.
+    # 'context' splits each sequence (sequence parallelism, igpt_jax/sharding.py).
+    c.mesh.shape = (-1, 1, 1)
     c.mesh.rules = sharding.DEFAULT_RULES
 
     c.checkpoint = ml_collections.ConfigDict()

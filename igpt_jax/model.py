@@ -51,8 +51,10 @@ class ModelConfig:
       mlp_ratio: MLP width as a multiple of d (4 in iGPT).
       objective: 'ar' (autoregressive, causal) or 'bert' (masked, bidirectional).
       bert_mask_rate: probability that a position is masked under the BERT objective.
-      attention: 'auto', 'dense', 'blockwise', 'xla' or 'cudnn' (see `igpt_jax.attention`).
+      attention: 'auto', 'dense', 'blockwise', 'xla', 'cudnn' or 'splash' (see `igpt_jax.attention`).
       attention_block: block length of the blockwise causal attention.
+      splash_block_q: query block length of the splash kernel (TPU; capped at the per-shard sequence length).
+      splash_block_kv: key/value block length of the splash kernel (capped at the sequence length).
       remat: rematerialisation policy of a block: 'none', 'full' (save nothing), 'dots' (save matmul outputs),
         'dots_no_batch' (save weight matmuls only), 'minimal' (save only the block's attention and MLP outputs).
       dtype: compute dtype ('float32' or 'bfloat16'); parameters, norms, softmax and logits stay float32.
@@ -72,6 +74,8 @@ class ModelConfig:
     bert_mask_rate: float = 0.15
     attention: str = "auto"
     attention_block: int = 128
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     remat: str = "full"
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -85,7 +89,8 @@ class ModelConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
-        for name in ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "mlp_ratio", "attention_block", "scan_unroll"):
+        for name in ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "mlp_ratio", "attention_block",
+                     "splash_block_q", "splash_block_kv", "scan_unroll"):
             positive(name)
         if self.d_model % self.n_head:
             raise ValueError(
@@ -166,6 +171,20 @@ def _remat_policy(name: str):
     }[name]
 
 
+def _rows_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [b, t, n] @ w [n, m] -> [b, t, m], as one 2-D matmul over the [b * t] rows when the sequence is whole.
+
+    Flattened rows (bitcast reshapes) because with batch and length as separate einsum dimensions XLA:CPU turned
+    the weight gradients into slow strided transposes (bench/RESULTS.md). Under sequence parallelism (the rules
+    split 'activation_length') a [batch, length] split does not flatten into one split of the rows, and XLA would
+    gather the whole sequence on every device: there the einsum keeps both dimensions. Same math either way.
+    """
+    b, t, n = x.shape
+    if attention_lib.sequence_shards() > 1:
+        return jnp.einsum("btn,nm->btm", x, w)
+    return (x.reshape(b * t, n) @ w).reshape(b, t, w.shape[1])
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x**2) + eps) * g, computed in float32, no bias, g initialised to 1."""
 
@@ -196,21 +215,22 @@ class Attention(nn.Module):
         wk = _param(self, "k", qkv_init, (d, h, k), ("embed", "heads", "kv"), pdt)
         wv = _param(self, "v", qkv_init, (d, h, k), ("embed", "heads", "kv"), pdt)
         wo = _param(self, "o", out_init, (h, k, d), ("heads", "kv", "embed"), pdt)
-        axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-        # The projections are 2-D matmuls over the flattened [batch * length] rows (bitcast reshapes): with the
-        # batch and length kept as separate einsum dimensions XLA:CPU turned the weight gradients into slow
-        # strided transposes (bench/RESULTS.md). The math and the parameters are unchanged.
+        q_axes = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+        kv_axes = ("activation_batch", "activation_kv_length", "activation_heads", "activation_kv")  # gathered
+        # The projections are 2-D matmuls over the flattened [batch * length] rows (`_rows_matmul`).
         b, t, _ = x.shape
-        rows = x.reshape(b * t, d)
 
-        def project(w: jax.Array) -> jax.Array:
-            return nn.with_logical_constraint((rows @ w.astype(dt).reshape(d, h * k)).reshape(b, t, h, k), axes)
+        def project(w: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+            heads = _rows_matmul(x, w.astype(dt).reshape(d, h * k)).reshape(b, t, h, k)
+            return nn.with_logical_constraint(heads, axes)
 
-        q, key, v = project(wq), project(wk), project(wv)
+        q, key, v = project(wq, q_axes), project(wk, kv_axes), project(wv, kv_axes)
         out = attention_lib.attention(
-            q, key, v, causal=cfg.causal, implementation=cfg.attention, block_size=cfg.attention_block
+            q, key, v, causal=cfg.causal, implementation=cfg.attention, block_size=cfg.attention_block,
+            splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
         )
-        out = (out.reshape(b * t, h * k) @ wo.astype(dt).reshape(h * k, d)).reshape(b, t, d)
+        out = nn.with_logical_constraint(out, q_axes)
+        out = _rows_matmul(out.reshape(b, t, h * k), wo.astype(dt).reshape(h * k, d))
         return checkpoint_name(out, "attn_out")
 
 
@@ -227,10 +247,9 @@ class Mlp(nn.Module):
         w_fc = _param(self, "fc", init, (cfg.d_model, cfg.d_mlp), ("embed", "mlp"), pdt)
         w_proj = _param(self, "proj", init, (cfg.d_mlp, cfg.d_model), ("mlp", "embed"), pdt)
         # 2-D matmuls over [batch * length] rows, as in `Attention` (3x faster backward on XLA:CPU).
-        b, t, d = x.shape
-        hidden = quick_gelu(x.reshape(b * t, d) @ w_fc.astype(dt)).reshape(b, t, cfg.d_mlp)
+        hidden = quick_gelu(_rows_matmul(x, w_fc.astype(dt)))
         hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        out = (hidden.reshape(b * t, cfg.d_mlp) @ w_proj.astype(dt)).reshape(b, t, d)
+        out = _rows_matmul(hidden, w_proj.astype(dt))
         return checkpoint_name(out, "mlp_out")
 
 

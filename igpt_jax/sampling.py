@@ -18,7 +18,8 @@ attention uses the same q/k/v/o projections with a masked softmax over the cache
 forward pass's (tests/test_sampling.py checks 1e-5 in float32 at every position).
 
 The cache is `KVCache(key, value)`: per layer, [batch, heads, n_ctx, head_dim] arrays in the compute dtype, sharded
-like the activations (batch over the data axes, heads over 'tensor') when called under a mesh and rules context.
+like the activations (batch over the data axes, heads over 'tensor') when called under a mesh and rules context;
+never along the positions, also under sequence parallelism (a decode step has one position).
 
 Only the autoregressive objective can be sampled; a BERT model raises a ValueError.
 """
@@ -42,7 +43,10 @@ from igpt_jax import sharding
 from igpt_jax.model import IGPT, Mlp, ModelConfig, RMSNorm
 
 _NEG_INF = -1e30
-_CACHE_AXES = ("activation_batch", "activation_heads", "activation_length", "activation_kv")
+# Decoding is sequential: the sampler never splits the sequence, so its positions are named 'activation_kv_length'
+# (unsharded; under sequence parallelism 'activation_length' would split a one-position decode step).
+_LENGTH = "activation_kv_length"
+_CACHE_AXES = ("activation_batch", "activation_heads", _LENGTH, "activation_kv")
 
 
 class KVCache(NamedTuple):
@@ -119,7 +123,7 @@ def _embed(cfg: ModelConfig, params: Any, prev_tokens: jax.Array, start: jax.Arr
     x = jnp.where((positions == 0)[None, :, None], params["sos"].astype(dt), emb)
     wpe = jax.lax.dynamic_slice_in_dim(params["wpe"], start, length, axis=0).astype(dt)  # [t, d]
     x = x + wpe[None]
-    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return nn.with_logical_constraint(x, ("activation_batch", _LENGTH, "activation_embed"))
 
 
 def _qkv(cfg: ModelConfig, p: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -133,14 +137,14 @@ def _finish_block(cfg: ModelConfig, p: Any, x: jax.Array, out: jax.Array) -> jax
     """The rest of a block after attention: output projection, residual, ln_2, MLP, residual."""
     x = x + jnp.einsum("bthk,hkd->btd", out, p["attn"]["o"].astype(jnp.dtype(cfg.dtype)))
     x = x + Mlp(cfg).apply({"params": p["mlp"]}, RMSNorm(cfg).apply({"params": p["ln_2"]}, x))
-    return nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    return nn.with_logical_constraint(x, ("activation_batch", _LENGTH, "activation_embed"))
 
 
 def _logits(cfg: ModelConfig, params: Any, x: jax.Array) -> jax.Array:
     h = RMSNorm(cfg).apply({"params": params["ln_f"]}, x)
     logits = jnp.einsum("btd,vd->btv", h, params["wtet"].astype(jnp.dtype(cfg.dtype)),
                         preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    return nn.with_logical_constraint(logits, ("activation_batch", _LENGTH, "activation_vocab"))
 
 
 def _layer(params: Any, i: int) -> Any:
@@ -179,11 +183,13 @@ def prefill(cfg: ModelConfig, params: Any, prefix: jax.Array, cache: KVCache) ->
     params = nn.meta.unbox(params)
     prev = jnp.pad(prefix.astype(jnp.int32), ((0, 0), (1, 0)))  # the input of position p is x_{p-1}; p = 0: SOS
     x = _embed(cfg, params, prev, 0)
-    impl = "auto" if cfg.attention == "blockwise" else cfg.attention  # blockwise needs whole blocks; auto checks
+    # blockwise and splash need whole blocks of the prefix's length; 'auto' checks and falls back.
+    impl = "auto" if cfg.attention in ("blockwise", "splash") else cfg.attention
 
     def block(x, p):
         q, k, v = _qkv(cfg, p, x)
-        out = attention_lib.attention(q, k, v, causal=True, implementation=impl, block_size=cfg.attention_block)
+        out = attention_lib.attention(q, k, v, causal=True, implementation=impl, block_size=cfg.attention_block,
+                                      splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv))
         return _finish_block(cfg, p, x, out), (k, v)
 
     blocks = params["blocks"]
@@ -290,7 +296,7 @@ def generate(cfg: ModelConfig, params: Any, prefix: jax.Array, rng: jax.Array, *
         logits, cache = decode_step(cfg, params, cache, prev, position)
         new = sample(jax.random.fold_in(rng, position), logits)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, position, axis=1)
-        return nn.with_logical_constraint(tokens, ("activation_batch", "activation_length")), cache
+        return nn.with_logical_constraint(tokens, ("activation_batch", _LENGTH)), cache
 
     tokens, _ = jax.lax.fori_loop(t + 1, length, body, (tokens, cache))
     return tokens

@@ -1,12 +1,17 @@
 """The device mesh and the one logical-axis rules table.
 
 The model names every parameter and activation dimension logically ('embed', 'heads', 'activation_batch', ...);
-`DEFAULT_RULES` maps those names to the mesh axes ('data', 'fsdp', 'tensor'). Changing the parallelism is a config
-edit (`config.mesh.shape`, `config.mesh.rules`), never a model edit:
+`DEFAULT_RULES` maps those names to the mesh axes ('data', 'fsdp', 'context', 'tensor'). Changing the parallelism is
+a config edit (`config.mesh.shape`, `config.mesh.rules`), never a model edit:
 
-  * data:   pure data parallelism (parameters replicated).
-  * fsdp:   data parallelism whose parameters and optimizer state are sharded along 'embed' (ZeRO-3 style).
-  * tensor: Megatron-style model parallelism over heads, MLP width and vocabulary.
+  * data:    pure data parallelism (parameters replicated).
+  * fsdp:    data parallelism whose parameters and optimizer state are sharded along 'embed' (ZeRO-3 style).
+  * context: sequence (context) parallelism: each example's tokens are split over it ('activation_length'); the
+             queries stay split, keys and values are gathered whole ('activation_kv_length' is unsharded).
+  * tensor:  Megatron-style model parallelism over heads, MLP width and vocabulary.
+
+`config.mesh.shape` has four entries (data, fsdp, context, tensor) or, as before the context axis, three
+(data, fsdp, tensor) with context 1.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+LEGACY_MESH_AXES = ("data", "fsdp", "tensor")  # a 3-entry mesh.shape: context 1
 BATCH_AXES = ("data", "fsdp")
 
 Rules = Sequence[tuple[str, Any]]
@@ -28,7 +34,8 @@ Rules = Sequence[tuple[str, Any]]
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # Activations.
     ("activation_batch", BATCH_AXES),
-    ("activation_length", None),
+    ("activation_length", "context"),  # queries and the residual stream: split over the context axis
+    ("activation_kv_length", None),  # keys and values: gathered whole (and the sampler's cache)
     ("activation_embed", None),
     ("activation_heads", "tensor"),
     ("activation_kv", None),
@@ -63,14 +70,17 @@ def rules_from_config(rules: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Fills one -1 in a ('data', 'fsdp', 'tensor') shape and checks the product equals the device count.
+    """Fills one -1 in a (data, fsdp, context, tensor) shape and checks the product equals the device count.
+
+    A 3-entry shape is (data, fsdp, tensor) with context 1.
 
     Raises:
       ValueError: with the numbers, when the shape cannot fit the devices.
     """
     shape = tuple(int(s) for s in shape)
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if len(shape) not in (len(MESH_AXES), len(LEGACY_MESH_AXES)):
+        raise ValueError(f"mesh.shape={shape} must have {len(MESH_AXES)} entries for axes {MESH_AXES} "
+                         f"(or 3 for {LEGACY_MESH_AXES}, context 1)")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh.shape={shape} may contain at most one -1")
     if any(s == 0 or s < -1 for s in shape):
@@ -88,11 +98,11 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
             f"mesh.shape={shape} has {math.prod(shape)} devices but {num_devices} are available "
             f"({jax.default_backend()}); use -1 for one axis to fill the rest"
         )
-    return shape
+    return shape[:2] + (1,) + shape[2:] if len(shape) == len(LEGACY_MESH_AXES) else shape
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the ('data', 'fsdp', 'tensor') mesh, topology-aware on TPU, with automatic sharding axes."""
+    """Builds the ('data', 'fsdp', 'context', 'tensor') mesh, topology-aware on TPU, with automatic sharding axes."""
     devices = list(jax.devices() if devices is None else devices)
     resolved = resolve_mesh_shape(shape, len(devices))
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)

@@ -154,7 +154,63 @@ def test_resolve_implementation(monkeypatch):
     assert resolve("auto", causal=True, length=1024, block_size=128, dtype=bf16) == "cudnn"
     assert resolve("auto", causal=True, length=1024, block_size=128, dtype=f32) == "dense"
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
-    assert resolve("auto", causal=True, length=1024, block_size=128, dtype=f32) == "dense"
+    assert resolve("auto", causal=True, length=1024, block_size=128, dtype=f32) == "splash"
+    # Splash's blocks (512 by default) must divide the per-shard query length and the key length.
+    assert resolve("auto", causal=True, length=4096, block_size=128, dtype=f32, q_shards=8) == "splash"
+    assert resolve("auto", causal=True, length=2304, block_size=128, dtype=f32) == "dense"  # 48x48
+    assert resolve("auto", causal=True, length=2304, block_size=128, dtype=f32, splash_blocks=(256, 256)) == "splash"
+    assert resolve("auto", causal=True, length=9216, block_size=128, dtype=f32, q_shards=2) == "splash"  # 96x96
+    assert resolve("auto", causal=True, length=1024, block_size=128, dtype=f32, q_shards=3) == "dense"
+    assert resolve("auto", causal=True, length=64, block_size=128, dtype=f32) == "dense"  # key block < 128 lanes
+    # The platform of the mesh wins over the default backend (the compile job lowers for TPU on a CPU).
+    assert resolve("auto", causal=True, length=1024, block_size=128, dtype=f32, platform="cpu") == "blockwise"
+
+
+def test_splash_fit_reasons_name_the_numbers():
+    assert attention_lib.splash_blocks_fit(4096, 2, 512, 512) is None
+    assert "per-shard length 1152" in attention_lib.splash_blocks_fit(2304, 2, 512, 512)
+    assert "block_kv 512 does not divide the key length 2304" in attention_lib.splash_blocks_fit(2304, 1, 256, 512)
+    assert "does not split into 3 sequence shards" in attention_lib.splash_blocks_fit(1024, 3, 128, 128)
+    assert "not a multiple of the kernel's 128 lanes" in attention_lib.splash_blocks_fit(64, 1, 64, 64)
+    q, k, v, _ = _qkvw((1, 384, 1, 8))
+    with pytest.raises(ValueError, match="choose model.splash_block_q/kv"):
+        attention_lib.splash_attention(q, k, v, causal=True, block_q=256, block_kv=128)
+
+
+def _splash(causal, block_q, block_kv):
+    return lambda q, k, v: attention_lib.splash_attention(q, k, v, causal=causal, block_q=block_q, block_kv=block_kv)
+
+
+# The Pallas TPU kernel itself, run in interpret mode on the CPU (the platform is not 'tpu'): outputs and gradients
+# equal dense attention's at 1e-5 in float32. (batch, length, heads, head_dim, block_q, block_kv): several blocks
+# per row and column, unequal query and key blocks, blocks capped at the sequence.
+SPLASH_SHAPES = [(2, 256, 2, 16, 128, 128), (1, 256, 3, 8, 64, 128), (1, 128, 2, 32, 512, 512)]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("shape", SPLASH_SHAPES, ids=lambda s: "b{}_t{}_h{}_d{}_bq{}_bkv{}".format(*s))
+def test_splash_interpret_equals_dense(shape, causal):
+    b, t, h, d, block_q, block_kv = shape
+    q, k, v, w = _qkvw((b, t, h, d), seed=t + h + block_q)
+    want = _value_and_grads(_dense(causal), q, k, v, w)
+    _assert_same(_value_and_grads(_splash(causal, block_q, block_kv), q, k, v, w), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_splash_under_shard_map_splits_batch_heads_and_queries(causal):
+    """On a (data 2, context 2, tensor 2) mesh of fake CPU devices: the kernel runs per shard (queries split, keys
+    and values gathered, each shard's rows of the mask) and still equals dense attention."""
+    from igpt_jax import sharding  # noqa: PLC0415
+
+    q, k, v, w = _qkvw((2, 256, 4, 16), seed=11)
+    want = _value_and_grads(_dense(causal), q, k, v, w)
+    mesh = sharding.make_mesh((2, 1, 2, 2), jax.devices()[:8])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        assert attention_lib.sequence_shards() == 2
+        got = _value_and_grads(_splash(causal, 64, 128), q, k, v, w)
+        jaxpr = jax.make_jaxpr(_splash(causal, 64, 128))(q, k, v)
+    assert "shard_map" in str(jaxpr)
+    _assert_same(got, want, atol=1e-5, rtol=1e-5)
 
 
 def _small_cfg(**kw):
@@ -207,6 +263,17 @@ def test_model_logits_and_gradients_agree_bidirectional(model_case):
     cfg = cfg.replace(objective="bert")
     want = _logits_and_grads(cfg.replace(attention="dense"), params, tokens)
     _assert_same_model(_logits_and_grads(cfg.replace(attention="blockwise"), params, tokens), want, "blockwise bert")
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_model_splash_logits_and_gradients_agree(objective):
+    """The whole model with splash (interpret mode; a context of 128, the kernel's smallest key block) vs dense."""
+    cfg = _small_cfg(n_ctx=128, objective=objective, splash_block_q=64, splash_block_kv=128)
+    params = nn.meta.unbox(run_jitted(lambda rng: init_params(cfg, rng), jax.random.key(0)))
+    params = dict(params, wtet=0.05 * jax.random.normal(jax.random.key(1), params["wtet"].shape))
+    tokens = jax.random.randint(jax.random.key(2), (2, cfg.n_ctx), 0, cfg.vocab_size)
+    want = _logits_and_grads(cfg.replace(attention="dense"), params, tokens)
+    _assert_same_model(_logits_and_grads(cfg.replace(attention="splash"), params, tokens), want, f"splash {objective}")
 
 
 def test_model_blockwise_under_full_remat(model_case, dense_ar):

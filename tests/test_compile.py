@@ -40,7 +40,7 @@ def test_describes_the_slice(report):
     assert report["device_kind"] == "TPU v4"
     assert (report["devices"], report["chips"], report["devices_per_chip"], report["hosts"]) == (4, 4, 1, 1)
     assert report["hbm_bytes"] == 32 * 1024**3
-    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "context": 1, "tensor": 1}
     assert report["batch_axes"] == ["data", "fsdp"]
     assert report["input"] == {"processes": 1, "rows_per_process": report["global_batch"], "processes_per_row": 1}
 
@@ -79,6 +79,66 @@ def test_flops(report):
     # Without remat and with dense attention the step's matmuls are exactly the model FLOPs.
     assert math.isclose(f["step_matmul"], f["model_per_step"], rel_tol=1e-9)
     assert f["xla_per_device"] > 0
+
+
+def test_estimate_is_the_larger_roofline_bound(report):
+    e, f = report["estimate"], report["flops"]
+    assert e["compute_seconds"] == pytest.approx(f["step_matmul_per_device"] / f["peak_per_device"])
+    assert e["memory_seconds"] == pytest.approx(e["xla_bytes_per_device"] * report["model"]["n_layer"] / 1228e9)
+    assert e["step_seconds"] == max(e["compute_seconds"], e["memory_seconds"])
+    assert e["mfu"] == pytest.approx(f["model_per_step"] / (e["step_seconds"] * 4 * 275e12))
+    assert 0 < e["mfu"] < 1
+
+
+def test_splash_compiles_for_tpu_with_the_sequence_split(tmp_path):
+    """'auto' picks the Pallas splash kernel for the TPU slice (not interpret mode, not the CPU's 'blockwise'), and
+    the step compiles with the sequence split over 'context' (a Mosaic custom call in the compiled TPU program)."""
+    config = _tiny_config()
+    config.model.attention = "auto"
+    config.model.n_ctx = 256  # splash's key blocks are multiples of 128 lanes
+    config.data.resolution = 16
+    config.mesh.shape = (1, 2, 2, 1)  # fsdp 2, context 2: each sequence in two halves of 128
+    report, compiled = compile_job.compile_train_step(config)
+    assert report["model"]["attention"] == "splash" and report["model"]["attention_configured"] == "auto"
+    assert report["sequence_shards"] == 2 and report["fits"] is True
+    assert "tpu_custom_call" in compiled.as_text()
+    config.model.attention = "dense"
+    dense_report, dense = compile_job.compile_train_step(config)
+    assert "tpu_custom_call" not in dense.as_text()
+    assert dense_report["model"]["attention"] == "dense"
+
+
+def _pod(module: str, arg: str, **model):
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{module}.py"
+    spec = importlib.util.spec_from_file_location(module, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config(arg)
+    config.job = "compile"
+    config.model.update(model)
+    return config
+
+
+@pytest.mark.slow
+def test_igpt_xl_64x64_on_v4_1024_fits_without_remat_only_with_splash(tmp_path):
+    """iGPT-XL, 4,096 tokens, no rematerialisation: splash fits a v4-1024 chip's HBM, dense attention does not."""
+    splash = compile_job.run(_pod("igpt_xl", "pod=v4-1024", remat="none"), str(tmp_path / "splash"))
+    assert splash["model"]["attention"] == "splash" and splash["fits"]
+    with pytest.raises(compile_job.CompileError, match="RESOURCE_EXHAUSTED|more than"):
+        compile_job.run(_pod("igpt_xl", "pod=v4-1024", remat="none", attention="dense"), str(tmp_path / "dense"))
+
+
+@pytest.mark.slow
+def test_igpt_l_96x96_fits_a_v4_2048_with_splash_and_sequence_sharding_only(tmp_path):
+    """iGPT-L at 96x96 (9,216 tokens), each sequence split over 'context': splash fits, dense does not."""
+    splash = compile_job.run(_pod("igpt_l", "res=96"), str(tmp_path / "splash"))
+    assert splash["model"]["attention"] == "splash" and splash["fits"]
+    assert splash["seq_len"] == 9216 and splash["sequence_shards"] == 2 and splash["devices"] == 1024
+    with pytest.raises(compile_job.CompileError, match="RESOURCE_EXHAUSTED|more than"):
+        compile_job.run(_pod("igpt_l", "res=96", attention="dense"), str(tmp_path / "dense"))
 
 
 def test_too_little_memory_is_an_error(tmp_path):

@@ -14,12 +14,21 @@ that take part in matmuls (the blocks' q, k, v, o, fc, proj and the output head 
 embedding lookups are gathers), L the layers, T the sequence length (resolution^2) and d the width; ``12 L T d`` is
 the attention's two [T, T] matmuls forward and backward, without discounting the causal mask. MFU = model FLOPs
 per step / (step seconds x devices x peak FLOP/s per device). The step's own matmul FLOPs, counted from its jaxpr
-over all layers, add the remat recomputation (hardware FLOPs); XLA's `cost_analysis()` of the compiled step is
-printed too, but it counts the body of the scan over layers once.
+over all layers, add the remat recomputation (hardware FLOPs; a Pallas kernel counts its body's matmuls once per
+grid step, masked blocks included, and a `shard_map` body once per device); XLA's `cost_analysis()` of the
+compiled step is printed too, but it counts the body of the scan over layers once and a Pallas kernel not at all.
+
+ESTIMATED step time and MFU (a roofline, not a measurement): compute time = the step's matmul FLOPs per device /
+the chip's peak FLOP/s; memory time = the step's bytes per device / the chip's HBM bandwidth, where the bytes are
+XLA's `cost_analysis()` 'bytes accessed' times the scan's trip count (layers x micro-batches: XLA counts the body
+once, so the parts outside the scan are over-counted) -- and 'bytes accessed' sums every HLO's operands and
+outputs, also those that stay on chip, so the memory time is pessimistic. The larger bound is the estimate. It
+leaves out collectives and kernel efficiency; a real step differs either way.
 
 No data is read: the batch is abstract, and ``train.warmup_steps=-1`` (one epoch) compiles with
 ``config.compile.steps_per_epoch`` (only a constant of the learning-rate schedule). ``model.attention='auto'``
-compiles as 'dense', what it resolves to on TPU (on this CPU it would pick 'blockwise').
+compiles as what it resolves to on the slice's TPU (`attention.resolve_implementation` with platform 'tpu' and the
+sequence shards of the mesh): 'splash' when its blocks divide the per-shard length, else 'dense'.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
+from igpt_jax import attention as attention_lib
 from igpt_jax import optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.job_outputs import workpath_of
@@ -46,15 +56,16 @@ from igpt_jax.model import ModelConfig, count_params
 GIB = 1024**3
 
 # HBM and peak dense bf16 FLOP/s per chip, by generation. v2/v3/v4/v5p chips have two TensorCores: a JAX device
-# is one core (v2, v3; HBM split evenly) or, with megacore (v4, v5p), the whole chip.
+# is one core (v2, v3; HBM split evenly) or, with megacore (v4, v5p), the whole chip. HBM bandwidth per chip in
+# GB/s (Cloud TPU documentation), for the roofline estimate.
 CHIPS = {
-    "v2": dict(hbm_gib=16, peak_tflops=45),
-    "v3": dict(hbm_gib=32, peak_tflops=123),
-    "v4": dict(hbm_gib=32, peak_tflops=275),
-    "v5e": dict(hbm_gib=16, peak_tflops=197),
-    "v5litepod": dict(hbm_gib=16, peak_tflops=197),
-    "v5p": dict(hbm_gib=95, peak_tflops=459),
-    "v6e": dict(hbm_gib=32, peak_tflops=918),
+    "v2": dict(hbm_gib=16, peak_tflops=45, hbm_gbps=700),
+    "v3": dict(hbm_gib=32, peak_tflops=123, hbm_gbps=900),
+    "v4": dict(hbm_gib=32, peak_tflops=275, hbm_gbps=1228),
+    "v5e": dict(hbm_gib=16, peak_tflops=197, hbm_gbps=819),
+    "v5litepod": dict(hbm_gib=16, peak_tflops=197, hbm_gbps=819),
+    "v5p": dict(hbm_gib=95, peak_tflops=459, hbm_gbps=2765),
+    "v6e": dict(hbm_gib=32, peak_tflops=918, hbm_gbps=1640),
 }
 MEGACORE = ("v4", "v5p")
 
@@ -121,6 +132,7 @@ def device_facts(devices: list[Any], generation: str, compile_cfg: Any) -> dict[
         "hosts": len({d.process_index for d in devices}),
         "hbm_bytes": int(hbm_gib * GIB),
         "peak_flops_per_device": chip["peak_tflops"] * 1e12 / devices_per_chip if chip else None,
+        "hbm_bytes_per_second_per_device": chip["hbm_gbps"] * 1e9 / devices_per_chip if chip else None,
     }
 
 
@@ -132,11 +144,25 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[
             "total": 6.0 * matmul_params + attention}
 
 
+def _repeats(eqn: Any) -> int:
+    """How many times an equation runs its inner jaxprs: a scan's length, a Pallas kernel's grid steps, a
+    `shard_map` body once per device of its mesh."""
+    name = eqn.primitive.name
+    if name == "scan":
+        return eqn.params["length"]
+    if name == "pallas_call":
+        return math.prod(eqn.params["grid_mapping"].grid)
+    if name == "shard_map":
+        return eqn.params["mesh"].size
+    return 1
+
+
 def matmul_flops(jaxpr: Any) -> float:
     """FLOPs of the matmuls (dot_general: 2 x output size x contracted size) of a jaxpr, for the whole global batch.
 
     Loops count their trip count (scan ``length``; XLA's `cost_analysis()` counts a loop body once), the remat
-    recomputation is in the step's jaxpr explicitly, and of a `cond`'s branches the most expensive counts.
+    recomputation is in the step's jaxpr explicitly, and of a `cond`'s branches the most expensive counts. A
+    Pallas kernel counts its body once per grid step (masked blocks too), a `shard_map` body once per device.
     """
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
     total = 0.0
@@ -151,7 +177,7 @@ def matmul_flops(jaxpr: Any) -> float:
             values = value if isinstance(value, (tuple, list)) else (value,)
             inner.append([matmul_flops(v) for v in values if isinstance(v, (jax_core.ClosedJaxpr, jax_core.Jaxpr))])
         sub = sum(max(branches) if eqn.primitive.name == "cond" else sum(branches) for branches in inner if branches)
-        total += sub * (eqn.params["length"] if eqn.primitive.name == "scan" else 1)
+        total += sub * _repeats(eqn)
     return total
 
 
@@ -171,11 +197,6 @@ def _bytes_global(abstract_tree: Any) -> int:
 def _param_specs(shardings: Any) -> dict[str, str]:
     flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
     return {"/".join(str(getattr(k, "key", k)) for k in path): str(tuple(s.spec)) for path, s in flat}
-
-
-def _tpu_attention(name: str) -> str:
-    # 'auto' resolves by the backend that runs the step; here that is the CPU, on the slice it is the TPU.
-    return "dense" if name == "auto" else name
 
 
 def abstract_batch(global_batch: int, n_ctx: int, batch_sharding: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -206,9 +227,6 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
 
     # ---------------------------------------------------------------- the model, as the slice would run it
     model_cfg = ModelConfig.from_config(config.model)
-    if model_cfg.attention != _tpu_attention(model_cfg.attention):
-        logging.info("model.attention='auto' compiles as %r, what it picks on TPU", _tpu_attention("auto"))
-        model_cfg = model_cfg.replace(attention=_tpu_attention(model_cfg.attention))
     if config.data.resolution**2 > model_cfg.n_ctx:
         raise ValueError(f"data.resolution={config.data.resolution} is longer than model.n_ctx={model_cfg.n_ctx}")
     seq_len = config.data.resolution**2
@@ -216,6 +234,15 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
     # ---------------------------------------------------------------- mesh and batch, checked like pretraining
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
+    seq_shards = math.prod(mesh.shape[a] for a in sharding.mesh_axes_of("activation_length", rules))
+    attention = attention_lib.resolve_implementation(
+        model_cfg.attention, causal=model_cfg.causal, length=seq_len, block_size=model_cfg.attention_block,
+        dtype=model_cfg.dtype, platform="tpu", q_shards=seq_shards,
+        splash_blocks=(model_cfg.splash_block_q, model_cfg.splash_block_kv))
+    if attention != model_cfg.attention:
+        logging.info("model.attention=%r compiles as %r, what it picks on this TPU slice", model_cfg.attention,
+                     attention)
+        model_cfg = model_cfg.replace(attention=attention)
     global_batch = int(train_cfg.batch_size)
     sharding.check_batch_divides(global_batch, mesh, rules)
     accum = int(train_cfg.grad_accum_steps)
@@ -245,14 +272,15 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         "topology": str(compile_cfg.topology), **facts,
         "mesh": dict(mesh.shape), "rules": [[n, a] for n, a in rules],
         "batch_axes": list(sharding.batch_axes(rules)),
-        "global_batch": global_batch, "seq_len": seq_len, "grad_accum_steps": accum,
+        "global_batch": global_batch, "seq_len": seq_len, "grad_accum_steps": accum, "sequence_shards": seq_shards,
         "examples_per_host": global_batch / facts["hosts"],
         "input": {"processes": len(host_rows),
                   "rows_per_process": max(r.size for r in host_rows.values()),
                   "processes_per_row": max(row_ranges.values())},
         "model": {"n_layer": model_cfg.n_layer, "d_model": model_cfg.d_model, "n_head": model_cfg.n_head,
                   "n_ctx": model_cfg.n_ctx, "vocab_size": model_cfg.vocab_size, "remat": model_cfg.remat,
-                  "attention": model_cfg.attention, "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+                  "attention": model_cfg.attention, "attention_configured": str(config.model.attention),
+                  "splash_blocks": [model_cfg.splash_block_q, model_cfg.splash_block_kv], "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
                   "objective": model_cfg.objective},
         "params": count_params(model_cfg),
     }
@@ -315,6 +343,9 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         "tokens_per_step": tokens_per_step,
         "peak_per_device": facts["peak_flops_per_device"],
     }
+    report["estimate"] = roofline_estimate(report["flops"], float((cost or {}).get("bytes accessed", 0.0)),
+                                           facts["hbm_bytes_per_second_per_device"], facts["devices"],
+                                           model_cfg.n_layer * accum)
 
     # ---------------------------------------------------------------- the step's shardings are the layout's
     in_state = compiled.input_shardings[0][0]
@@ -325,6 +356,36 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
                            jax.tree.leaves(layout.abstract), strict=True)
     )
     return report, compiled
+
+
+def roofline_estimate(flops: dict[str, Any], xla_bytes: float, hbm_bandwidth: float | None, devices: int,
+                      loop_trips: int) -> dict[str, Any]:
+    """An ESTIMATED step time and MFU from the step's FLOPs and bytes per device (see the module docstring).
+
+    Args:
+      flops: the report's FLOP counts.
+      xla_bytes: XLA's `cost_analysis()` 'bytes accessed' per device (the scan's body counted once).
+      hbm_bandwidth: bytes per second per device.
+      devices: devices of the slice.
+      loop_trips: how many times the step runs the scan's body (layers x micro-batches).
+
+    Returns:
+      {} without the chip's peak or bandwidth; else compute_seconds, memory_seconds, step_seconds (the larger),
+      bound ('compute' or 'memory'), hbm_bytes_per_device (XLA's bytes x loop_trips), mfu (model FLOPs per step /
+      (estimated seconds x devices x peak)).
+    """
+    peak = flops["peak_per_device"]
+    if not peak or not hbm_bandwidth:
+        return {}
+    hbm_bytes = xla_bytes * loop_trips
+    compute_s, memory_s = flops["step_matmul_per_device"] / peak, hbm_bytes / hbm_bandwidth
+    seconds = max(compute_s, memory_s)
+    return {
+        "compute_seconds": compute_s, "memory_seconds": memory_s, "step_seconds": seconds,
+        "bound": "compute" if compute_s >= memory_s else "memory", "hbm_bytes_per_device": hbm_bytes,
+        "xla_bytes_per_device": xla_bytes, "loop_trips": loop_trips,
+        "mfu": flops["model_per_step"] / (seconds * devices * peak) if seconds else 0.0,
+    }
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -361,6 +422,12 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"                  MFU = {f['model_per_step']:.4g} / (step seconds x {r['devices']} x "
                      f"{f['peak_per_device']:.4g} FLOP/s);  a step of "
                      f"{f['model_per_step'] / (r['devices'] * f['peak_per_device']):.3g} s would be 100 %")
+    e = r.get("estimate") or {}
+    if e:
+        lines.append(f"  ESTIMATE        step {e['step_seconds']:.3g} s ({e['bound']}-bound: compute "
+                     f"{e['compute_seconds']:.3g} s, HBM {e['memory_seconds']:.3g} s for "
+                     f"{e['hbm_bytes_per_device'] / GIB:.2f} GiB), MFU {100 * e['mfu']:.1f} % -- a roofline from "
+                     "cost analysis, not a measurement")
     lines.append(f"  compile time    {r['compile_seconds']:.1f} s (+ {r['lower_seconds']:.1f} s to lower) here")
     inp = r["input"]
     shared = (f"; each example loaded by {inp['processes_per_row']} hosts (a model axis spans them)"

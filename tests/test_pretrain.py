@@ -4,6 +4,7 @@ unreadable checkpoints, logs across kills, changed settings on resume, NaN guard
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -198,12 +199,21 @@ def uninterrupted(data_dir, tmp_path_factory):
     return pretrain.run(tiny_config(data_dir), workdir, devices=jax.devices()[:1]), workdir
 
 
+@pytest.fixture(scope="module")
+def stopped_at_step_4(data_dir, tmp_path_factory) -> Path:
+    """The workdir of the tiny run stopped at step 4 (checkpoints at steps 2 and 4); copy it before changing it."""
+    workdir = tmp_path_factory.mktemp("stopped_at_4")
+    pretrain.run(tiny_config(data_dir), str(workdir), devices=jax.devices()[:1], stop_at_step=4)
+    return workdir
+
+
 @pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
 def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous_one(
-        fault, data_dir, tmp_path, uninterrupted, capsys, caplog):
+        fault, data_dir, tmp_path, uninterrupted, stopped_at_step_4, capsys, caplog):
     full, full_dir = uninterrupted
     config = tiny_config(data_dir)
-    pretrain.run(config, str(tmp_path), devices=jax.devices()[:1], stop_at_step=4)  # checkpoints at steps 2 and 4
+    tmp_path = tmp_path / "run"
+    shutil.copytree(stopped_at_step_4, tmp_path)
     corrupt, item = CORRUPTIONS[fault]
     corrupt(tmp_path / "checkpoints" / "4")
     capsys.readouterr()
@@ -218,6 +228,19 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     assert losses(resumed) == losses(full)[2:]  # bit-exact with the uninterrupted run
     jax.tree.map(np.testing.assert_array_equal, restore_params(str(tmp_path), config), restore_params(full_dir, config))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_no_readable_checkpoint_starts_from_scratch_and_keeps_every_bad_step(data_dir, tmp_path, uninterrupted,
+                                                                              stopped_at_step_4):
+    full, _ = uninterrupted
+    shutil.copytree(stopped_at_step_4, tmp_path / "run")
+    for step in (2, 4):
+        (tmp_path / "run" / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+    resumed = pretrain.run(tiny_config(data_dir), str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not resumed["resumed"] and resumed["start_step"] == 0 and losses(resumed) == losses(full)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "checkpoints_unreadable").iterdir()) == ["2", "4"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
 
 

@@ -305,7 +305,7 @@ def _metrics(workdir: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)  # preemption, Ctrl-C
 def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path, sig):
     # Import the data once in this process so the subprocess starts training quickly.
     pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)

@@ -20,7 +20,6 @@ import logging as std_logging
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -55,47 +54,27 @@ def _short_error(err: BaseException) -> str:
     return text[:300]
 
 
-class _DropClosedLoopTracebacks:
-    """Wraps sys.stderr to drop the "RuntimeError: Event loop is closed" tracebacks that TensorStore's pending reads
-    print after a failed restore (their asyncio loop is gone); every other line passes through unchanged.
+def _from_abandoned_restore(unraisable) -> bool:
+    """Whether an unraisable error comes from the reads a failed restore left behind: "Event loop is closed" from
+    TensorStore callbacks, or the failed read coroutines of Orbax that nobody awaits any more."""
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        return True
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and f"{os.sep}orbax{os.sep}checkpoint{os.sep}" in tb.tb_frame.f_code.co_filename
 
-    Lines are collected per thread; a thread's traceback is held until its last line shows which exception it was.
-    """
 
-    NOISE = "RuntimeError: Event loop is closed"
+class _DropAbandonedRestoreErrors:
+    """A `sys.unraisablehook` that drops the errors of a failed restore's leftover reads (each would print a
+    traceback of dozens of lines) and passes every other one on."""
 
-    def __init__(self, stream):
-        self.stream = stream
-        self._partial: dict[int, str] = {}
-        self._held: dict[int, list[str]] = {}
+    def __init__(self, previous):
+        self.previous = previous
 
-    def write(self, text: str) -> int:
-        tid = threading.get_ident()
-        buf = self._partial.get(tid, "") + text
-        *lines, self._partial[tid] = buf.split("\n")
-        for line in lines:
-            self._line(tid, line + "\n")
-        return len(text)
-
-    def _line(self, tid: int, line: str) -> None:
-        held = self._held.get(tid)
-        if held is None:
-            if line.startswith("Traceback (most recent call last)"):
-                self._held[tid] = [line]
-            else:
-                self.stream.write(line)
-            return
-        held.append(line)
-        if not line[:1].isspace() and not line.startswith("Traceback"):  # the exception line ends the traceback
-            del self._held[tid]
-            if line.rstrip() != self.NOISE:
-                self.stream.write("".join(held))
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self.stream, name)
+    def __call__(self, unraisable) -> None:
+        if not _from_abandoned_restore(unraisable):
+            self.previous(unraisable)
 
 
 class _DropUnretrievedFutures(std_logging.Filter):
@@ -212,8 +191,8 @@ class Checkpointer:
 
     def _quiet_restore_noise(self) -> None:
         """From the first failed restore on, hides the tracebacks its abandoned TensorStore reads print."""
-        if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
-            sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
+        if not isinstance(sys.unraisablehook, _DropAbandonedRestoreErrors):
+            sys.unraisablehook = _DropAbandonedRestoreErrors(sys.unraisablehook)
         asyncio_logger = std_logging.getLogger("asyncio")
         if not any(isinstance(f, _DropUnretrievedFutures) for f in asyncio_logger.filters):
             asyncio_logger.addFilter(_DropUnretrievedFutures())

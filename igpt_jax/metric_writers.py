@@ -25,14 +25,32 @@ import itertools
 import logging
 import math
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
-from tensorboardX import record_writer
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto import event_pb2, summary_pb2
+
+
+def _import_tensorboardx_without_torch() -> None:
+    """tensorboardX's package import pulls in torch whenever it is installed (2-3 s and hundreds of MB per job here,
+    for its PyTorch helpers); scalars need none of it, so torch is hidden while tensorboardX loads."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        import tensorboardX  # noqa: F401, PLC0415
+    finally:
+        if hide:
+            del sys.modules["torch"]
+
+
+_import_tensorboardx_without_torch()
+
+from tensorboardX import record_writer  # noqa: E402
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402
+from tensorboardX.proto import event_pb2, summary_pb2  # noqa: E402
 
 __all__ = [
     "TensorBoardWriter",

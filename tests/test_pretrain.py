@@ -1,14 +1,15 @@
 """The pretraining job end to end on the embedded digits: sharding, resumption, preemption (SIGTERM, Ctrl-C, SIGKILL),
 unreadable checkpoints, logs across kills, changed settings on resume, NaN guard, multi-host."""
 
-import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import flax.linen as nn
@@ -179,12 +180,21 @@ def uninterrupted(data_dir, tmp_path_factory):
     return pretrain.run(tiny_config(data_dir), workdir, devices=jax.devices()[:1]), workdir
 
 
+@pytest.fixture(scope="module")
+def stopped_at_step_4(data_dir, tmp_path_factory) -> Path:
+    """The workdir of the tiny run stopped at step 4 (checkpoints at steps 2 and 4); copy it before changing it."""
+    workdir = tmp_path_factory.mktemp("stopped_at_4")
+    pretrain.run(tiny_config(data_dir), str(workdir), devices=jax.devices()[:1], stop_at_step=4)
+    return workdir
+
+
 @pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
 def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_previous_one(
-        fault, data_dir, tmp_path, uninterrupted, capsys, caplog):
+        fault, data_dir, tmp_path, uninterrupted, stopped_at_step_4, capsys, caplog):
     full, full_dir = uninterrupted
     config = tiny_config(data_dir)
-    pretrain.run(config, str(tmp_path), devices=jax.devices()[:1], stop_at_step=4)  # checkpoints at steps 2 and 4
+    tmp_path = tmp_path / "run"
+    shutil.copytree(stopped_at_step_4, tmp_path)
     corrupt, item = CORRUPTIONS[fault]
     corrupt(tmp_path / "checkpoints" / "4")
     capsys.readouterr()
@@ -199,6 +209,19 @@ def test_unreadable_latest_checkpoint_is_moved_aside_and_the_run_resumes_from_th
     assert losses(resumed) == losses(full)[2:]  # bit-exact with the uninterrupted run
     jax.tree.map(np.testing.assert_array_equal, restore_params(str(tmp_path), config), restore_params(full_dir, config))
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
+
+
+def test_no_readable_checkpoint_starts_from_scratch_and_keeps_every_bad_step(data_dir, tmp_path, uninterrupted,
+                                                                              stopped_at_step_4):
+    full, _ = uninterrupted
+    shutil.copytree(stopped_at_step_4, tmp_path / "run")
+    for step in (2, 4):
+        (tmp_path / "run" / "checkpoints" / str(step) / "state" / "_METADATA").unlink()
+    resumed = pretrain.run(tiny_config(data_dir), str(tmp_path / "run"), devices=jax.devices()[:1])
+    assert not resumed["resumed"] and resumed["start_step"] == 0 and losses(resumed) == losses(full)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "checkpoints_unreadable").iterdir()) == ["2", "4"]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
 
 
@@ -263,7 +286,7 @@ def _metrics(workdir: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])  # preemption, Ctrl-C
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)  # preemption, Ctrl-C
 def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path, sig):
     # Import the data once in this process so the subprocess starts training quickly.
     pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
@@ -377,12 +400,23 @@ def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
         assert [e.value for e in scalars] == [float(np.float32(r["loss"])) for r in records]
 
 
-def test_the_event_loop_tracebacks_of_an_abandoned_restore_are_dropped_and_nothing_else():
-    out = io.StringIO()
-    stream = ckpt_lib._DropClosedLoopTracebacks(out)
-    noise = ('Traceback (most recent call last):\n  File "asyncio/base_events.py", line 806, in call_soon_threadsafe\n'
-             "    self._check_closed()\nRuntimeError: Event loop is closed\n")
-    other = 'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: real\n'
-    for chunk in ["before\n", noise[:30], noise[30:], other, "after", " the end\n"]:
-        stream.write(chunk)
-    assert out.getvalue() == "before\n" + other + "after the end\n"
+def test_the_leftover_errors_of_an_abandoned_restore_are_dropped_and_nothing_else():
+    seen = []
+    hook = ckpt_lib._DropAbandonedRestoreErrors(seen.append)
+
+    def unraisable(err, filename="x.py"):
+        code = compile("raise err", filename, "exec")
+        try:
+            exec(code, {"err": err})
+        except Exception as raised:  # noqa: BLE001
+            tb = raised.__traceback__
+        return types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=tb, err_msg=None, object=None)
+
+    hook(unraisable(RuntimeError("Event loop is closed")))
+    hook(unraisable(Exception("Encountered error while reading array index"),
+                    os.path.join("site-packages", "orbax", "checkpoint", "_src", "serialization.py")))
+    kept = [unraisable(RuntimeError("Event loop is closed soon")), unraisable(ValueError("Event loop is closed")),
+            unraisable(Exception("Encountered error"), os.path.join("site-packages", "other", "x.py"))]
+    for u in kept:
+        hook(u)
+    assert seen == kept

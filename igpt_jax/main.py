@@ -75,14 +75,20 @@ def main(argv: list[str]) -> None:
     if isinstance(result, dict) and result.get("preempted"):
         return  # the follow-up jobs run when the re-launched job has finished
     for follow_up in config.then:
-        follow_config = config.copy_and_resolve_references()
-        with follow_config.unlocked():
-            follow_config.job = follow_up
-            follow_config.then = ()
-            if config.job == "pretrain":  # follow-ups read the run just trained; otherwise the job's own source
-                follow_config.checkpoint.source_workdir = _WORKDIR.value
-                follow_config.checkpoint.step = -1
-        run_job(follow_config, os.path.join(_WORKDIR.value, follow_up))
+        run_job(follow_up_config(config, follow_up, _WORKDIR.value), os.path.join(_WORKDIR.value, follow_up))
+
+
+def follow_up_config(config, follow_up: str, workdir: str):
+    """The config of a `config.then` job: after pretraining it reads the run just trained (its latest step);
+    after any other job (e.g. a probe of a converted model) it reads the same source as that job."""
+    follow_config = config.copy_and_resolve_references()
+    with follow_config.unlocked():
+        follow_config.job = follow_up
+        follow_config.then = ()
+        if config.job == "pretrain":
+            follow_config.checkpoint.source_workdir = workdir
+            follow_config.checkpoint.step = -1
+    return follow_config
 
 
 def run_job(config, workdir: str):

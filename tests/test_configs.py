@@ -47,3 +47,16 @@ def test_openai_cifar10_variants_are_the_released_models():
     assert config.job == "probe" and tuple(config.then) == ("finetune",)
     with pytest.raises(ValueError, match="choose one size"):
         module.get_config("s,m")
+
+
+def test_follow_up_jobs_read_the_run_just_trained_or_the_same_source():
+    from igpt_jax import main  # noqa: PLC0415
+
+    pretraining = _load(next(p for p in CONFIGS if p.stem == "cifar10_cpu")).get_config()
+    probe = main.follow_up_config(pretraining, "probe", "/runs/cifar")
+    assert (probe.job, probe.checkpoint.source_workdir, probe.checkpoint.step, tuple(probe.then)) == (
+        "probe", "/runs/cifar", -1, ())
+    probing = _load(next(p for p in CONFIGS if p.stem == "openai_cifar10")).get_config("s")
+    probing.checkpoint.source_workdir = "/models/igpt_s"
+    finetune = main.follow_up_config(probing, "finetune", "/runs/probe")
+    assert (finetune.job, finetune.checkpoint.source_workdir) == ("finetune", "/models/igpt_s")

@@ -30,7 +30,7 @@ from hf_models import random_hf_model  # noqa: E402
 
 CIFAR = auto_import.SHARED_DATA / "cifar10.npz"
 N_TRAIN, N_TEST = 200, 100
-HF_KW = dict(n_layer=2, n_embd=64, n_head=4, n_positions=1024, vocab_size=513)  # 32x32, 512 colours
+HF_KW = dict(n_layer=2, n_embd=32, n_head=2, n_positions=1024, vocab_size=513)  # 32x32, 512 colours
 
 pytestmark = pytest.mark.skipif(not CIFAR.is_file(), reason=f"{CIFAR} is absent")
 

@@ -87,9 +87,10 @@ def test_vqvae_ema_update_equals_a_direct_numpy_computation():
 
 
 def test_vqvae_dead_code_is_revived_near_an_encoder_output_and_live_codes_stay():
-    k, d, n = 4, 2, 40  # expected usage 10 per code; dead below 1
+    d, n = 2, 40  # 4 codes: expected usage 10 per code; dead below 1
     emb = jnp.asarray([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0], [-3.0, 2.0]])
-    state = vq.CodebookState(emb, jnp.asarray([12.0, 9.0, 0.5, 2.0]), emb * jnp.asarray([12.0, 9.0, 0.5, 2.0])[:, None])
+    size = jnp.asarray([12.0, 9.0, 0.5, 2.0])
+    state = vq.CodebookState(emb, size, emb * size[:, None])
     z = jax.random.normal(jax.random.key(1), (n, d)) + 10.0
     key = jax.random.key(7)
     out, revived = vq.revive_dead_codes(state, z, key, dead_fraction=0.1, noise=0.01)

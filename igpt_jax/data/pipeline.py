@@ -474,6 +474,8 @@ def make_iterator(
     Returns:
       An iterator of dicts of numpy arrays: tokens int32 [b, res*res], label
       int32 [b], mask bool [b], index int32 [b]; with get_state()/set_state().
+      With data.tokens='raw', image float32 [b, res, res, C] in [-1, 1] instead of
+      tokens; with 'codes', the stored code grids as tokens (the palette unused).
 
     Raises:
       ValueError: bad split/shard/batch arguments, or a palette of the wrong shape.

@@ -16,6 +16,9 @@ import sys
 
 from igpt_jax import quiet_start
 
+if __name__ == "__main__":
+    sys.argv[0] = "igpt_jax.main"  # --help names the module, not this file's path on this machine
+
 quiet_start.skip_absent_tpu()  # before anything starts a JAX backend
 
 from absl import app, flags, logging  # noqa: E402

@@ -128,11 +128,14 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _non_negative(config.probe, "probe", ("batch_size", "concat_layers", "max_train_examples"))
         batch = config.probe.batch_size or config.train.eval_batch_size or config.train.batch_size
         _check_batch("probe.batch_size", batch, dp)
+        _check_probe(config)
     elif job == "finetune":
         _positive(config.finetune, "finetune", ("num_steps", "eval_every", "log_every", "bert_ensemble"))
         _non_negative(config.finetune, "finetune", ("batch_size", "eval_batch_size", "warmup_steps", "patience",
                                                     "num_classes"))
         _check_positive_number(config.finetune, "finetune", "lr")
+        _one_of(config.finetune, "finetune", "objective", ("gen+clf", "clf"))
+        _one_of(config.finetune, "finetune", "init", ("pretrained", "random"))
         batch = config.finetune.batch_size or config.train.batch_size
         _check_batch("finetune.batch_size", batch, dp)
         _check_batch("finetune.eval_batch_size", config.finetune.eval_batch_size or batch, dp)
@@ -140,6 +143,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _positive(config.sample, "sample", ("num_samples", "num_images", "samples_per_image", "batch_size"))
         _one_of(config.sample, "sample", "mode", ("complete", "unconditional"))
         _one_of(config.sample, "sample", "split", ("train", "validation", "test"))
+        rows, resolution = config.sample.given_rows, config.data.resolution
+        if not isinstance(rows, int) or rows < -1 or rows > resolution:
+            raise ConfigError(f"sample.given_rows={rows!r} must be -1 (the top half) or a number of rows in "
+                              f"[0, {resolution}] (data.resolution)")
     elif job == "evaluate":
         _one_of(config.evaluate, "evaluate", "split", ("train", "validation", "test"))
         _check_batch("evaluate.batch_size", config.evaluate.batch_size, dp)
@@ -257,6 +264,25 @@ def _check_training(config: ml_collections.ConfigDict, dp: int | None) -> None:
         _check_batch("train.eval_batch_size", t.eval_batch_size or t.batch_size, dp)
     c = config.checkpoint
     _positive(c, "checkpoint", ("every_steps", "max_to_keep"))
+
+
+def _check_probe(config: ml_collections.ConfigDict) -> None:
+    from igpt_jax import linear_probe  # noqa: PLC0415
+
+    if config.data.fold_val:
+        raise ConfigError("data.fold_val=True puts the validation split into 'train': the probe chooses C and the "
+                          "layer on validation and folds it back itself; set data.fold_val=False")
+    try:
+        linear_probe.ProbeSettings.from_config(config.probe)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    layers = config.probe.layers
+    if isinstance(layers, str) and layers.strip().lower() not in ("", "all"):
+        if not all(part.strip().lstrip("-").isdigit() for part in layers.split(",") if part.strip()):
+            raise ConfigError(f"probe.layers={layers!r}: expected 'all' or comma-separated layer ids, e.g. '4,8,-1'")
+    budgets = config.probe.low_data_budgets
+    if any(not isinstance(b, int) or b <= 0 for b in budgets):
+        raise ConfigError(f"probe.low_data_budgets={tuple(budgets)} must be positive label counts")
 
 
 def _check_checkpoint_source(config: ml_collections.ConfigDict) -> None:

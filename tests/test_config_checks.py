@@ -188,3 +188,22 @@ def test_new_dataset_trains_from_its_name_alone_and_starts_quietly(gray_dataset,
     assert "vocabulary 64" in result.stderr and "context 144" in result.stderr
     noise = [line for line in result.stderr.splitlines() if "tpu" in line.lower()]
     assert noise == []
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("probe.solver", "lbgfs", r"^probe.solver='lbgfs', expected one of \('lbfgs', 'sgd'\)$"),
+    ("probe.layers", "4;8", r"^probe.layers='4;8': expected 'all' or comma-separated layer ids"),
+    ("data.fold_val", True, r"^data.fold_val=True puts the validation split into 'train'"),
+    ("sample.given_rows", 9, r"^sample.given_rows=9 must be -1 \(the top half\) or a number of rows in \[0, 8\]"),
+    ("finetune.objective", "gen", r"^finetune.objective='gen' is not one of gen\+clf, clf \(did you mean 'gen\+clf'\?\)$"),
+])
+def test_follow_up_job_settings_are_checked_before_pretraining(field, value, message):
+    config = config_checks.resolve(_config())
+    section, name = field.split(".")
+    config[section][name] = value
+    job = {"probe": "probe", "data": "probe", "sample": "sample", "finetune": "finetune"}[section]
+    config.then = (job,)
+    config_checks.validate(config)  # pretraining alone does not read these settings
+    (follow_config, _), = config_checks.follow_up_jobs(config, "/runs/x")
+    with pytest.raises(config_checks.ConfigError, match=message):
+        config_checks.validate(follow_config)

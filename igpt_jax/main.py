@@ -109,7 +109,7 @@ def _load_config():
     except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
         _fail(_innermost_message(err))
     try:
-        config_checks.resolve(config, read_data=not _LIST.value)
+        config_checks.resolve(config)
         config_checks.validate(config)
     except config_checks.ConfigError as err:
         _fail(str(err))

@@ -207,3 +207,13 @@ def test_follow_up_job_settings_are_checked_before_pretraining(field, value, mes
     (follow_config, _), = config_checks.follow_up_jobs(config, "/runs/x")
     with pytest.raises(config_checks.ConfigError, match=message):
         config_checks.validate(follow_config)
+
+
+def test_quiet_start_leaves_an_explicit_platform_choice_alone(monkeypatch):
+    from igpt_jax import quiet_start
+
+    assert not quiet_start.skip_absent_tpu({"JAX_PLATFORMS": "tpu,cpu"})
+    assert not quiet_start.skip_absent_tpu({"JAX_FORCE_TPU_INIT": "1"})
+    monkeypatch.setattr(quiet_start, "tpu_attached", lambda: True)
+    environ = {}
+    assert not quiet_start.skip_absent_tpu(environ) and environ == {}

@@ -82,7 +82,8 @@ def test_list_prints_jobs_and_every_field_with_its_default_and_comment():
     assert "  model.vocab_size = 16  # number of palette colours (token ids are 0..vocab_size-1). (0: data.n_colors)" in out
     assert "  data.augment = 'none'  # cifar | imagenet | none (training only); auto:" in out
     assert "  then = ('probe', 'sample') [()]  # Jobs to run after `job`" in out
-    assert "--list" in _main("--help").stdout
+    usage = _main("--help").stdout
+    assert "--list" in usage and f"({', '.join(config_checks.JOBS)})" in usage.replace("\n", " ")
 
 
 def test_every_default_field_has_a_comment():

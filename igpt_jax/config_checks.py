@@ -73,9 +73,40 @@ def resolve(config: ml_collections.ConfigDict, *, read_data: bool = True) -> ml_
 def _stored_shape(data: ml_collections.ConfigDict):
     from igpt_jax.data import pipeline  # noqa: PLC0415  (imports TFDS and Grain; only needed here)
 
+    return data_config.stored_image_shape(data.name, pipeline.resolve_data_dir(data.data_dir), _auto_source(data))
+
+
+def check_data_available(config: ml_collections.ConfigDict) -> None:
+    """The dataset of a job that reads data is in data_dir or can be imported (digits; a found .npz or folder).
+
+    Raises:
+      ConfigError: a bad dataset name, or a dataset that is missing with nothing to import it from.
+    """
+    if config.job == "compile" or (config.job == "sample" and config.sample.mode == "unconditional"):
+        return
+    from igpt_jax.data import builders, pipeline  # noqa: PLC0415
+
+    data = config.data
+    try:
+        builders.check_name(data.name)
+    except ValueError as err:
+        raise ConfigError(f"data.name={data.name!r}: {err}") from None
     data_dir = pipeline.resolve_data_dir(data.data_dir)
-    source = pipeline._auto_import_source(data) if data.get("auto_import", False) else None  # noqa: SLF001
-    return data_config.stored_image_shape(data.name, data_dir, source)
+    if pipeline._prepared_versions(data.name, data_dir):  # noqa: SLF001
+        return
+    if not data.get("auto_import", False):
+        raise ConfigError(f"data.name={data.name!r} is not in {data_dir} (data.auto_import is off); import it with "
+                          f"python -m igpt_jax.data.import_data --name={data.name} --data_dir={data_dir} --source=...")
+    if data.name != "digits" and _auto_source(data) is None:
+        raise ConfigError(f"data.name={data.name!r} is not in {data_dir} and there is nothing to import it from; "
+                          f"import it with python -m igpt_jax.data.import_data --name={data.name} "
+                          f"--data_dir={data_dir} --source=<.npz or image folder>, or set data.import_source")
+
+
+def _auto_source(data: ml_collections.ConfigDict) -> str | None:
+    from igpt_jax.data import pipeline  # noqa: PLC0415
+
+    return pipeline._auto_import_source(data) if data.get("auto_import", False) else None  # noqa: SLF001
 
 
 # ------------------------------------------------------------------------------------------------ follow-up jobs

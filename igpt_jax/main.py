@@ -77,7 +77,7 @@ def _innermost_message(err: BaseException, argv: list[str] | None = None) -> str
     for e in chain:  # ml_collections' "Did you mean" for a misspelt field
         match = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
         if match:
-            flag = next((a.split("=")[0] for a in argv or () if re.match(rf"--config\.\S*\b{match[2]}(=|$)", a)),
+            flag = next((a.split("=")[0] for a in argv or () if re.match(rf"--config\.\S*\b{match[2]}(\.|=|$)", a)),
                         match[2])
             return f"{flag}: no such config field (did you mean {match[1]!r}?); list them with --list"
     first_line = str(chain[0]).splitlines()[0] if str(chain[0]) else ""
@@ -112,6 +112,8 @@ def _load_config():
     try:
         config_checks.resolve(config)
         config_checks.validate(config)
+        if not _LIST.value:
+            config_checks.check_data_available(config)
     except config_checks.ConfigError as err:
         _fail(str(err))
     return config

@@ -35,6 +35,8 @@ CLI_ERRORS = [
     (["--config=configs/igpt_s.py:resolution=48"],
      "config variant 'resolution=48': unknown argument 'resolution'; this config takes bert, dataset=imagenet2012, "
      "res=32, runlocal"),
+    (["--config=configs/demo.py", "--config.trian.lr=1"],
+     "--config.trian.lr: no such config field (did you mean 'train'?); list them with --list"),
     (["--config=configs/demo.py", "--config.train.batchsize=3"],
      "--config.train.batchsize: no such config field (did you mean 'batch_size'?); list them with --list"),
     (["--config=configs/demo.py", "--config.train.batch_size=0"], "train.batch_size=0 must be positive"),
@@ -216,3 +218,18 @@ def test_quiet_start_leaves_an_explicit_platform_choice_alone(monkeypatch):
     monkeypatch.setattr(quiet_start, "tpu_attached", lambda: True)
     environ = {}
     assert not quiet_start.skip_absent_tpu(environ) and environ == {}
+
+
+def test_a_dataset_that_is_missing_with_nothing_to_import_is_a_config_error(tmp_path, gray_dataset):
+    config = config_checks.resolve(_config())
+    config.data.name, config.data.data_dir = "not_here", str(tmp_path)
+    with pytest.raises(config_checks.ConfigError, match=r"^data.name='not_here' is not in .* and there is nothing to "
+                                                        r"import it from; import it with python -m igpt_jax"):
+        config_checks.check_data_available(config)
+    config.data.name = "Not-Here"
+    with pytest.raises(config_checks.ConfigError, match=r"^data.name='Not-Here': Invalid dataset name"):
+        config_checks.check_data_available(config)
+    config.data.name, config.data.data_dir = gray_dataset[1], gray_dataset[0]
+    config_checks.check_data_available(config)  # imported: fine
+    config.data.name, config.data.data_dir = "digits", str(tmp_path)
+    config_checks.check_data_available(config)  # importable from scikit-learn

@@ -25,14 +25,13 @@ from igpt_jax import config_defaults
 
 
 def get_config(arg=None):
-    del arg
+    config_defaults.parse_arg(arg)  # no variants
     config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config("cifar10")  # auto-imported from ../shared/data
+    config.data = config_defaults.default_data_config("cifar10", auto=True)  # auto-imported from ../shared/data
     config.data.resolution = 16
     config.data.cifar_pad = 2  # the 32x32 recipe's 4 pixels, scaled to 16x16
-    config.model = config_defaults.model_config(
-        vocab_size=config.data.n_colors, n_ctx=16 * 16, d_model=128, n_head=4, n_layer=8, remat="none",
-    )
+    # vocabulary and context follow the data: 512 colours, 16x16 = 256 tokens
+    config.model = config_defaults.model_config(d_model=128, n_head=4, n_layer=8, remat="none")
     config.train.batch_size = 64
     config.train.num_steps = 2000  # 128,000 images: 2.8 epochs of the 45,000 training images
     config.train.lr = 3e-3

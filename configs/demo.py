@@ -12,12 +12,10 @@ from igpt_jax import config_defaults
 
 
 def get_config(arg=None):
-    del arg
+    config_defaults.parse_arg(arg)  # no variants
     config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config("digits")  # 8x8 grayscale, 16 colours, 64 tokens
-    config.model = config_defaults.model_config(
-        vocab_size=16, n_ctx=64, d_model=128, n_head=4, n_layer=4, remat="none", attention="dense"
-    )
+    config.data = config_defaults.default_data_config("digits", auto=True)  # 8x8 grayscale, 16 colours, 64 tokens
+    config.model = config_defaults.model_config(d_model=128, n_head=4, n_layer=4, remat="none", attention="dense")
     config.train.batch_size = 64
     config.train.num_steps = 600
     config.train.lr = 3e-3

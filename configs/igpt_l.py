@@ -52,10 +52,10 @@ PODS_96 = {
 def get_config(arg=None):
     args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32, pod="")
     config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config(args.dataset)
+    config.data = config_defaults.default_data_config(args.dataset, auto=True)
     config.data.resolution = args.res
     objective = "bert" if args.bert else "ar"
-    config.model = config_defaults.paper_model("l", n_ctx=args.res**2, objective=objective, remat="none",
+    config.model = config_defaults.paper_model("l", objective=objective, remat="none",
                                                attention="auto")
     config.train.batch_size = 128
     config.train.num_steps = 1_000_000

@@ -16,10 +16,10 @@ from igpt_jax import config_defaults
 def get_config(arg=None):
     args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=32)
     config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config(args.dataset)
+    config.data = config_defaults.default_data_config(args.dataset, auto=True)
     config.data.resolution = args.res
     objective = "bert" if args.bert else "ar"
-    config.model = config_defaults.paper_model("m", n_ctx=args.res**2, objective=objective, remat="full")
+    config.model = config_defaults.paper_model("m", objective=objective, remat="full")
     config.train.batch_size = 128
     config.train.num_steps = 1_000_000
     config.train.lr = 0.003

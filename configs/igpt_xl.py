@@ -51,10 +51,10 @@ PODS = {
 def get_config(arg=None):
     args = config_defaults.parse_arg(arg, runlocal=False, bert=False, dataset="imagenet2012", res=64, pod="v4-1024")
     config = config_defaults.base_config()
-    config.data = config_defaults.default_data_config(args.dataset)
+    config.data = config_defaults.default_data_config(args.dataset, auto=True)
     config.data.resolution = args.res
     objective = "bert" if args.bert else "ar"
-    config.model = config_defaults.paper_model("xl", n_ctx=args.res**2, objective=objective, remat="dots_no_batch",
+    config.model = config_defaults.paper_model("xl", objective=objective, remat="dots_no_batch",
                                                attention="auto")
     config.train.batch_size = 64
     config.train.num_steps = 1_000_000

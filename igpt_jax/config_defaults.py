@@ -15,6 +15,9 @@ from igpt_jax import sharding
 from igpt_jax.data.config import default_data_config  # noqa: F401  (re-exported for configs)
 from igpt_jax.model import ModelConfig
 
+AUTO = 0  # model.vocab_size / model.n_ctx (and data fields, see igpt_jax.data.config.AUTO): follow the data
+MODEL_AUTO_FIELDS = ("vocab_size", "n_ctx")
+
 # Paper Table 5 (autoregressive, 32x32x3): S 0.003, M 0.003, L 0.001; L at 48x48: 0.01. BERT: S 0.01, M 0.003, L 0.001.
 PAPER_SIZES = {
     "s": dict(n_layer=24, d_model=512, n_head=8),
@@ -25,10 +28,15 @@ PAPER_SIZES = {
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-    """`ModelConfig`'s fields and defaults as a ConfigDict."""
+    """`ModelConfig`'s fields and defaults as a ConfigDict; vocab_size and n_ctx default to AUTO (0).
+
+    AUTO fields follow the data when the config is resolved (`igpt_jax.config_checks.resolve`): vocab_size is
+    data.n_colors, n_ctx is data.resolution**2.
+    """
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields.update(vocab_size=AUTO, n_ctx=AUTO)
     fields.update(overrides)
-    ModelConfig(**fields)  # validate early
+    ModelConfig(**{**fields, **{k: 1 for k in MODEL_AUTO_FIELDS if fields[k] == AUTO}})  # validate what is set
     return ml_collections.ConfigDict(fields)
 
 
@@ -36,27 +44,31 @@ def base_config() -> ml_collections.ConfigDict:
     """All settings with their defaults (a small CPU-friendly model on the embedded digits dataset)."""
     c = ml_collections.ConfigDict()
     c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile | vqvae | tokenize
-    c.seed = 0
+    c.seed = 0  # initialisation, training data order and augmentation, dropout and BERT masks
     # Jobs to run after `job` in the same command, each reading this run's checkpoint and writing to WORKDIR/<job>
     # (the demo: pretrain, then probe and sample).
     c.then = ()
 
-    c.model = model_config(vocab_size=16, n_ctx=64, d_model=64, n_head=4, n_layer=2, remat="none")
-    c.data = default_data_config()
+    # The model (fields and meanings: igpt_jax/model.py ModelConfig). vocab_size 0: data.n_colors; n_ctx 0:
+    # data.resolution**2.
+    c.model = model_config(d_model=64, n_head=4, n_layer=2, remat="none")
+    # The data (igpt_jax/data/config.py); resolution, channels, n_colors, augment and val_fraction at 0 / 'auto' / -1
+    # follow data.name and the stored data.
+    c.data = default_data_config("digits", auto=True)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 128  # global, over all processes and devices
-    c.train.num_steps = 1000
-    c.train.lr = 3e-3
+    c.train.num_steps = 1000  # optimizer steps in all (a resumed run continues to this many)
+    c.train.lr = 3e-3  # peak learning rate (Adam)
     c.train.warmup_steps = -1  # -1: one epoch of the training split (paper)
     c.train.schedule = "cosine"  # cosine (to 0) | constant (after warmup)
-    c.train.b1 = 0.9
-    c.train.b2 = 0.95
-    c.train.eps = 1e-8
-    c.train.weight_decay = 0.0
+    c.train.b1 = 0.9  # Adam beta1
+    c.train.b2 = 0.95  # Adam beta2
+    c.train.eps = 1e-8  # Adam epsilon
+    c.train.weight_decay = 0.0  # >0: AdamW decoupled weight decay
     c.train.grad_clip_norm = 0.0  # 0: no clipping
     c.train.grad_accum_steps = 1  # micro-batches per step; exactly the same update as the full batch
-    c.train.log_every = 10
+    c.train.log_every = 10  # training metrics every this many steps
     c.train.eval_every = 100  # validation loss every this many steps (0: never)
     c.train.eval_batches = 0  # 0: the whole validation split, exactly; >0: that many batches
     c.train.eval_batch_size = 0  # 0: the training batch size
@@ -65,12 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
     # (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1; one -1 fills the remaining devices.
     # 'context' splits each sequence (sequence parallelism, igpt_jax/sharding.py).
     c.mesh.shape = (-1, 1, 1)
-    c.mesh.rules = sharding.DEFAULT_RULES
+    c.mesh.rules = sharding.DEFAULT_RULES  # (logical axis name, mesh axes) pairs; see igpt_jax/sharding.py
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 200
-    c.checkpoint.max_to_keep = 3
-    c.checkpoint.async_save = True
+    c.checkpoint.every_steps = 200  # save every this many steps (and at the end, and on SIGTERM)
+    c.checkpoint.max_to_keep = 3  # newest checkpoints kept
+    c.checkpoint.async_save = True  # write checkpoints in the background while training goes on
     c.checkpoint.allow_changes = False  # resuming with changed train.* settings (lr, schedule, ...); see config_changes
     c.checkpoint.step = -1  # jobs that read a checkpoint: -1 = latest
     c.checkpoint.source_workdir = ""  # probe/finetune/sample/evaluate: a pretraining run or a converted model
@@ -80,7 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.compile.topology = ""  # e.g. 'v4:8x8x8' (v4-1024), 'v4:8x8x16', 'v3:32x32' (v3-2048), 'v5p:8x8x16'
     c.compile.chip_config = "auto"  # auto: 'megacore' on v4/v5p (one JAX device per chip), else 'default'
     c.compile.chips_per_host_bounds = ()  # e.g. (2, 2, 1); () = libtpu's default for the generation
-    c.compile.num_slices = 1
+    c.compile.num_slices = 1  # slices joined over DCN (multislice)
     c.compile.hbm_gib = 0.0  # HBM per JAX device; 0 = from the generation (v3 16 per core, v4 32, v5p 95 per chip)
     c.compile.headroom = 0.9  # fits when the step's peak memory is at most this fraction of the device's HBM
     c.compile.steps_per_epoch = 1  # no data is read: train.warmup_steps=-1 (one epoch) compiles as this many
@@ -95,12 +107,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.samples_per_image = 4  # complete: completions per image
     c.sample.temperature = 1.0  # 0 = greedy (argmax)
     c.sample.top_k = 0  # keep the k most likely colours at each step; 0 = off
-    c.sample.seed = 0
+    c.sample.seed = 0  # sampling randomness
     c.sample.batch_size = 32  # sequences decoded at once (global); rounded to the data-parallel size
 
     # Job 'evaluate': exact held-out NLL in nats and bits per token over a whole split (igpt_jax/jobs/evaluate.py).
     c.evaluate = ml_collections.ConfigDict()
-    c.evaluate.split = "test"
+    c.evaluate.split = "test"  # train | validation | test
     c.evaluate.batch_size = 128  # global; the last batch is padded and masked, so the mean is exact
 
     # Linear probes (job 'probe', paper 2.4, 4.1-4.4, 4.7): features of every layer, one logistic regression each.
@@ -117,9 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe.standardize = True  # features standardised with the training split's mean and std
     c.probe.sgd_lrs = (30.0, 10.0, 3.0, 1.0)  # sgd: learning rates searched on validation (paper: 30, 10, 3, ...)
     c.probe.sgd_steps = 1000  # sgd: steps, cosine decay to 0
-    c.probe.sgd_batch_size = 256
-    c.probe.sgd_momentum = 0.9
-    c.probe.sgd_weight_decay = 0.0
+    c.probe.sgd_batch_size = 256  # sgd: batch of features per step
+    c.probe.sgd_momentum = 0.9  # sgd: momentum
+    c.probe.sgd_weight_decay = 0.0  # sgd: L2 penalty
     c.probe.concat_layers = 0  # >1: also probe this many layers centred on the best one, concatenated (paper: 11)
     c.probe.baselines = True  # also probe raw pixels and the same architecture with random weights
     c.probe.max_train_examples = 0  # 0: the whole training split
@@ -137,8 +149,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.objective = "gen+clf"  # gen+clf: L_GEN + L_CLF (paper) | clf: L_CLF only
     c.finetune.head_layer = -1  # -1: mean of the final norm's output (paper); l: mean of block l's ln_1 output
     c.finetune.lr = 3e-4  # Adam (b1, b2, eps, clipping from config.train), constant after warmup (no cosine)
-    c.finetune.warmup_steps = 0
-    c.finetune.num_steps = 1000
+    c.finetune.warmup_steps = 0  # linear warmup steps
+    c.finetune.num_steps = 1000  # fine-tuning steps
     c.finetune.batch_size = 0  # global; 0: train.batch_size
     c.finetune.eval_every = 100  # validation accuracy every this many steps (and at step 0); keeps the best
     c.finetune.eval_batch_size = 0  # global; 0: the fine-tuning batch size
@@ -146,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.finetune.dropout = 0.0  # residual/embedding dropout while fine-tuning (paper: none)
     c.finetune.num_classes = 0  # 0: the dataset's; otherwise it must equal the dataset's
     c.finetune.bert_ensemble = 5  # BERT models: masks per evaluation example, modal prediction (1: off)
-    c.finetune.log_every = 10
+    c.finetune.log_every = 10  # training metrics every this many steps
 
     # The VQ-VAE of paper A.2 (job 'vqvae', igpt_jax/jobs/vqvae.py) and the codes it writes (job 'tokenize').
     c.vqvae = ml_collections.ConfigDict()
@@ -172,30 +184,41 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def paper_model(size: str, *, n_ctx: int, objective: str = "ar", **overrides) -> ml_collections.ConfigDict:
-    """The paper's model of a size ('s', 'm', 'l', 'xl') at a context length."""
-    return model_config(vocab_size=512, n_ctx=n_ctx, objective=objective, **PAPER_SIZES[size], **overrides)
+def paper_model(size: str, *, n_ctx: int = AUTO, objective: str = "ar", **overrides) -> ml_collections.ConfigDict:
+    """The paper's model of a size ('s', 'm', 'l', 'xl') at a context length; the vocabulary is the palette's (512
+    colours for the paper's datasets)."""
+    return model_config(n_ctx=n_ctx, objective=objective, **PAPER_SIZES[size], **overrides)
 
 
 def parse_arg(arg: str | None, **defaults):
     """Parses a config variant string such as ``runlocal,objective=bert,res=48`` (big_vision style).
 
-    Bare words set a boolean default to True; ``key=value`` pairs are converted to the default's type.
+    Bare words set a boolean default to True; ``key=value`` pairs are converted to the default's type. A config
+    that takes no variant calls ``parse_arg(arg)``, so that any variant is an error.
 
     Raises:
-      ValueError: for a key that has no default, naming the known keys.
+      ValueError: one line, for a key that has no default (naming the known ones) or a value of the wrong type.
     """
+    known = ", ".join(f"{k}" if isinstance(v, bool) else f"{k}={v}" for k, v in sorted(defaults.items()))
+    takes = f"this config takes {known}" if defaults else "this config takes no variant"
     values = dict(defaults)
     for part in filter(None, (p.strip() for p in (arg or "").split(","))):
         key, sep, raw = part.partition("=")
         if key not in defaults:
-            raise ValueError(f"unknown config argument {key!r} in {arg!r}; known: {sorted(defaults)}")
-        if not sep:
-            values[key] = True
-        elif isinstance(defaults[key], bool):
-            values[key] = raw.lower() in ("1", "true", "yes")
+            raise ValueError(f"config variant {arg!r}: unknown argument {key!r}; {takes}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            if sep and raw.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(f"config variant {arg!r}: {key}={raw!r} must be true or false")
+            values[key] = not sep or raw.lower() in ("1", "true", "yes")
+        elif not sep:
+            raise ValueError(f"config variant {arg!r}: {key} needs a value, e.g. {key}={default}")
         else:
-            values[key] = type(defaults[key])(raw)
+            try:
+                values[key] = type(default)(raw)
+            except ValueError:
+                raise ValueError(f"config variant {arg!r}: {key}={raw!r} must be of type {type(default).__name__} "
+                                 f"(default {default})") from None
     return ml_collections.ConfigDict(values)
 
 
@@ -205,12 +228,9 @@ def make_runlocal(config: ml_collections.ConfigDict) -> None:
     Keeps the objective, resolution and vocabulary; a 4-layer, width-128 model, batch 16, 300 steps, warmup 30.
     """
     resolution = config.data.resolution
-    config.data = default_data_config("cifar10")
+    config.data = default_data_config("cifar10", auto=True)
     config.data.resolution = resolution
-    config.model = model_config(
-        vocab_size=config.data.n_colors, n_ctx=resolution**2, objective=config.model.objective,
-        d_model=128, n_head=4, n_layer=4, remat="none",
-    )
+    config.model = model_config(objective=config.model.objective, d_model=128, n_head=4, n_layer=4, remat="none")
     config.train.batch_size = 16
     config.train.num_steps = 300
     config.train.warmup_steps = 30

@@ -1,7 +1,10 @@
 """Entry point: ``python -m igpt_jax.main --config=configs/igpt_s.py[:variant] --workdir=DIR [--config.a.b=v]``.
 
-`config.job` picks the job. On several hosts (a TPU pod slice) every host runs the same command; the job calls
-`jax.distributed.initialize()` first.
+`config.job` picks the job (pretrain, probe, finetune, sample, evaluate, compile); `config.then` lists jobs to run
+after pretraining (each reads its checkpoint).
+``--list`` prints the jobs and every config field with its value and meaning (no --workdir needed). The whole config
+(and every follow-up job's) is checked before any job starts: a bad setting is one line naming the field. On several
+hosts (a TPU pod slice) every host runs the same command; the job calls `jax.distributed.initialize()` first.
 """
 
 from __future__ import annotations
@@ -9,12 +12,24 @@ from __future__ import annotations
 import importlib
 import logging as std_logging
 import os
+import re
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from igpt_jax import quiet_start
+
+if __name__ == "__main__":
+    sys.argv[0] = "igpt_jax.main"  # --help names the module, not this file's path on this machine
+
+quiet_start.skip_absent_tpu()  # before anything starts a JAX backend
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from igpt_jax import config_checks  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...); not needed with --list.")
+_LIST = flags.DEFINE_bool("list", False, "Print the jobs and every config field (value, default, meaning) and exit.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "yes", "no"],
     "Call jax.distributed.initialize(): 'auto' does on Cloud TPU pods and multi-process launches "
@@ -25,9 +40,11 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of Orbax, Grain and TFDS.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 _QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/", "/array_record/")
+
+# config.job -> the module whose run(config, workdir) does it.
+JOBS = {name: module for name, (module, _) in config_checks.JOBS.items()}
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -35,21 +52,6 @@ class _QuietLibraries(std_logging.Filter):
 
     def filter(self, record) -> bool:
         return record.levelno >= 30 or not any(part in record.pathname for part in _QUIET_LIBRARIES)
-
-# config.job -> the module whose run(config, workdir) does it.
-JOBS = {
-    "pretrain": "igpt_jax.jobs.pretrain",
-    "compile": "igpt_jax.jobs.compile",
-    "probe": "igpt_jax.jobs.probe",
-    "finetune": "igpt_jax.jobs.finetune",
-    "sample": "igpt_jax.jobs.sample",
-    "evaluate": "igpt_jax.jobs.evaluate",
-    "vqvae": "igpt_jax.jobs.vqvae",
-    "tokenize": "igpt_jax.jobs.tokenize",
-}
-# Jobs whose workdir the jobs after them in `config.then` read (checkpoint.source_workdir): the VQ-VAE for tokenize,
-# the pretrained model for probe, finetune, sample and evaluate.
-SOURCE_JOBS = ("pretrain", "vqvae")
 
 
 def _multi_host_environment() -> bool:
@@ -60,10 +62,83 @@ def _multi_host_environment() -> bool:
     return "," in hostnames
 
 
+def _fail(message: str) -> None:
+    """Prints one line to stderr and exits with status 2 (a usage error), before any work."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _innermost_message(err: BaseException, argv: list[str] | None = None) -> str:
+    """The most specific line of an exception chain (config files' own errors are wrapped by config_flags)."""
+    chain = []
+    while err is not None and len(chain) < 10:
+        chain.append(err)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    for e in chain:  # ml_collections' "Did you mean" for a misspelt field
+        match = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', str(e))
+        if match:
+            flag = next((a.split("=")[0] for a in argv or () if re.match(rf"--config\.\S*\b{match[2]}(\.|=|$)", a)),
+                        match[2])
+            return f"{flag}: no such config field (did you mean {match[1]!r}?); list them with --list"
+    first_line = str(chain[0]).splitlines()[0] if str(chain[0]) else ""
+    if (isinstance(chain[0], flags.Error) and first_line.startswith("flag --config.")
+            and "Error whilst parsing config file" not in first_line):
+        return first_line  # a mistyped value: "flag --config.train.batch_size=abc: invalid literal ..."
+    last = chain[-1]
+    lines = [line.strip() for line in str(last).splitlines() if line.strip()]
+    if isinstance(last, OSError) and "Failed loading config file" in str(last):
+        return f"cannot load the config file: {lines[-1]}"
+    return lines[-1] if lines else type(last).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with config errors (bad variant, misspelt or mistyped field) as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError, OSError) as err:
+        _fail(_innermost_message(err, argv))
+        raise  # unreachable
+
+
+def _load_config():
+    """The config with command-line overrides, settings that follow the data resolved, and checked (no devices)."""
+    if flags.FLAGS["config"].present == 0 and _CONFIG.value is None:
+        _fail("--config=FILE[:variant] is required (e.g. --config=configs/demo.py)")
+    try:
+        config = _CONFIG.value
+        config.job  # noqa: B018  (a config file that failed to load raises here)
+    except (AttributeError, KeyError, TypeError, ValueError, OSError) as err:
+        _fail(_innermost_message(err))
+    try:
+        config_checks.resolve(config)
+        config_checks.validate(config)
+        if not _LIST.value:
+            config_checks.check_data_available(config)
+    except config_checks.ConfigError as err:
+        _fail(str(err))
+    return config
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    import jax  # noqa: PLC0415  (after flag parsing, so XLA_FLAGS set by the user apply)
+        _fail(f"unexpected arguments: {argv[1:]} (settings are --config.SECTION.FIELD=VALUE)")
+    config = _load_config()
+    if _LIST.value:
+        from igpt_jax import config_listing  # noqa: PLC0415
+
+        print(config_listing.listing(config, config_name=flags.FLAGS["config"].config_filename), end="")
+        return
+    if not _WORKDIR.value:
+        _fail("--workdir=DIR is required (the run directory, local or gs://)")
+    workdir = _WORKDIR.value
+    follow_ups = config_checks.follow_up_jobs(config, workdir)
+    for follow_config, _ in follow_ups:
+        try:
+            config_checks.validate(follow_config)
+        except config_checks.ConfigError as err:
+            _fail(f"follow-up job {follow_config.job!r} (config.then): {err}")
+
+    import jax  # noqa: PLC0415
 
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -71,29 +146,24 @@ def main(argv: list[str]) -> None:
         jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     elif _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multi_host_environment()):
         jax.distributed.initialize()
+    if config.job != "compile":  # the compile job's mesh covers a described slice, not these devices
+        try:
+            for c in [config] + [c for c, _ in follow_ups]:
+                config_checks.validate(c, num_devices=jax.device_count())
+        except config_checks.ConfigError as err:
+            _fail(str(err))
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # progress and results from process 0 only
-    config = _CONFIG.value
-    logging.info("job %s, workdir %s, %d processes, %d devices (%s)", config.job, _WORKDIR.value,
+    if config.then and not follow_ups:
+        logging.info("config.then=%s does not apply to job %s (see config_checks.follow_up_jobs)", tuple(config.then),
+                     config.job)
+    logging.info("job %s, workdir %s, %d processes, %d devices (%s)", config.job, workdir,
                  jax.process_count(), jax.device_count(), jax.default_backend())
-    result = run_job(config, _WORKDIR.value)
+    result = run_job(config, workdir)
     if isinstance(result, dict) and result.get("preempted"):
         return  # the follow-up jobs run when the re-launched job has finished
-    # Follow-ups read the newest run this command trained (pretrain or vqvae); after a job that trains nothing
-    # (a probe of a converted model) they keep that job's own source.
-    source = _WORKDIR.value if config.job in SOURCE_JOBS else None
-    for follow_up in config.then:
-        follow_config = config.copy_and_resolve_references()
-        with follow_config.unlocked():
-            follow_config.job = follow_up
-            follow_config.then = ()
-            if source is not None:
-                follow_config.checkpoint.source_workdir = source
-                follow_config.checkpoint.step = -1
-        follow_workdir = os.path.join(_WORKDIR.value, follow_up)
+    for follow_config, follow_workdir in follow_ups:
         run_job(follow_config, follow_workdir)
-        if follow_up in SOURCE_JOBS:
-            source = follow_workdir
 
 
 def run_job(config, workdir: str):
@@ -110,7 +180,7 @@ def run_job(config, workdir: str):
 
 
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_divides(global_batch: int, mesh: Mesh, rules: Rules, *, what: str = "train.batch_size") -> None:
     """Fails fast, with the numbers, when a global batch cannot be split over the data-parallel axes."""
     dp = data_parallel_size(mesh, rules)
-    if global_batch <= 0 or global_batch % dp:
+    if global_batch <= 0:
+        raise ValueError(f"{what}={global_batch} must be positive")
+    if global_batch % dp:
         raise ValueError(
             f"{what}={global_batch} is not divisible by the data-parallel size {dp} "
             f"(mesh {dict(mesh.shape)}, batch split over {batch_axes(rules)})"

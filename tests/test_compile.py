@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the compile job needs libtpu (pip install libtpu) to describe TPU slices")
 
-from igpt_jax import config_defaults  # noqa: E402
+from igpt_jax import config_checks, config_defaults  # noqa: E402
 from igpt_jax.jobs import compile as compile_job  # noqa: E402
 
 TOPOLOGY = "v4:2x2x1"  # 4 chips, one JAX device each (megacore), one host
@@ -21,7 +21,7 @@ def _tiny_config():
     config.train.batch_size = 8
     config.mesh.shape = (1, 4, 1)  # fsdp over the 4 devices: every parameter has an 'embed' dimension of 64
     config.compile.topology = TOPOLOGY
-    return config
+    return config_checks.resolve(config)  # vocabulary and context follow the data (digits: 16 colours, 8x8)
 
 
 @pytest.fixture(scope="module")

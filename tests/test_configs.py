@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from igpt_jax import config_checks
 from igpt_jax.model import ModelConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
@@ -29,7 +30,8 @@ def test_config_documents_and_builds_a_consistent_model(path):
     for field in ("Command:", "Hardware:", "Time:", "Result:"):
         assert field in doc, f"{path.name}: docstring has no {field!r} line"
     assert f"--config=configs/{path.name}" in doc
-    config = _load(path).get_config()
+    config = config_checks.resolve(_load(path).get_config())
+    config_checks.validate(config)
     model = ModelConfig.from_config(config.model)
     assert config.data.resolution**2 <= model.n_ctx
     assert model.vocab_size == config.data.n_colors
@@ -50,13 +52,24 @@ def test_openai_cifar10_variants_are_the_released_models():
 
 
 def test_follow_up_jobs_read_the_run_just_trained_or_the_same_source():
-    from igpt_jax import main  # noqa: PLC0415
-
-    pretraining = _load(next(p for p in CONFIGS if p.stem == "cifar10_cpu")).get_config()
-    probe = main.follow_up_config(pretraining, "probe", "/runs/cifar")
-    assert (probe.job, probe.checkpoint.source_workdir, probe.checkpoint.step, tuple(probe.then)) == (
-        "probe", "/runs/cifar", -1, ())
+    pretraining = config_checks.resolve(_load(next(p for p in CONFIGS if p.stem == "cifar10_cpu")).get_config())
+    [(probe, probe_dir), (finetune, _)] = config_checks.follow_up_jobs(pretraining, "/runs/cifar")
+    assert (probe.job, probe.checkpoint.source_workdir, probe.checkpoint.step, tuple(probe.then), probe_dir) == (
+        "probe", "/runs/cifar", -1, (), "/runs/cifar/probe")
     probing = _load(next(p for p in CONFIGS if p.stem == "openai_cifar10")).get_config("s")
     probing.checkpoint.source_workdir = "/models/igpt_s"
-    finetune = main.follow_up_config(probing, "finetune", "/runs/probe")
+    [(finetune, _)] = config_checks.follow_up_jobs(probing, "/runs/probe")
     assert (finetune.job, finetune.checkpoint.source_workdir) == ("finetune", "/models/igpt_s")
+    chain = _load(next(p for p in CONFIGS if p.stem == "vqvae_cifar10")).get_config()
+    follow = config_checks.follow_up_jobs(chain, "/runs/vq")
+    assert [(c.job, c.checkpoint.source_workdir, w) for c, w in follow] == [
+        ("tokenize", "/runs/vq", "/runs/vq/tokenize"), ("pretrain", "/runs/vq", "/runs/vq/pretrain"),
+        ("probe", "/runs/vq/pretrain", "/runs/vq/probe")]
+
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_refuses_an_unknown_variant_in_one_line(path):
+    with pytest.raises(ValueError, match=r"^config variant 'nosuchvariant': unknown argument 'nosuchvariant'; "
+                                         r"this config takes [^\n]*$"):
+        _load(path).get_config("nosuchvariant")

@@ -185,8 +185,9 @@ def test_bad_sources(tmp_path):
     with pytest.raises(import_data.ImportSourceError, match='16x16, but cifar10 images are 32x32'):
         import_data.import_dataset(str(tmp_path / 'small.npz'), 'cifar10', str(tmp_path / 'tfds'))
     # A file that is not an image in a class folder.
-    _save(tmp_path / 'imgs' / 'a' / 'ok.png', np.zeros((4, 4, 3), np.uint8))
-    (tmp_path / 'imgs' / 'a' / 'broken.png').write_bytes(b'definitely not a png')
+    _save(tmp_path / 'imgs' / 'train' / 'a' / 'ok.png', np.zeros((4, 4, 3), np.uint8))
+    _save(tmp_path / 'imgs' / 'test' / 'a' / 'ok.png', np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / 'imgs' / 'train' / 'a' / 'broken.png').write_bytes(b'definitely not a png')
     with pytest.raises(import_data.ImportSourceError, match=r'broken.png: not a readable image'):
         import_data.import_dataset(str(tmp_path / 'imgs'), 'imgs', str(tmp_path / 'tfds'))
     with pytest.raises(ValueError, match='Invalid dataset name'):
@@ -237,3 +238,48 @@ def test_decode_image_modes_and_jpeg_draft():
     Image.fromarray(np.full((5, 6), 200, np.uint16)).save(buf, format='PNG')  # 16-bit grey
     np.testing.assert_array_equal(builders.decode_image(buf.getvalue(), 1), np.zeros((5, 6, 1)))
     np.testing.assert_array_equal(builders.decode_image(buf.getvalue(), 3), np.zeros((5, 6, 3)))
+
+
+def test_empty_class_folder_and_empty_split_are_refused_with_the_counts(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / 'pets'
+    for j in range(3):
+        _save(root / 'train' / 'cat' / f'{j}.png', rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    (root / 'train' / 'dog').mkdir(parents=True)
+    with pytest.raises(import_data.ImportSourceError,
+                       match=r"class folder .*pets/train/dog has no images \(1 such folder\(s\); images per class "
+                             r"elsewhere: cat: 3\)"):
+        import_data.import_dataset(str(root), 'pets', str(tmp_path / 'tfds'))
+    (root / 'train' / 'dog').rmdir()
+    with pytest.raises(import_data.ImportSourceError,
+                       match=r"pets: the test split would be empty \(train 3 images, test 0\); add a test/ folder"):
+        import_data.import_dataset(str(root), 'pets', str(tmp_path / 'tfds'))
+    flat = tmp_path / 'flat'
+    for j in range(2):
+        _save(flat / 'cat' / f'{j}.png', rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+    with pytest.raises(import_data.ImportSourceError, match=r"flat: the test split would be empty \(train 2 images, "
+                                                            r"test 0\); choose another --test_fraction than 0.1"):
+        import_data.import_dataset(str(flat), 'flat', str(tmp_path / 'tfds'))
+    arrays = testing.write_npz(tmp_path / 'a.npz', n_train=4, n_test=1, size=(8, 8), channels=1)
+    np.savez(tmp_path / 'no_test.npz', **dict(arrays, x_test=arrays['x_test'][:0], y_test=arrays['y_test'][:0]))
+    with pytest.raises(import_data.ImportSourceError, match=r"no_test.npz: x_test has no images \(x_train 4, x_test 0\)"):
+        import_data.import_dataset(str(tmp_path / 'no_test.npz'), 'no_test', str(tmp_path / 'tfds'))
+    assert not (tmp_path / 'tfds').exists()  # refused before anything was written
+
+
+def test_cli_errors_are_one_line_and_help_shows_no_machine_path(tmp_path):
+    testing.write_npz(tmp_path / 'a.npz', n_train=4, n_test=2, size=(8, 8), channels=1)
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    root = Path(__file__).parents[1]
+    cmd = [sys.executable, '-m', 'igpt_jax.data.import_data', f'--source={tmp_path / "a.npz"}', '--name=mnist',
+           f'--data_dir={tmp_path / "tfds"}']
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=root, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: 'mnist' is a TFDS catalog dataset with its own features and version; import under another name "
+        "(e.g. my_mnist) or use one of cifar10, fashion_mnist, imagenet2012."]
+    assert not (tmp_path / 'tfds').exists()
+    usage = subprocess.run([sys.executable, '-m', 'igpt_jax.data.import_data', '--help'], capture_output=True,
+                           text=True, timeout=120, cwd=root, env=env)
+    assert '--source' in usage.stdout and 'import_data' in usage.stdout  # absl's --help exits 1
+    assert str(root) not in usage.stdout and '/work/' not in usage.stdout

@@ -1,7 +1,7 @@
 r"""Imports local images into a TFDS (array_record) dataset, without TensorFlow.
 
 Usage:
-  python -m igpt_jax.data.import_data --source=/work/shared/data/cifar10.npz \
+  python -m igpt_jax.data.import_data --source=path/to/cifar10.npz \
       --name=cifar10 --data_dir=/tmp/tfds [--overwrite]
   python -m igpt_jax.data.import_data --source=/path/to/photos --name=my_photos \
       --data_dir=/tmp/tfds [--channels=3] [--test_fraction=0.1]
@@ -12,7 +12,8 @@ Sources:
     labels [N] ints in the official order), like the archives in shared/data;
   * a folder with one sub-folder per class, optionally under train/ and test/
     (or val/, validation/); without them each file goes to test when a hash of
-    its relative path falls below --test_fraction (stable, deterministic);
+    its relative path falls below --test_fraction (stable, deterministic).
+    Every class folder must hold images, and both splits must get some;
   * nothing, for --name=digits (scikit-learn's bundled 8x8 digits).
 
 The import is idempotent: a complete dataset with the same splits and sizes
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import sys
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -69,7 +71,7 @@ def npz_source(path: str, name: str, *, channels: int | None = None) -> ImportSo
         archive's, RGBA stored as RGB).
 
     Raises:
-      ImportSourceError: missing arrays, wrong image shape, bad labels.
+      ImportSourceError: missing arrays, an empty split, wrong image shape, bad labels.
     """
     with epath.Path(path).open('rb') as f:
         with np.load(f, allow_pickle=False) as z:
@@ -91,6 +93,9 @@ def npz_source(path: str, name: str, *, channels: int | None = None) -> ImportSo
             raise ImportSourceError(
                 f'{path}: y_{split} must be integers [N] with N = {len(x)}, got {y.dtype} {y.shape}.')
         arrays[f'y_{split}'] = y
+        if not len(x):
+            raise ImportSourceError(f'{path}: x_{split} has no images (x_train {len(arrays["x_train"])}, '
+                                    f'x_test {len(arrays["x_test"])}); both splits need some.')
 
     spec = builders.catalog_spec(name)
     x_shape = arrays['x_train'].shape[1:]
@@ -201,8 +206,8 @@ def folder_source(
         to the test split (by a hash of their relative path).
 
     Raises:
-      ImportSourceError: no classes, no images, unknown class folders, or a file
-        that is not an image.
+      ImportSourceError: no classes, a class folder without images, a split that
+        would be empty, unknown class folders, or a file that is not an image.
     """
     root_p = epath.Path(root)
     if not root_p.is_dir():
@@ -231,19 +236,31 @@ def folder_source(
     label_of = {n: i for i, n in enumerate(spec.label_names)}
 
     files: dict[str, list[tuple[str, int]]] = {'train': [], 'test': []}
+    per_class: dict[epath.Path, int] = {}
     for split, split_root in split_roots.items():
         if split_root is None:
             continue
         for class_dir in _subdirs(split_root):
-            for f in _list_images(class_dir):
+            images = _list_images(class_dir)
+            per_class[class_dir] = len(images)
+            for f in images:
                 rel = str(f.relative_to(root_p))
                 s = split
                 if split == 'all':
                     h = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 2**32
                     s = 'test' if h < test_fraction else 'train'
                 files[s].append((rel, label_of[class_dir.name]))
-    if not files['train']:
-        raise ImportSourceError(f'{root}: no training images found.')
+    empty = [str(d) for d, n in per_class.items() if n == 0]
+    if empty:
+        counts = ', '.join(f'{d.name}: {n}' for d, n in per_class.items() if n)
+        raise ImportSourceError(f'class folder {empty[0]} has no images ({len(empty)} such folder(s); images per '
+                                f'class elsewhere: {counts or "none"}); add images or remove the folder.')
+    for split in ('train', 'test'):
+        if not files[split]:
+            how = (f'choose another --test_fraction than {test_fraction} or add train/ and test/ folders'
+                   if 'all' in split_roots else f'add a {split}/ folder (or val/) of class folders next to train/')
+            raise ImportSourceError(f'{root}: the {split} split would be empty (train {len(files["train"])} images, '
+                                    f'test {len(files["test"])}); {how}.')
     fixed = spec.image_shape[0] is not None
     out_splits = dict(zip(('train', 'test'), spec.splits))
 
@@ -429,11 +446,16 @@ def main(argv: list[str]) -> None:
     if not f.name:
         raise app.UsageError('--name is required.')
     data_dir = resolve_data_dir(f.data_dir)
-    status = import_dataset(f.source, f.name, data_dir, overwrite=f.overwrite, channels=f.channels,
-                            test_fraction=f.test_fraction, progress=True)
+    try:
+        status = import_dataset(f.source, f.name, data_dir, overwrite=f.overwrite, channels=f.channels,
+                                test_fraction=f.test_fraction, progress=True)
+    except (ImportSourceError, FileExistsError, ValueError) as err:  # bad input: one line, no traceback
+        print(f'error: {err}', file=sys.stderr, flush=True)
+        sys.exit(2)
     print(f'{f.name}: {"already complete, nothing to do" if status == "exists" else "imported"} ({data_dir})')
 
 
 if __name__ == '__main__':
+    sys.argv[0] = 'igpt_jax.data.import_data'  # --help names the module, not this file's path on this machine
     _define_flags()
     app.run(main)

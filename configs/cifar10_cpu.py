@@ -9,7 +9,8 @@ Command:   python -m igpt_jax.main --config=configs/cifar10_cpu.py --workdir=wor
            (results: workdirs/cifar10_cpu/probe/results.json and workdirs/cifar10_cpu/finetune/results.json)
 Hardware:  any CPU; sized for 2 cores (measured on this project's 2-core machine).
 Time:      about 2 h 10 min in all: pretraining 1 h 13 min (2,000 steps, 7,489 tokens/s); probe job 25.6 min
-           (features of 60,000 images in 6 min per model, pretrained and random-init; L-BFGS fits); fine-tuning
+           (features of 60,000 images in 6 min per model, pretrained and random-init; scikit-learn L-BFGS fits, before
+           the JAX solver became probe.solver's default: bench/RESULTS.md "Linear probe"); fine-tuning
            30.7 min (800 steps of 64, 5 passes over the validation split, the test split).
 Result:    validation loss 3.168 -> 3.053 -> 2.945 nats/token at steps 500/1000/2000; test 2.946 nats/token.
            Linear probe, test accuracy (C chosen on validation, refit on all 50,000 labelled images): best layer

@@ -5,7 +5,9 @@ Command:   python -m igpt_jax.main --config=configs/demo.py --workdir=workdirs/d
 Hardware:  any CPU (2 cores is enough); data imported through the TFDS path from scikit-learn on first use.
 Time:      9 min wall (3 min CPU) on 2 shared CPU cores at load ~8, pretrain + probe + sample (README.md).
 Result:    validation loss from ln(16) = 2.77 to 1.31 nats/token; best-layer probe 83.8 % test (raw pixels 90.6 %,
-           random weights 66.3 %: 8x8 digits are easy for raw pixels).
+           random weights 66.3 %: 8x8 digits are easy for raw pixels), measured with a fixed C grid. The paper's
+           claim does not show here yet: on a checkpoint of this recipe at step 251 every layer (79.1-83.2 %) and all
+           five layers concatenated (83.8 %) stay below raw pixels (90.6 %), above random weights (56-68 %).
 """
 
 from igpt_jax import config_defaults
@@ -25,6 +27,7 @@ def get_config(arg=None):
     config.checkpoint.every_steps = 200
     config.then = ("probe", "sample")  # then: linear probes per layer (+ baselines) and a completion grid
     config.probe.checkpoint_steps = (200, 400, 600)  # probe accuracy against validation loss (paper Figure 3)
+    config.probe.solver = "lbfgs"  # 1,350 x 128 problems: scikit-learn is faster than compiling the JAX solver
     config.sample.num_images = 8
     config.sample.samples_per_image = 4
     return config

@@ -22,6 +22,7 @@ import numpy as np
 from absl import app, flags
 
 from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax import vqvae_run
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import tokenize, vqvae as vqvae_job
 
@@ -33,7 +34,7 @@ def _test_images(data_cfg, resolution: int) -> np.ndarray:
     cfg = data_cfg.copy_and_resolve_references()
     cfg.resolution, cfg.tokens = resolution, "raw"
     it = data_pipeline.make_iterator(cfg, "test", batch_size=500, train=False, shard_index=0, shard_count=1)
-    return np.concatenate([vqvae_job.to_uint8(b["image"][b["mask"]]) for b in it])  # uint8 [n, r, r, 3]
+    return np.concatenate([vqvae_run.to_uint8(b["image"][b["mask"]]) for b in it])  # uint8 [n, r, r, 3]
 
 
 def main(argv):
@@ -55,9 +56,9 @@ def main(argv):
     decoded = palette.decode(palette.encode_lut(small)).repeat(2, axis=1).repeat(2, axis=2)  # [n, 32, 32, 3]
     vs_full = float(np.mean(np.square(full.astype(np.float64) - decoded)))
 
-    vq_cfg = vqvae_job.model_config(config)
+    vq_cfg = vqvae_run.model_config(config)
     params, embeddings, step, _ = tokenize.load_vqvae(config, _WORKDIR.value)
-    test = vqvae_job.evaluate_split(vq_cfg, params, embeddings, vqvae_job.source_data_config(config), "test",
+    test = vqvae_job.evaluate_split(vq_cfg, params, embeddings, vqvae_run.source_data_config(config), "test",
                                     batch_size=500)
     out = {
         "images": int(len(full)),

@@ -18,6 +18,8 @@ from jax.experimental import multihost_utils
 
 from igpt_jax.metric_writers import ProgressLogger, TensorBoardWriter, drop_events_after
 
+FINISHED_MARKER = "FINISHED"  # written in a run's workdir when its last step is saved
+
 
 class PreemptionWatcher:
     """Turns SIGTERM (preemption) or SIGINT (Ctrl-C) into a request to checkpoint and stop, agreed on by all

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from igpt_jax import config_defaults, sampling
+from igpt_jax import config_defaults, sampling, vqvae_run
 from igpt_jax import vqvae as vq
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import pretrain, probe, sample, tokenize
@@ -132,7 +132,7 @@ def test_vqvae_trained_reconstructs_better_than_the_mean_image(trained, data_dir
     workdir, config, result = trained
     test = result["test"]
     # The mean image's MSE on the test split (the best constant reconstruction).
-    it = data_pipeline.make_iterator(vqvae_job.source_data_config(config), "test", batch_size=128, train=False,
+    it = data_pipeline.make_iterator(vqvae_run.source_data_config(config), "test", batch_size=128, train=False,
                                      shard_index=0, shard_count=1)
     images = np.concatenate([b["image"][b["mask"]] for b in it]).astype(np.float64)
     mean_mse = float(np.mean((images - images.mean(0)) ** 2))
@@ -182,10 +182,10 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
 
     # The stored codes are the VQ-VAE's codes of the source images, in the source's order.
     params, emb, _, _ = tokenize.load_vqvae(config, "")
-    src = data_pipeline.make_iterator(vqvae_job.source_data_config(vq_config), "test", batch_size=8, train=False,
+    src = data_pipeline.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
                                       shard_index=0, shard_count=1)
     first = next(src)
-    want, recon = vqvae_job.reconstruct_fn(vqvae_job.model_config(config))(params, emb, first["image"])
+    want, recon = vqvae_run.reconstruct_fn(vqvae_run.model_config(config))(params, emb, first["image"])
     got = next(data_pipeline.make_iterator(config.data, "test", batch_size=8, train=False, shard_index=0,
                                            shard_count=1))
     np.testing.assert_array_equal(got["tokens"], np.asarray(want).reshape(8, -1))
@@ -205,8 +205,8 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     sampled = sample.run(config, str(tmp_path / "sample"), devices=ONE)
     scale = sampling.default_scale(8)
     assert sampled["grid"].shape == (2 * (8 * scale + 2) + 2, 2 * (8 * scale + 2) + 2, 1)
-    decoder = vqvae_job.CodeDecoder.from_codes_dataset(config.data)
-    np.testing.assert_array_equal(decoder.decode(got["tokens"].reshape(8, 4, 4)), vqvae_job.to_uint8(recon))
+    decoder = vqvae_run.CodeDecoder.from_codes_dataset(config.data)
+    np.testing.assert_array_equal(decoder.decode(got["tokens"].reshape(8, 4, 4)), vqvae_run.to_uint8(recon))
     assert probed["dataset"] == "digits_vq" and probed["examples"]["test"] == 297
     assert probed["test_accuracy"] > 0.3  # ten classes: chance is 0.1
 

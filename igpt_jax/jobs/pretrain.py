@@ -24,10 +24,9 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import config_changes, optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.model import ModelConfig, count_params
-from igpt_jax.run_log import PreemptionWatcher, RunLog
+from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
 from igpt_jax.validation import evaluate
 
-FINISHED_MARKER = "FINISHED"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None

@@ -145,7 +145,7 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     # Codes (data.tokens='codes') are shown through the VQ-VAE's decoder; a code row is `factor` image rows.
     panels_decoder, factor = loaded.palette, 1
     if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
-        from igpt_jax.jobs.vqvae import CodeDecoder  # noqa: PLC0415
+        from igpt_jax.vqvae_run import CodeDecoder  # noqa: PLC0415
 
         panels_decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
         factor = panels_decoder.cfg.factor

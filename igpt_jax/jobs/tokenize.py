@@ -27,7 +27,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import sharding
 from igpt_jax.data import codes as codes_lib
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import vqvae as vqvae_job
+from igpt_jax import vqvae_run
 
 
 def check_config(config: ml_collections.ConfigDict) -> int:
@@ -36,7 +36,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
     Raises:
       ValueError: one line naming the two values that disagree.
     """
-    vq_cfg = vqvae_job.model_config(config)
+    vq_cfg = vqvae_run.model_config(config)
     grid = vq_cfg.grid(int(config.vqvae.data.resolution))
     data = config.data
     if data_pipeline.tokens_kind(data) != "codes":
@@ -62,10 +62,10 @@ def load_vqvae(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, An
     ckpt = ckpt_lib.Checkpointer(source, create=False)
     try:
         step = ckpt_lib.resolve_step(ckpt, int(config.checkpoint.step))
-        vq_cfg = vqvae_job.model_config(config)
-        vqvae_job.check_checkpoint_codebook(ckpt, step, vq_cfg)
+        vq_cfg = vqvae_run.model_config(config)
+        vqvae_run.check_checkpoint_codebook(ckpt, step, vq_cfg)
         mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        abstract = vqvae_job.abstract_state(vq_cfg, vqvae_job.make_optimizer(config),
+        abstract = vqvae_run.abstract_state(vq_cfg, vqvae_run.make_optimizer(config),
                                             int(config.vqvae.data.resolution), mesh)
         state = ckpt.restore(step, abstract)
         embeddings = state["codebook"].embeddings
@@ -89,9 +89,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_count() > 1:
         raise ValueError(f"the tokenize job runs in one process (got {jax.process_count()}); run it on one host")
     grid = check_config(config)
-    vq_cfg = vqvae_job.model_config(config)
+    vq_cfg = vqvae_run.model_config(config)
     params, embeddings, step, ckpt_dir = load_vqvae(config, workdir)
-    source_cfg = vqvae_job.source_data_config(config)
+    source_cfg = vqvae_run.source_data_config(config)
     source_builder = tfds.builder(source_cfg.name, data_dir=data_pipeline.ensure_dataset(source_cfg))
     label_names = tuple(source_builder.info.features["label"].names)
     data_dir = data_pipeline.resolve_data_dir(config.data.data_dir)
@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"Codes dataset {config.data.name!r} in {data_dir} is already written by this VQ-VAE.", flush=True)
         return {"metadata": metadata, "data_dir": data_dir, "reused": True}
 
-    fn = vqvae_job.reconstruct_fn(vq_cfg)
+    fn = vqvae_run.reconstruct_fn(vq_cfg)
     batch_size = int(config.tokenize.batch_size)
 
     def encode_split(tfds_split: str):

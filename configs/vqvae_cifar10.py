@@ -26,7 +26,7 @@ from igpt_jax import config_defaults
 
 
 def get_config(arg=None):
-    del arg
+    config_defaults.parse_arg(arg)  # no variants
     config = config_defaults.base_config()
     config.job = "vqvae"
     config.then = ("tokenize", "pretrain", "probe")

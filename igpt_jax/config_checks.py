@@ -226,6 +226,8 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.channels={data.channels!r} must be 1 (grayscale) or 3 (RGB)")
     _positive(data, "data", ("resolution",))
     top = 256 if data.channels == 1 else 2**24
+    if data.get("tokens") == "codes":  # VQ-VAE codes: n_colors is the codebook size, not a palette
+        top = 2**16
     if not isinstance(data.n_colors, int) or not 2 <= data.n_colors <= top:
         raise ConfigError(f"data.n_colors={data.n_colors!r} must be an integer in [2, {top}] for {data.channels} "
                           "channel(s)")

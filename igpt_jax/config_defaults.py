@@ -173,8 +173,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.vqvae.revive_noise = 0.01  # revived code = a random encoder output of the batch + this x std x N(0, 1)
     c.vqvae.lr = 1e-4  # Adam (paper A.2)
     c.vqvae.batch_size = 64  # global
-    c.vqvae.num_steps = 1000
-    c.vqvae.log_every = 50
+    c.vqvae.num_steps = 1000  # training steps
+    c.vqvae.log_every = 50  # training metrics every this many steps
     c.vqvae.data_variance = 0.0  # the reconstruction loss's divisor; 0: estimated from training images
     c.vqvae.variance_images = 1000  # images the estimate uses
     c.vqvae.eval_batch_size = 256  # test-split reconstruction error

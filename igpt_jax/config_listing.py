@@ -92,6 +92,8 @@ def field_comments() -> dict[str, str]:
 
     comments = source_comments(config_defaults.base_config, "c")
     comments.update(source_comments(data_config.default_data_config, "cfg", prefix="data."))
+    # the VQ-VAE's images are a data config too
+    comments.update(source_comments(data_config.default_data_config, "cfg", prefix="vqvae.data."))
     comments.update(docstring_attributes(ModelConfig, prefix="model."))
     auto = {"model.vocab_size": "0: data.n_colors", "model.n_ctx": "0: data.resolution**2"}
     for field, note in auto.items():

@@ -42,14 +42,14 @@ CLI_ERRORS = [
     (["--config=configs/demo.py", "--config.train.batch_size=0"], "train.batch_size=0 must be positive"),
     (["--config=configs/demo.py", "--config.train.batch_size=-4"], "train.batch_size=-4 must be positive"),
     (["--config=configs/demo.py", "--config.then=('probe', 'smaple')"],
-     "config.then[1]='smaple' is not a job (did you mean 'sample'?); follow-up jobs (they read this run's "
-     "checkpoint): probe, finetune, sample, evaluate"),
+     "config.then[1]='smaple' is not a job (did you mean 'sample'?); follow-up jobs (they read the run before "
+     "them): probe, finetune, sample, evaluate, tokenize, pretrain"),
     (["--config=configs/demo.py", "--config.job=pretrian"],
      "config.job='pretrian' is not a job (did you mean 'pretrain'?); jobs: pretrain, probe, finetune, sample, "
-     "evaluate, compile"),
+     "evaluate, compile, vqvae, tokenize"),
     (["--config=configs/demo.py", "--config.mesh.shape=(1, 1, 8)"],
-     "model.n_head=4 cannot be split 8 ways over mesh axes ('tensor',) (mesh.shape: data=1, fsdp=1, tensor=8; rule "
-     "'heads'): choose a mesh whose tensor size divides 4"),
+     "model.n_head=4 cannot be split 8 ways over mesh axes ('tensor',) (mesh.shape: data=1, fsdp=1, context=1, "
+     "tensor=8; rule 'heads'): choose a mesh whose tensor size divides 4"),
     (["--config=configs/demo.py", "--config.probe.max_iter=0"],
      "follow-up job 'probe' (config.then): probe.max_iter=0 must be positive"),
     (["--config=configs/igpt_s.py", "--config.model.vocab_size=256", "--config.data.n_colors=512"],
@@ -192,7 +192,7 @@ def test_new_dataset_trains_from_its_name_alone_and_starts_quietly(gray_dataset,
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("probe.solver", "lbgfs", r"^probe.solver='lbgfs', expected one of \('lbfgs', 'sgd'\)$"),
+    ("probe.solver", "lbgfs", r"^probe.solver='lbgfs', expected one of \('jax_lbfgs', 'lbfgs', 'sgd'\)$"),
     ("probe.layers", "4;8", r"^probe.layers='4;8': expected 'all' or comma-separated layer ids"),
     ("data.fold_val", True, r"^data.fold_val=True puts the validation split into 'train'"),
     ("sample.given_rows", 9, r"^sample.given_rows=9 must be -1 \(the top half\) or a number of rows in \[0, 8\]"),

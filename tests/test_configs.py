@@ -41,7 +41,7 @@ def test_config_documents_and_builds_a_consistent_model(path):
 
 def test_openai_cifar10_variants_are_the_released_models():
     module = _load(next(p for p in CONFIGS if p.stem == "openai_cifar10"))
-    sizes = {v: ModelConfig.from_config(module.get_config(v).model) for v in ("s", "m", "l")}
+    sizes = {v: ModelConfig.from_config(config_checks.resolve(module.get_config(v)).model) for v in ("s", "m", "l")}
     assert [(c.n_layer, c.d_model, c.n_head, c.n_ctx, c.vocab_size) for c in sizes.values()] == [
         (24, 512, 8, 1024, 512), (36, 1024, 8, 1024, 512), (48, 1536, 16, 1024, 512)]
     config = module.get_config("l")

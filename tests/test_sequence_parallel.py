@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpt_jax import config_defaults, features, optim, sampling, sharding, train
+from igpt_jax import config_checks, config_defaults, features, optim, sampling, sharding, train
 from igpt_jax.model import IGPT, ModelConfig, init_params
 
 CONTEXT_MESH = (2, 1, 4, 1)  # data 2, fsdp 1, context 4, tensor 1: each sequence over 4 of the 8 devices
@@ -132,6 +132,7 @@ def test_the_pretraining_job_with_the_sequence_split_equals_one_device(tmp_path)
     config.data.data_dir = str(tmp_path / "tfds")
     config.train.update(batch_size=16, num_steps=3, warmup_steps=1, lr=1e-3, log_every=1, eval_every=0)
     config.checkpoint.every_steps = 3
+    config_checks.resolve(config, read_data=False)
     runs = {}
     for name, shape in (("single", (1, 1, 1)), ("context", CONTEXT_MESH)):
         config.mesh.shape = shape

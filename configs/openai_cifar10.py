@@ -43,7 +43,8 @@ def get_config(arg=None):
     config.then = ("finetune",)
     config.data = config_defaults.default_data_config("cifar10")  # 32x32, auto-imported from ../shared/data
     # The released models' architecture (what the converted model says; a mismatch is an error naming both).
-    config.model = config_defaults.paper_model(size, n_ctx=32 * 32, remat="none" if size == "s" else "full")
+    config.model = config_defaults.paper_model(size, n_ctx=32 * 32, vocab_size=512,
+                                               remat="none" if size == "s" else "full")
     config.checkpoint.source_workdir = ""  # set on the command line: the folder written by igpt_jax.convert
 
     config.probe.layers = "all"

@@ -35,6 +35,8 @@ JOBS: dict[str, tuple[str, str]] = {
 CHECKPOINT_JOBS = ("probe", "finetune", "sample", "evaluate")
 # Jobs whose workdir the jobs after them in `config.then` read: the VQ-VAE for tokenize, the model for the rest.
 SOURCE_JOBS = ("pretrain", "vqvae")
+# Data settings that a pretrained model's source decides for the jobs that read it (igpt_jax/pretrained.py).
+SOURCE_DATA_FIELDS = ("resolution", "channels", "n_colors")
 # Jobs `config.then` may hold.
 FOLLOW_UP_JOBS = CHECKPOINT_JOBS + ("tokenize", "pretrain")
 
@@ -62,18 +64,28 @@ def resolve(config: ml_collections.ConfigDict, *, read_data: bool = True) -> ml_
       `config`, for chaining.
     """
     data, model = config.data, config.model
+    # A job that reads a pretrained model takes the source's tokens (palette size, resolution, channels, vocabulary,
+    # context; igpt_jax/pretrained.py): what is left AUTO here stays AUTO for the source to fill.
+    from_source = _reads_pretrained(config)
     with config.unlocked():
         if data.n_colors == data_config.AUTO["n_colors"] and model.vocab_size != config_defaults.AUTO:
             data.n_colors = model.vocab_size  # the palette follows an explicit vocabulary
         if any(data[k] == v for k, v in data_config.AUTO.items()):
-            shape = _stored_shape(data) if read_data else None
+            shape = _stored_shape(data) if read_data and not from_source else None
             for key, value in data_config.derive_data_settings(data, shape).items():
-                data[key] = value
+                if not (from_source and key in SOURCE_DATA_FIELDS):
+                    data[key] = value
+        if from_source:
+            return config
         if model.vocab_size == config_defaults.AUTO:
             model.vocab_size = int(data.n_colors)
         if model.n_ctx == config_defaults.AUTO:
             model.n_ctx = int(data.resolution) ** 2
     return config
+
+
+def _reads_pretrained(config: ml_collections.ConfigDict) -> bool:
+    return config.job in CHECKPOINT_JOBS and not (config.job == "finetune" and config.finetune.init == "random")
 
 
 def _stored_shape(data: ml_collections.ConfigDict):
@@ -163,7 +175,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     """
     _check_jobs(config)
     job = config.job
-    _check_data(config.data)
+    _check_data(config.data, from_source=_reads_pretrained(config))
     reads_model_from_config = job in ("pretrain", "compile") or (job == "finetune" and config.finetune.init == "random")
     if reads_model_from_config:
         _check_model(config)
@@ -194,7 +206,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _positive(config.sample, "sample", ("num_samples", "num_images", "samples_per_image", "batch_size"))
         _one_of(config.sample, "sample", "mode", ("complete", "unconditional"))
         _one_of(config.sample, "sample", "split", ("train", "validation", "test"))
-        rows, resolution = config.sample.given_rows, config.data.resolution
+        rows, resolution = config.sample.given_rows, config.data.resolution or 10**9  # AUTO: the source's
         if not isinstance(rows, int) or rows < -1 or rows > resolution:
             raise ConfigError(f"sample.given_rows={rows!r} must be -1 (the top half) or a number of rows in "
                               f"[0, {resolution}] (data.resolution)")
@@ -219,9 +231,15 @@ def _check_jobs(config: ml_collections.ConfigDict) -> None:
                               f"follow-up jobs (they read the run before them): {', '.join(FOLLOW_UP_JOBS)}")
 
 
-def _check_data(data: ml_collections.ConfigDict) -> None:
+def _check_data(data: ml_collections.ConfigDict, *, from_source: bool = False) -> None:
+    """`from_source`: the job reads a pretrained model, whose source fills the data fields left AUTO."""
     from igpt_jax.data import augment  # noqa: PLC0415
 
+    _one_of(data, "data", "augment", augment.STYLES)
+    if not 0.0 <= data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1)")
+    if from_source and any(data[k] == data_config.AUTO[k] for k in SOURCE_DATA_FIELDS):
+        return
     if data.channels not in (1, 3):
         raise ConfigError(f"data.channels={data.channels!r} must be 1 (grayscale) or 3 (RGB)")
     _positive(data, "data", ("resolution",))
@@ -231,9 +249,6 @@ def _check_data(data: ml_collections.ConfigDict) -> None:
     if not isinstance(data.n_colors, int) or not 2 <= data.n_colors <= top:
         raise ConfigError(f"data.n_colors={data.n_colors!r} must be an integer in [2, {top}] for {data.channels} "
                           "channel(s)")
-    _one_of(data, "data", "augment", augment.STYLES)
-    if not 0.0 <= data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1)")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

@@ -17,8 +17,9 @@ The rule for settings (one rule, every job):
     ``data.n_colors``; a converted model's resolution is sqrt(n_ctx), its channels and colours its palette's).
   * From the JOB: how the model is run (`RUNTIME_FIELDS`: attention implementation and block, dtype, remat, scan
     unroll, dropout), the dataset (name, data_dir, splits, augmentation, ...), batch sizes and the mesh.
-  * A job value of a source field must equal the source's or be None (unset): a job needs no overrides of what the
-    source says, and a disagreement is a one-line ValueError naming the field, both values and the source.
+  * A job value of a source field must equal the source's or be unset (None, or AUTO = 0 for the vocabulary,
+    context and the data fields, as the shipped configs leave them): a job needs no overrides of what the source
+    says, and a disagreement is a one-line ValueError naming the field, both values and the source.
 
 Parameters are restored directly into the shardings the rules table gives them on the job's mesh
 (`igpt_jax.layout.param_layout`), so no full copy of a large model ever sits on one device.
@@ -51,6 +52,9 @@ ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "m
 RUNTIME_FIELDS = ("attention", "attention_block", "remat", "dtype", "scan_unroll", "dropout")
 # Data settings that define the tokens the model was trained on: from the source.
 DATA_FIELDS = ("resolution", "channels", "n_colors")
+
+# Fields a config may leave at AUTO (0): they follow the data for pretraining, and come from the source here.
+AUTO, AUTO_FIELDS = 0, ("vocab_size", "n_ctx") + DATA_FIELDS
 
 RUN, CONVERTED = "run", "converted"
 # A converted model's files.
@@ -310,9 +314,12 @@ def load_on_mesh(config: ml_collections.ConfigDict, workdir: str, *, devices=Non
 
 
 def _items(cfg: Any) -> dict[str, Any]:
+    """The fields of a config section that the job sets: None and AUTO (0, "follows the data") are unset."""
     if cfg is None:
         return {}
-    return dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
+    return {k: v for k, v in items.items() if not (v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                                and v == AUTO and k in AUTO_FIELDS))}
 
 
 def model_config_for_job(job_model: Any, source_model: ModelConfig, *, where: str) -> ModelConfig:

@@ -80,3 +80,35 @@ def test_evaluate_errors_name_the_problem(run_dir, tmp_path):
     config.mesh.shape = (8, 1, 1)
     with pytest.raises(ValueError, match="evaluate.batch_size=12 is not divisible by the data-parallel size 8"):
         evaluate.run(config, str(tmp_path), devices=jax.devices()[:8])
+
+
+def test_a_job_reading_a_run_takes_its_tokens_from_the_run_without_overrides(tmp_path):
+    """A run trained at 6x6 with 8 colours is evaluated by a config that leaves the data settings to follow the
+    data (the shipped configs' AUTO): the job takes resolution, palette size, vocabulary and context from the run
+    instead of deriving the digits' 8x8 / 16 colours, and an explicit disagreement is one line naming both."""
+    from igpt_jax import config_checks, config_defaults  # noqa: PLC0415
+    from igpt_jax.jobs import pretrain  # noqa: PLC0415
+    from tiny_runs import pretrain_config  # noqa: PLC0415
+
+    data_dir = str(tmp_path / "tfds")
+    run_config = pretrain_config(data_dir, num_steps=2)
+    run_config.data.update(resolution=6, n_colors=8)
+    run_config.model.update(vocab_size=8, n_ctx=36)
+    pretrain.run(run_config, str(tmp_path / "run"), devices=jax.devices()[:1])
+
+    job = config_defaults.base_config()
+    job.data = config_defaults.default_data_config("digits", auto=True)
+    job.data.data_dir = data_dir
+    job.model = config_defaults.model_config(d_model=32, n_head=2, n_layer=2)  # vocabulary and context AUTO
+    job.job, job.mesh.shape, job.evaluate.batch_size = "evaluate", (1, 1, 1), 64
+    job.checkpoint.source_workdir = str(tmp_path / "run")
+    config_checks.resolve(job)
+    assert (job.data.resolution, job.data.n_colors, job.model.vocab_size) == (0, 0, 0)  # left to the source
+    config_checks.validate(job, num_devices=1)
+    result = evaluate.run(job, str(tmp_path / "eval"), devices=jax.devices()[:1])
+    assert result["tokens"] == result["images"] * 36 and 0 < result["nll"] < math.log(8) + 1
+
+    job.data.resolution = 5  # an explicit value that disagrees with the run
+    with pytest.raises(ValueError, match=r"^the job's config disagrees with .*data.resolution=5 but the source "
+                                         r"was trained with 6[^\n]*$"):
+        evaluate.run(job, str(tmp_path / "eval5"), devices=jax.devices()[:1])

@@ -22,6 +22,8 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from igpt_jax.config_checks import ConfigError
+
 HISTORY_FILE = "config_history.jsonl"
 FREE_MODEL = frozenset({"attention", "attention_block", "remat", "scan_unroll"})
 FREE_DATA = frozenset({"data_dir", "palette_path", "import_source", "auto_import", "num_workers", "read_threads",
@@ -70,18 +72,18 @@ def check_resume(stored: ml_collections.ConfigDict | dict, current: ml_collectio
     """The changes a resumed run makes; raises before any of them is applied when one is not allowed.
 
     Raises:
-      ValueError: one line naming the field, its value in the checkpoint and its value now.
+      ConfigError: one line naming the field, its value in the checkpoint and its value now.
     """
     diff = changes(stored, current)
     for field, old, new in diff:
         if kind_of(field) == "fixed":
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume {workdir} (checkpoint step {step}) with {field}={new!r}: the checkpoint was trained "
                 f"with {field}={old!r}, and architecture and data settings cannot change within a run (use a new "
                 "workdir)")
     for field, old, new in diff:
         if kind_of(field) == "schedule" and not allow_changes:
-            raise ValueError(
+            raise ConfigError(
                 f"resuming {workdir} (checkpoint step {step}) would change {field} from {old!r} to {new!r}: set "
                 f"--config.checkpoint.allow_changes=True to change optimizer or schedule settings mid-run (each "
                 f"change is recorded in {HISTORY_FILE})")

@@ -167,7 +167,8 @@ def main(argv: list[str]) -> None:
 
 
 def run_job(config, workdir: str):
-    """Imports the module of `config.job` and runs it."""
+    """Imports the module of `config.job` and runs it; a bad-input error it raises (`ConfigError`: a resume that
+    would change the architecture, a checkpoint that disagrees with the config) ends the command in one line."""
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
     try:
@@ -176,7 +177,10 @@ def run_job(config, workdir: str):
         if err.name != JOBS[config.job]:
             raise
         raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
-    return job.run(config, workdir)
+    try:
+        return job.run(config, workdir)
+    except config_checks.ConfigError as err:
+        _fail(str(err))
 
 
 def run() -> None:

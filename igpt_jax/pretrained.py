@@ -40,6 +40,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from igpt_jax import checkpoint as ckpt_lib
+from igpt_jax.config_checks import ConfigError
 from igpt_jax import sharding
 from igpt_jax.layout import Layout, param_layout
 from igpt_jax.model import ModelConfig
@@ -173,7 +174,7 @@ class Source:
         if self._ckpt is not None:
             return ckpt_lib.resolve_step(self._ckpt, int(step))
         if int(step) != -1:
-            raise ValueError(f"checkpoint.step={step} but {self.path} is a converted model, which has no steps: "
+            raise ConfigError(f"checkpoint.step={step} but {self.path} is a converted model, which has no steps: "
                              "expected checkpoint.step=-1")
         return None
 
@@ -190,7 +191,7 @@ class Source:
             return ModelConfig.from_config(_read_json(os.path.join(self.path, CONFIG_FILE)))
         run_config = self._ckpt.restore_config(step)
         if "model" not in run_config:
-            raise ValueError(f"{self.where(step)} has no model config: expected a checkpoint of the pretraining job")
+            raise ConfigError(f"{self.where(step)} has no model config: expected a checkpoint of the pretraining job")
         return ModelConfig.from_config(run_config.model)
 
     def palette(self, step: int | None) -> Palette:
@@ -207,7 +208,7 @@ class Source:
             palette = Palette(self._ckpt.restore_palette(step))
         vocab = self.model_config(step).vocab_size
         if palette.k != vocab:
-            raise ValueError(f"the palette in {path} has {palette.k} colours but the model's vocabulary is {vocab}: "
+            raise ConfigError(f"the palette in {path} has {palette.k} colours but the model's vocabulary is {vocab}: "
                              "expected one colour per token")
         return palette
 
@@ -220,7 +221,7 @@ class Source:
         model_cfg, palette = self.model_config(step), self.palette(step)
         side = math.isqrt(model_cfg.n_ctx)
         if side * side != model_cfg.n_ctx:
-            raise ValueError(f"{self.where(step)} has a context of {model_cfg.n_ctx} tokens, not a square image: "
+            raise ConfigError(f"{self.where(step)} has a context of {model_cfg.n_ctx} tokens, not a square image: "
                              "expected n_ctx = resolution**2")
         return {"resolution": side, "channels": palette.channels, "n_colors": palette.k}
 
@@ -238,7 +239,7 @@ class Source:
             return restored[ckpt_lib.STATE]["params"]
         except (ValueError, KeyError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"cannot restore the model parameters of {self.where(step)}: {first}. Expected the "
+            raise ConfigError(f"cannot restore the model parameters of {self.where(step)}: {first}. Expected the "
                              "parameters of the model its config describes") from err
 
     def settings(self, config: ml_collections.ConfigDict, step: int | None
@@ -333,7 +334,7 @@ def model_config_for_job(job_model: Any, source_model: ModelConfig, *, where: st
     diffs = [f"model.{name}={job[name]!r} but the source has {getattr(source_model, name)!r}"
              for name in ARCHITECTURE_FIELDS if job.get(name) is not None and job[name] != getattr(source_model, name)]
     if diffs:
-        raise ValueError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
+        raise ConfigError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
                          + " (architecture comes from the source: leave these unset or equal to it)")
     runtime = {name: job[name] for name in RUNTIME_FIELDS if job.get(name) is not None}
     return source_model.replace(**runtime)
@@ -352,12 +353,12 @@ def data_config_for_job(job_data: Any, source_data: dict[str, int], model_cfg: M
     res = job.get("resolution")
     if res is not None and int(res) ** 2 > model_cfg.n_ctx:
         largest = math.isqrt(model_cfg.n_ctx)
-        raise ValueError(f"data.resolution={res} gives {int(res) ** 2} tokens per image, more than the context "
+        raise ConfigError(f"data.resolution={res} gives {int(res) ** 2} tokens per image, more than the context "
                          f"n_ctx={model_cfg.n_ctx} of {where}: expected data.resolution <= {largest}")
     diffs = [f"data.{name}={job[name]!r} but the source was trained with {source_data[name]!r}"
              for name in DATA_FIELDS if job.get(name) is not None and int(job[name]) != source_data[name]]
     if diffs:
-        raise ValueError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
+        raise ConfigError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
                          + " (these come from the source: leave them unset or equal to it)")
     for name in DATA_FIELDS:
         data_cfg[name] = source_data[name]

@@ -189,6 +189,16 @@ def test_new_dataset_trains_from_its_name_alone_and_starts_quietly(gray_dataset,
     assert "vocabulary 64" in result.stderr and "context 144" in result.stderr
     noise = [line for line in result.stderr.splitlines() if "tpu" in line.lower()]
     assert noise == []
+    # Resuming it with another architecture: one line naming the field and both values, no traceback.
+    again = _main("--config=configs/demo.py", f"--workdir={tmp_path / 'run'}", f"--config.data.name={name}",
+                  f"--config.data.data_dir={data_dir}", "--config.then=()", "--config.model.d_model=32",
+                  "--config.model.n_head=2", "--config.model.n_layer=2", "--config.train.batch_size=8",
+                  "--config.train.num_steps=4", "--config.train.warmup_steps=1", "--config.train.eval_every=0",
+                  "--config.checkpoint.every_steps=2", "--config.checkpoint.async_save=false", env=env)
+    assert again.returncode == 2 and "Traceback" not in again.stderr, again.stderr[-3000:]
+    assert again.stderr.splitlines()[-1].startswith(
+        f"error: cannot resume {tmp_path / 'run'} (checkpoint step 2) with model.n_layer=2: the checkpoint was "
+        "trained with model.n_layer=1"), again.stderr[-3000:]
 
 
 @pytest.mark.parametrize("field,value,message", [

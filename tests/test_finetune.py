@@ -73,12 +73,14 @@ def test_resumed_finetuning_equals_the_uninterrupted_run(run, full_run, tmp_path
     config = finetune_config(run)
     first = finetune.run(config, str(tmp_path), devices=jax.devices()[:1], stop_at_step=EVAL_EVERY + 5)
     assert first["preempted"] and first["step"] == EVAL_EVERY + 5
+    (tmp_path / "metrics.jsonl").unlink()  # as on gs://, where it is not written: the history is the run's own
     second = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
     assert second["resumed"] and second["start_step"] == EVAL_EVERY + 5
     losses = [h["loss"] for h in first["history"] + second["history"]]
     assert losses == [h["loss"] for h in full["history"]]  # bit-exact, data position included
     for key in ("best_step", "best_val_accuracy", "initial_val_accuracy", "test_accuracy"):
         assert second[key] == full[key], key
+    assert second["val_history"] == full["val_history"]  # from the run's own file, not metrics.jsonl
     # A finished run relaunched changes nothing and reports the same.
     again = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
     assert again["start_step"] == STEPS and again["test_accuracy"] == full["test_accuracy"]

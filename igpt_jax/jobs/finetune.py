@@ -47,6 +47,8 @@ from igpt_jax.run_log import PreemptionWatcher, RunLog
 OBJECTIVES = ("gen+clf", "clf")
 INITS = ("pretrained", "random")
 RESULTS = "results.json"
+# Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
+VAL_HISTORY = "val_history.json"
 
 
 @flax.struct.dataclass
@@ -341,6 +343,8 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     closers.append(watcher.close)
     patience = int(fcfg.patience)
     result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
+    # Evaluations after the restored step are redone, so their records are dropped.
+    val_history = [rec for rec in _read_val_history(workpath) if rec["step"] <= start_step]
 
     def record(step: int, acc: dict[str, float]) -> None:
         nonlocal state
@@ -360,8 +364,12 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         state = jax.device_put(state, layout.shardings)
         logging.info("step %d: validation accuracy %.4f (best %.4f at step %d)", step, acc["accuracy"],
                      float(state.best_accuracy), int(state.best_step))
-        log._append([{"step": step, "val_accuracy": acc["accuracy"], **(
-            {"val_accuracy_single_mask": acc["accuracy_single_mask"]} if "accuracy_single_mask" in acc else {})}])
+        rec = {"step": step, "val_accuracy": acc["accuracy"], **(
+            {"val_accuracy_single_mask": acc["accuracy_single_mask"]} if "accuracy_single_mask" in acc else {})}
+        val_history.append(rec)
+        if primary:
+            (workpath / VAL_HISTORY).write_text(json.dumps(val_history))
+        log._append([rec])
         if log.writer:
             log.writer.scalars(step, {"val/accuracy": acc["accuracy"]})
 
@@ -404,7 +412,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     best_params = best_ckpt.restore(best_step, layout.abstract.params)
     test = evaluator.accuracy(best_params, "test")
     del best_params
-    history = _val_history(workpath)
+    history = val_history
     by_step = {h["step"]: h["val_accuracy"] for h in history}
     results = {
         "job": "finetune",
@@ -437,16 +445,10 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     return result
 
 
-def _val_history(workpath: epath.Path) -> list[dict[str, float]]:
-    path = workpath / "metrics.jsonl"
-    if not path.exists():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "val_accuracy" in rec:
-            by_step[int(rec["step"])] = rec
-    return [by_step[s] for s in sorted(by_step)]
+def _read_val_history(workpath: epath.Path) -> list[dict[str, float]]:
+    """The validation records a previous segment of this run wrote (none for a new run)."""
+    path = workpath / VAL_HISTORY
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -44,7 +44,7 @@ def main() -> None:
     from igpt_jax.data import pipeline
     from igpt_jax.jobs import compile as compile_job
 
-    print(f"{'config':<10} {'pod':<9} {'topology':<11} {'mesh (data, fsdp, tensor)':<26} {'batch':>5} {'hosts':>5} "
+    print(f"{'config':<10} {'pod':<9} {'topology':<11} {'mesh (data, fsdp, context, tensor)':<35} {'batch':>5} {'hosts':>5} "
           f"{'rows/host':>9} {'hosts/row':>9}  process 0 rows")
     for path in args.configs.split(","):
         module = _load(path)
@@ -61,7 +61,7 @@ def main() -> None:
             sizes = sorted({r.size for r in rows.values()})
             sharers = sorted(set(per_row.values()))
             shape = str(tuple(mesh.shape.values()))
-            print(f"{os.path.basename(path)[:-3]:<10} {pod:<9} {config.compile.topology:<11} {shape:<26} {batch:>5} "
+            print(f"{os.path.basename(path)[:-3]:<10} {pod:<9} {config.compile.topology:<11} {shape:<35} {batch:>5} "
                   f"{len(rows):>5} {'/'.join(map(str, sizes)):>9} {'/'.join(map(str, sharers)):>9}  {rows[0]}"
                   f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
 

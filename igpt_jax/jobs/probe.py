@@ -289,17 +289,19 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
              f"{'/'.join(str(results['examples'][s]) for s in data_pipeline.SPLITS)} train/val/test), checkpoint step "
              f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
-    header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6}"
+    header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6} "
     if rand:
         header += f"  {'random-init test %':>18}"
     lines += [header, "-" * len(header)]
     for r in last["layers"]:
-        mark = " *" if r["layer"] == last["best_layer"] else ""
-        row = f"{r['layer']:>5}  {r['name']:<20} {r[hyper]:>8.3g}  {pct(r['val_accuracy'])}  {pct(r['test_accuracy'])}"
+        mark = "*" if r["layer"] == last["best_layer"] else " "  # beside the pretrained model's test accuracy
+        row = (f"{r['layer']:>5}  {r['name']:<20} {r[hyper]:>8.3g}  {pct(r['val_accuracy'])}  "
+               f"{pct(r['test_accuracy'])}{mark}")
         if rand:
             rr = rand_by_layer.get(r["layer"])
             row += f"  {pct(rr['test_accuracy']) if rr else '':>18}"
-        lines.append(row + mark)
+        lines.append(row)
+    lines.append("* the best layer on validation")
     best = last["best"]
     lines.append(f"best layer (on validation): {best['layer']} ({best['name']}), {hyper}={best[hyper]:.3g}: "
                  f"test accuracy {pct(best['test_accuracy']).strip()}% after refitting on train + validation"

@@ -38,7 +38,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
 from igpt_jax import linear_probe, objectives, optim, pretrained, sharding
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import jsonable
+from igpt_jax.job_outputs import jsonable, workpath_of
 from igpt_jax.layout import Layout, layout_of, param_layout
 from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
 from igpt_jax.palette import Palette
@@ -230,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     run_dir = run_directory(config, workdir)
-    workpath = epath.Path(run_dir if "://" in run_dir else os.path.abspath(run_dir))
+    workpath = workpath_of(run_dir)
     primary = jax.process_index() == 0
     if primary:
         workpath.mkdir(parents=True, exist_ok=True)

@@ -11,18 +11,17 @@ logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
-from etils import epath
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import config_changes, optim, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.job_outputs import workpath_of
 from igpt_jax.model import ModelConfig, count_params
 from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
 from igpt_jax.validation import evaluate
@@ -42,7 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     # ---------------------------------------------------------------- set-up and config checks
     model_cfg = ModelConfig.from_config(config.model)
     data_cfg, train_cfg = config.data, config.train
-    workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    workpath = workpath_of(workdir)
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
     if data_cfg.n_colors != model_cfg.vocab_size:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any
 
 import jax
@@ -31,6 +30,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import sampling, sharding
 from igpt_jax import vqvae as vq
 from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.job_outputs import workpath_of
 from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
 from igpt_jax.vqvae_run import (abstract_state, check_checkpoint_codebook, create_state, make_optimizer, model_config,
                                 reconstruct_fn, source_data_config, to_uint8)
@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     vq_cfg = model_config(config)
     data_cfg = source_data_config(config)
     res = int(data_cfg.resolution)
-    workpath = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
+    workpath = workpath_of(workdir)
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
         (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))

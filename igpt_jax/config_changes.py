@@ -9,6 +9,12 @@
   they need ``checkpoint.allow_changes=True``.
 * Everything else (logging, evaluation, checkpointing, mesh, later jobs) is free.
 
+The VQ-VAE job (``job='vqvae'``) has its own architecture, data and schedule under ``vqvae``: its codebook and
+blocks (``vqvae.{vocab_size, downsample, residual_layers}``) and its images (``vqvae.data.*``, with the same free
+fields as ``data``) are fixed, its optimizer and codebook-update settings (``vqvae.{batch_size, num_steps, lr, decay,
+epsilon, commitment, dead_fraction, revive_noise, data_variance}`` and ``seed``) need the flag, and the
+transformer's sections (``model``, ``data``, ``train``), which only later jobs read, are free.
+
 Every change that is made is appended to ``{workdir}/config_history.jsonl`` (step, field, old, new, time), and
 ``config.json`` holds the settings in force.
 """
@@ -32,6 +38,10 @@ SCHEDULE = frozenset({"train." + k for k in ("batch_size", "num_steps", "lr", "w
                                              "eps", "weight_decay", "grad_clip_norm")}
                      | {"model.dropout", "model.dtype", "seed"})
 
+VQVAE_FIXED = frozenset("vqvae." + k for k in ("vocab_size", "downsample", "residual_layers"))
+VQVAE_SCHEDULE = frozenset({"vqvae." + k for k in ("batch_size", "num_steps", "lr", "decay", "epsilon", "commitment",
+                                                   "dead_fraction", "revive_noise", "data_variance")} | {"seed"})
+
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
@@ -48,8 +58,16 @@ def _plain(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     return _flatten(json.loads(text))
 
 
-def kind_of(field: str) -> str:
-    """'fixed' (architecture, data), 'schedule' (needs the flag) or 'free'."""
+def kind_of(field: str, job: str = "pretrain") -> str:
+    """'fixed' (architecture, data), 'schedule' (needs the flag) or 'free', for a run of `job`."""
+    if job == "vqvae":
+        if field in VQVAE_SCHEDULE:
+            return "schedule"
+        if field in VQVAE_FIXED:
+            return "fixed"
+        if field.startswith("vqvae.data."):
+            return "free" if field.removeprefix("vqvae.data.") in FREE_DATA else "fixed"
+        return "free"
     group, _, name = field.partition(".")
     if field in SCHEDULE:
         return "schedule"
@@ -75,14 +93,15 @@ def check_resume(stored: ml_collections.ConfigDict | dict, current: ml_collectio
       ConfigError: one line naming the field, its value in the checkpoint and its value now.
     """
     diff = changes(stored, current)
+    job = str(current.get("job", "pretrain"))
     for field, old, new in diff:
-        if kind_of(field) == "fixed":
+        if kind_of(field, job) == "fixed":
             raise ConfigError(
                 f"cannot resume {workdir} (checkpoint step {step}) with {field}={new!r}: the checkpoint was trained "
                 f"with {field}={old!r}, and architecture and data settings cannot change within a run (use a new "
                 "workdir)")
     for field, old, new in diff:
-        if kind_of(field) == "schedule" and not allow_changes:
+        if kind_of(field, job) == "schedule" and not allow_changes:
             raise ConfigError(
                 f"resuming {workdir} (checkpoint step {step}) would change {field} from {old!r} to {new!r}: set "
                 f"--config.checkpoint.allow_changes=True to change optimizer or schedule settings mid-run (each "

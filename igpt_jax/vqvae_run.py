@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import sharding
+from igpt_jax.config_checks import ConfigError
 from igpt_jax import vqvae as vq
 from igpt_jax.data import pipeline as data_pipeline
 
@@ -71,16 +72,17 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(127.5 * (np.asarray(images, np.float64) + 1.0)), 0, 255).astype(np.uint8)
 
 
-def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq.VQVAEConfig) -> None:
-    """The checkpoint's VQ-VAE must be the config's.
+def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq.VQVAEConfig, *,
+                              stored: ml_collections.ConfigDict | None = None) -> None:
+    """The checkpoint's VQ-VAE must be the config's (`stored`: the step's config, when already read).
 
     Raises:
-      ValueError: naming the setting, the checkpoint's value and the config's.
+      ConfigError: naming the setting, the checkpoint's value and the config's.
     """
-    saved = ckpt.restore_config(step).get("vqvae", {})
+    saved = (ckpt.restore_config(step) if stored is None else stored).get("vqvae", {})
     for key in ("vocab_size", "downsample", "residual_layers"):
         if key in saved and int(saved[key]) != int(getattr(vq_cfg, key)):
-            raise ValueError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
+            raise ConfigError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
                              f"says vqvae.{key}={getattr(vq_cfg, key)}")
 
 

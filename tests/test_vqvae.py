@@ -146,18 +146,52 @@ def test_vqvae_trained_reconstructs_better_than_the_mean_image(trained, data_dir
     assert {"recon_loss", "perplexity", "codes_used", "revived"} <= set(history[-1])
 
 
-def test_vqvae_resumed_training_is_bit_exact_with_an_uninterrupted_one(data_dir, tmp_path):
-    config = vqvae_config(data_dir, num_steps=6)
+def test_vqvae_resumed_training_is_bit_exact_with_an_uninterrupted_one_also_past_an_unreadable_checkpoint(
+        data_dir, tmp_path, caplog):
+    config = vqvae_config(data_dir, num_steps=6, grid_images=0)
     config.checkpoint.every_steps = 2
     whole = vqvae_job.run(config, str(tmp_path / "whole"), devices=ONE)
-    first = vqvae_job.run(config, str(tmp_path / "split"), devices=ONE, stop_at_step=3)
-    assert first["preempted"] and first["step"] == 3
-    second = vqvae_job.run(config, str(tmp_path / "split"), devices=ONE)
-    assert second["resumed"] and second["start_step"] == 3
+    split = tmp_path / "split"
+    first = vqvae_job.run(config, str(split), devices=ONE, stop_at_step=4)  # checkpoints at steps 2 and 4
+    assert first["preempted"] and first["step"] == 4
+    # Step 4 is cut short (a kill while writing): moved aside with a one-line report, training goes on from step 2.
+    state_files = [p for p in (split / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    largest = max(state_files, key=lambda p: p.stat().st_size)
+    with open(largest, "r+b") as f:
+        f.truncate(largest.stat().st_size // 2)
+    second = vqvae_job.run(config, str(split), devices=ONE)
+    (report,) = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
+    assert report.startswith("checkpoint step 4 is unreadable (state: ") and report.endswith("resuming from step 2")
+    assert [p.name.split("-")[0] for p in (split / "checkpoints_unreadable").iterdir()] == ["4"]
+    assert second["resumed"] and second["start_step"] == 2
     keys = ("loss", "mse", "perplexity", "revived")
     assert [[h[k] for k in keys] for h in whole["history"]] == \
-        [[h[k] for k in keys] for h in first["history"] + second["history"]]
+        [[h[k] for k in keys] for h in first["history"][:2] + second["history"]]
     assert whole["test"]["mse"] == second["test"]["mse"]
+
+
+def test_vqvae_resume_refuses_a_changed_schedule_without_the_flag_and_records_it_with_the_flag(data_dir, tmp_path):
+    config = vqvae_config(data_dir, num_steps=4, grid_images=0)
+    config.checkpoint.every_steps = 2
+    vqvae_job.run(config, str(tmp_path), devices=ONE, stop_at_step=2)
+    faster = vqvae_config(data_dir, num_steps=4, grid_images=0, lr=1e-3)
+    faster.checkpoint.every_steps = 2
+    faster.model.n_layer = 3  # the transformer's settings are free in a VQ-VAE run: only later jobs read them
+    with pytest.raises(ValueError, match=r"would change vqvae.lr from 0.0003 to 0.001: set "
+                       r"--config.checkpoint.allow_changes=True"):
+        vqvae_job.run(faster, str(tmp_path), devices=ONE)
+    assert json.loads((tmp_path / "config.json").read_text())["vqvae"]["lr"] == 3e-4  # nothing changed yet
+    other_images = vqvae_config(data_dir, num_steps=4, grid_images=0)
+    other_images.vqvae.data.augment = "cifar"
+    with pytest.raises(ValueError, match=r"with vqvae.data.augment='cifar': the checkpoint was trained with "
+                       r"vqvae.data.augment='none'"):
+        vqvae_job.run(other_images, str(tmp_path), devices=ONE)
+    faster.checkpoint.allow_changes = True
+    resumed = vqvae_job.run(faster, str(tmp_path), devices=ONE)
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    changes = {c["field"]: (c["step"], c["old"], c["new"]) for c in map(json.loads, (
+        tmp_path / "config_history.jsonl").read_text().splitlines())}
+    assert changes["vqvae.lr"] == (2, 3e-4, 1e-3) and changes["model.n_layer"] == (2, 2, 3)
 
 
 def test_vqvae_on_an_8_device_mesh_trains_like_one_device(data_dir, tmp_path):

@@ -5,8 +5,9 @@ Input: ``config.vqvae.data`` (a data config read with ``tokens='raw'``: images i
 (the model has under 200K parameters). Each step: Adam (``vqvae.lr``, paper 1e-4) on reconstruction / data variance
 + 0.02 x commitment, then the EMA codebook update and the revival of dead codes (igpt_jax/vqvae.py).
 
-Like pretraining: Orbax checkpoints with the data position (resumes exactly), a finished run says so, SIGTERM saves
-and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
+Like pretraining: Orbax checkpoints with the data position (resumes exactly; an unreadable newest step is moved
+aside and the previous one restored; a resume that would change the VQ-VAE's architecture, images or schedule is
+refused or recorded as igpt_jax/config_changes.py says), a finished run says so, SIGTERM saves and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
 codes_used, revived). At the end: reconstruction MSE (and RMSE in grey levels) and codebook usage on the test split
 -> ``vqvae_results.json``, and ``reconstructions.png`` (test images above their reconstructions).
 """
@@ -27,7 +28,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import sampling, sharding
+from igpt_jax import config_changes, sampling, sharding
 from igpt_jax import vqvae as vq
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.job_outputs import workpath_of
@@ -110,7 +111,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     workpath = workpath_of(workdir)
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
-        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
 
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
@@ -131,15 +131,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         print(f"Run already finished: {workdir} holds step {latest} of {num_steps}. Nothing to do.", flush=True)
         ckpt.close()
         return {"step": latest, "finished": True, "resumed": True}
-    if latest is not None:
-        check_checkpoint_codebook(ckpt, latest, vq_cfg)
-        state = ckpt.restore(latest, abstract_state(vq_cfg, tx, res, mesh), data_iterator=train_iter)
-        logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    accepted: list = []
+
+    def check_config(step: int, stored: ml_collections.ConfigDict) -> None:
+        check_checkpoint_codebook(ckpt, step, vq_cfg, stored=stored)
+        accepted[:] = config_changes.check_resume(stored, config, step=step, workdir=workdir,
+                                                  allow_changes=bool(config.checkpoint.allow_changes))
+
+    try:  # the newest readable step; unreadable ones are moved aside (igpt_jax.checkpoint)
+        restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
+            abstract_state(vq_cfg, tx, res, mesh), data_iterator=train_iter, check_config=check_config)
+    except BaseException:  # a refused config change: nothing was written
+        ckpt.close()
+        raise
+    if restored_step is not None:
+        logging.info("resumed from %s at step %d", ckpt.directory, restored_step)
     else:
+        accepted.clear()
         variance = float(config.vqvae.data_variance) or estimate_data_variance(
             data_cfg, int(config.vqvae.variance_images), config.seed)
         state = jax.device_put(create_state(vq_cfg, tx, res, jax.random.fold_in(base_rng, 1), variance), replicated)
     start_step = int(jax.device_get(state["step"]))
+    if jax.process_index() == 0:
+        for field, old, new in accepted:
+            logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", start_step, field,
+                            old, new, config_changes.HISTORY_FILE)
+        config_changes.record(workpath, start_step, accepted)
+        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
     n_params = vq.count_params(state["params"])
     grid = vq_cfg.grid(res)
     message = (f"VQ-VAE: {n_params:,} parameters outside the codebook ({vq_cfg.downsample} block(s), {res}x{res} -> "
@@ -157,7 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                  local="://" not in workdir)
     watcher = PreemptionWatcher(stop_at_step)
     log_every = int(config.vqvae.log_every)
-    result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step, "params": n_params}
+    result: dict[str, Any] = {"resumed": restored_step is not None, "start_step": start_step, "params": n_params}
     try:
         with jax.set_mesh(mesh):
             step = start_step

@@ -185,6 +185,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _check_model_fits_mesh(config, mesh_sizes)
     if job in ("pretrain", "compile"):
         _check_training(config, dp)
+    if job == "pretrain":
+        _check_tracking(config, dp)
     elif job == "probe":
         _positive(config.probe, "probe",
                   ("max_iter", "sgd_steps", "sgd_batch_size", "low_data_subsets", "bert_ensemble"))
@@ -351,6 +353,32 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
     budgets = config.probe.low_data_budgets
     if any(not isinstance(b, int) or b <= 0 for b in budgets):
         raise ConfigError(f"probe.low_data_budgets={tuple(budgets)} must be positive label counts")
+
+
+def _check_tracking(config: ml_collections.ConfigDict, dp: int | None) -> None:
+    """Representation tracking (igpt_jax/representation_tracking.py); the subset's size against the data is checked
+    by the pretraining job before it starts (it needs the dataset's split sizes)."""
+    from igpt_jax import linear_probe  # noqa: PLC0415
+
+    t = config.track
+    _non_negative(t, "track", ("every",))
+    if not t.every:
+        return
+    _positive(t, "track", ("train_examples", "val_examples"))
+    if config.data.allow_unlabeled or config.data.fold_val or not config.data.val_fraction:
+        why = ("data.allow_unlabeled=True (images without labels)" if config.data.allow_unlabeled else
+               "data.fold_val=True (the validation images are trained on)" if config.data.fold_val else
+               "data.val_fraction=0 (no validation split)")
+        raise ConfigError(f"track.every={t.every} needs labelled training and held-out validation images, but "
+                          f"{why}; set track.every=0 or change the data settings")
+    if any(isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0 for c in t.C):
+        raise ConfigError(f"track.C={tuple(t.C)} must be positive inverse regularisation strengths (or () for probe.C)")
+    try:
+        linear_probe.ProbeSettings.from_config(config.probe)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{err} (track.every={t.every} probes with the probe settings)") from None
+    _check_batch("probe.batch_size (the tracking batch)",
+                 config.probe.batch_size or config.train.eval_batch_size or config.train.batch_size, dp)
 
 
 def _check_checkpoint_source(config: ml_collections.ConfigDict) -> None:

@@ -143,6 +143,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe.resume = True  # save features per split and fitted probes in WORKDIR/progress; a rerun reuses them
     c.probe.plots = True  # probe_layers.png (and probe_vs_val_loss.png for several checkpoints)
 
+    # Representation tracking while pretraining (igpt_jax/representation_tracking.py): every `every` steps, a probe of
+    # every layer (JAX L-BFGS) on a fixed labelled subset; accuracies to TensorBoard, metrics.jsonl and tracking.png.
+    c.track = ml_collections.ConfigDict()
+    c.track.every = 0  # steps between evaluations (and at the last step); 0: off
+    c.track.train_examples = 2000  # the probe is fitted on the first this many images of the training split
+    c.track.val_examples = 1000  # C chosen and accuracy measured on the first this many validation images
+    c.track.C = ()  # inverse L2 strengths; (): probe.C (widened at its edges by probe.C_widen, as the probe's)
+
     # Fine-tuning (job 'finetune', paper 2.3, 3.4, 4.5): a zero-initialised head on a sequence-mean feature.
     c.finetune = ml_collections.ConfigDict()
     c.finetune.init = "pretrained"  # pretrained (from checkpoint.source_workdir) | random (from-scratch baseline)

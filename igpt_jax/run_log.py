@@ -82,6 +82,7 @@ class RunLog:
         self.writer = TensorBoardWriter(str(workpath / "tensorboard")) if primary else None
         self.pending: list[tuple[int, Any]] = []
         self.history: list[dict[str, float]] = []
+        self.notes: dict[str, str] = {}  # shown in the progress line only (e.g. an evaluator's cost)
 
     def _drop_after(self, workpath: epath.Path, step: int) -> None:
         dropped = drop_events_after(str(workpath / "tensorboard"), step)
@@ -120,7 +121,7 @@ class RunLog:
         self.history.extend(records)
         self._append(records)
         last = records[-1]
-        self.progress.log(last["step"], last)
+        self.progress.log(last["step"], {**last, **self.notes})
         if self.writer:
             self.writer.scalars(last["step"], {f"train/{k}": v for k, v in last.items() if k != "step"})
 
@@ -132,6 +133,12 @@ class RunLog:
             self.history[-1]["val_loss"] = val["nll"]
         if self.writer:
             self.writer.scalars(step, {"val/loss": val["nll"], "val/bits_per_token": val["bits_per_token"]})
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Records an evaluator's scalars of a step in metrics.jsonl (one record) and TensorBoard (tags as given)."""
+        self._append([{"step": step, **values}])
+        if self.writer:
+            self.writer.scalars(step, values)
 
     def _append(self, records: list[dict[str, float]]) -> None:
         if self.metrics_file is not None:

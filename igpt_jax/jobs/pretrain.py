@@ -6,7 +6,8 @@ with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM
 saves the current step and exits cleanly. A resumed run may not change its architecture or data, needs
 ``checkpoint.allow_changes`` to change optimizer or schedule settings (`igpt_jax.config_changes`), and writes
 ``config.json`` once its settings are accepted. Metrics reach disk before each checkpoint is saved; what a killed run
-logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`).
+logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`). With ``track.every`` > 0 every layer
+is probed on a fixed labelled subset every that many steps (`igpt_jax.representation_tracking`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ml_collections
 from absl import logging
 
 from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_changes, optim, sharding, train
+from igpt_jax import config_changes, optim, representation_tracking, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.job_outputs import workpath_of
 from igpt_jax.model import ModelConfig, count_params
@@ -42,6 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     model_cfg = ModelConfig.from_config(config.model)
     data_cfg, train_cfg = config.data, config.train
     workpath = workpath_of(workdir)
+    representation_tracking.check_subset(config)  # the tracking subset fits in the data (before any work)
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
     if data_cfg.n_colors != model_cfg.vocab_size:
@@ -144,6 +146,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
 
     # ---------------------------------------------------------------- loop
     try:
+        tracker = representation_tracking.make_tracker(config, model_cfg, layout, mesh, rules, palette, workpath,
+                                                       start_step=start_step)
+        if tracker:
+            result["tracking"] = tracker.history  # every evaluation of the run, earlier segments' included
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             step = start_step
             while step < num_steps:
@@ -163,6 +169,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                                    max_batches=train_cfg.eval_batches, palette=palette)
                     log.validation(step, val)
                     result["val_loss"] = val["nll"]
+                if tracker and tracker.due(step, final):
+                    log.scalars(step, tracker.evaluate(step, state.params).scalars())
+                    log.notes["track"] = tracker.progress_note()
                 if save_now:
                     log.sync()  # every metric up to this step is on disk before the checkpoint is
                     ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)

@@ -30,6 +30,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "compile": ("igpt_jax.jobs.compile", "compile the train step for a described TPU slice: does it fit? (libtpu)"),
     "vqvae": ("igpt_jax.jobs.vqvae", "train the VQ-VAE of paper A.2 on raw pixels (resumes like pretraining)"),
     "tokenize": ("igpt_jax.jobs.tokenize", "encode every split with a trained VQ-VAE into a TFDS dataset of codes"),
+    "lr_search": ("igpt_jax.jobs.lr_search", "short pretraining runs down lr_search.lrs to the first local minimum "
+                                             "of validation loss (paper 3.4)"),
 }
 # Jobs that read a pretrained model (checkpoint.source_workdir: a pretraining run or a converted model).
 CHECKPOINT_JOBS = ("probe", "finetune", "sample", "evaluate")
@@ -176,17 +178,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_jobs(config)
     job = config.job
     _check_data(config.data, from_source=_reads_pretrained(config))
-    reads_model_from_config = job in ("pretrain", "compile") or (job == "finetune" and config.finetune.init == "random")
+    reads_model_from_config = job in ("pretrain", "compile", "lr_search") or (job == "finetune" and config.finetune.init == "random")
     if reads_model_from_config:
         _check_model(config)
     mesh_sizes = _mesh_sizes(config.mesh, num_devices)
     dp = _batch_split(mesh_sizes, config.mesh.rules)
     if reads_model_from_config:
         _check_model_fits_mesh(config, mesh_sizes)
-    if job in ("pretrain", "compile"):
+    if job in ("pretrain", "compile", "lr_search"):
         _check_training(config, dp)
     if job == "pretrain":
         _check_tracking(config, dp)
+    elif job == "lr_search":
+        _check_lr_search(config)
     elif job == "probe":
         _positive(config.probe, "probe",
                   ("max_iter", "sgd_steps", "sgd_batch_size", "low_data_subsets", "bert_ensemble"))
@@ -334,6 +338,23 @@ def _check_training(config: ml_collections.ConfigDict, dp: int | None) -> None:
         _check_batch("train.eval_batch_size", t.eval_batch_size or t.batch_size, dp)
     c = config.checkpoint
     _positive(c, "checkpoint", ("every_steps", "max_to_keep"))
+
+
+def _check_lr_search(config: ml_collections.ConfigDict) -> None:
+    lrs, fraction = config.lr_search.lrs, config.lr_search.schedule_fraction
+    if isinstance(lrs, str) or not isinstance(lrs, (tuple, list)) or not lrs:
+        raise ConfigError(f"lr_search.lrs={lrs!r} must be a non-empty tuple of learning rates, largest first, e.g. "
+                          "--config.lr_search.lrs=\"(0.01, 0.003, 0.001)\"")
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf for x in lrs):
+        raise ConfigError(f"lr_search.lrs={tuple(lrs)} must hold positive finite numbers")
+    if any(a <= b for a, b in zip(lrs, lrs[1:])):
+        raise ConfigError(f"lr_search.lrs={tuple(lrs)} must be strictly descending (the search goes from large to "
+                          "small)")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"lr_search.schedule_fraction={fraction!r} must lie in (0, 1]")
+    if not config.train.eval_every:
+        raise ConfigError("train.eval_every=0: the learning-rate search compares final validation losses; set it "
+                          "> 0 (each trial evaluates at least at its last step)")
 
 
 def _check_probe(config: ml_collections.ConfigDict) -> None:

@@ -43,7 +43,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
     """All settings with their defaults (a small CPU-friendly model on the embedded digits dataset)."""
     c = ml_collections.ConfigDict()
-    c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile | vqvae | tokenize
+    c.job = "pretrain"  # pretrain | probe | finetune | sample | evaluate | compile | vqvae | tokenize | lr_search
     c.seed = 0  # initialisation, training data order and augmentation, dropout and BERT masks
     # Jobs to run after `job` in the same command, each reading this run's checkpoint and writing to WORKDIR/<job>
     # (the demo: pretrain, then probe and sample).
@@ -114,6 +114,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.evaluate = ml_collections.ConfigDict()
     c.evaluate.split = "test"  # train | validation | test
     c.evaluate.batch_size = 128  # global; the last batch is padded and masked, so the mean is exact
+
+    # Job 'lr_search' (paper 3.4): short pretraining runs down a ladder of learning rates, largest first, stopping at
+    # the first local minimum of the final validation loss; each trial in WORKDIR/lr_<lr> (igpt_jax/jobs/lr_search.py).
+    c.lr_search = ml_collections.ConfigDict()
+    c.lr_search.lrs = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)  # peak learning rates, strictly descending (paper)
+    c.lr_search.schedule_fraction = 0.1  # trial length: this fraction of train.num_steps (warmup, checkpoints too)
 
     # Linear probes (job 'probe', paper 2.4, 4.1-4.4, 4.7): features of every layer, one logistic regression each.
     c.probe = ml_collections.ConfigDict()

@@ -1,7 +1,7 @@
 """Entry point: ``python -m igpt_jax.main --config=configs/igpt_s.py[:variant] --workdir=DIR [--config.a.b=v]``.
 
-`config.job` picks the job (pretrain, probe, finetune, sample, evaluate, compile, vqvae, tokenize); `config.then`
-lists the jobs to run after it, each reading the run before it (see `config_checks.follow_up_jobs`).
+`config.job` picks the job (pretrain, probe, finetune, sample, evaluate, compile, vqvae, tokenize, lr_search);
+`config.then` lists the jobs to run after it, each reading the run before it (see `config_checks.follow_up_jobs`).
 ``--list`` prints the jobs and every config field with its value and meaning (no --workdir needed). The whole config
 (and every follow-up job's) is checked before any job starts: a bad setting is one line naming the field. On several
 hosts (a TPU pod slice) every host runs the same command; the job calls `jax.distributed.initialize()` first.

@@ -28,7 +28,7 @@ def _finite(y: Any) -> bool:
 
 def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[dict[str, Any]] = (),
                title: str = "", xlabel: str = "", ylabel: str = "", size: tuple[int, int] = (900, 600),
-               integer_x: bool = False, point_labels: bool = False) -> None:
+               integer_x: bool = False, point_labels: bool = False, log_x: bool = False) -> None:
     """Writes a PNG line chart.
 
     Args:
@@ -40,6 +40,7 @@ def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[
       size: (width, height) in pixels.
       integer_x: integer x ticks (layer numbers).
       point_labels: annotate points with their 'labels'.
+      log_x: a logarithmic x axis (learning rates).
     """
     fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
     try:
@@ -56,6 +57,8 @@ def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[
             if _finite(h.get("y")):
                 ax.axhline(float(h["y"]), linestyle="--", linewidth=1.5, label=h["label"],
                            color=h.get("color", COLOURS[(len(series) + i) % len(COLOURS)]))
+        if log_x:
+            ax.set_xscale("log")
         if integer_x:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)

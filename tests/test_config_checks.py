@@ -46,7 +46,7 @@ CLI_ERRORS = [
      "them): probe, finetune, sample, evaluate, tokenize, pretrain"),
     (["--config=configs/demo.py", "--config.job=pretrian"],
      "config.job='pretrian' is not a job (did you mean 'pretrain'?); jobs: pretrain, probe, finetune, sample, "
-     "evaluate, compile, vqvae, tokenize"),
+     "evaluate, compile, vqvae, tokenize, lr_search"),
     (["--config=configs/demo.py", "--config.mesh.shape=(1, 1, 8)"],
      "model.n_head=4 cannot be split 8 ways over mesh axes ('tensor',) (mesh.shape: data=1, fsdp=1, context=1, "
      "tensor=8; rule 'heads'): choose a mesh whose tensor size divides 4"),
@@ -76,7 +76,7 @@ def test_list_prints_jobs_and_every_field_with_its_default_and_comment():
     result = _main("--config=configs/demo.py", "--list")  # no --workdir needed
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "  probe     linear probe of every layer's features of a pretraining checkpoint" in out
+    assert "  probe      linear probe of every layer's features of a pretraining checkpoint" in out
     assert "  train.batch_size = 64 [128]  # global, over all processes and devices\n" in out
     assert "  train.lr = 0.003  # peak learning rate (Adam)\n" in out
     assert "  model.vocab_size = 16  # number of palette colours (token ids are 0..vocab_size-1). (0: data.n_colors)" in out

@@ -35,7 +35,8 @@ def test_config_documents_and_builds_a_consistent_model(path):
     model = ModelConfig.from_config(config.model)
     assert config.data.resolution**2 <= model.n_ctx
     assert model.vocab_size == config.data.n_colors
-    assert config.job in {"pretrain", "vqvae", "probe"}  # a probe config reads a converted model (openai_cifar10.py)
+    # a probe config reads a converted model (openai_cifar10.py); lr_search_cifar10.py searches cifar10_cpu.py's lr
+    assert config.job in {"pretrain", "vqvae", "probe", "lr_search"}
     assert set(config.then) <= {"probe", "finetune", "sample", "evaluate", "tokenize", "pretrain"}
 
 

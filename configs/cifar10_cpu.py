@@ -41,6 +41,11 @@ def get_config(arg=None):
     config.train.eval_every = 500
     config.train.eval_batches = 40  # 2,560 of the 5,000 validation images
     config.checkpoint.every_steps = 250
+    # Every 500 steps (4 times), a probe of every layer on 2,000 + 1,000 fixed images: tracking.png, track/* metrics.
+    config.track.every = 500
+    config.track.train_examples = 2000
+    config.track.val_examples = 1000
+    config.track.C = (1e-3, 1e-2, 0.1, 1.0)  # widened at its edges (probe.C_widen)
     config.then = ("probe", "finetune")
 
     config.probe.C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)

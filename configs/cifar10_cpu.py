@@ -4,6 +4,8 @@ An 8-layer, width-128 autoregressive iGPT (512 colours, 256 tokens per image) pr
 images (5,000 held out for validation) from ../shared/data/cifar10.npz, then (`config.then`) the probe job (every
 layer, L-BFGS with the regulariser chosen on validation, refit on all 50,000 labelled images, the raw-pixel and
 random-init baselines, low-data budgets) and the fine-tuning job (L_GEN + L_CLF, early stopping on validation).
+While pretraining, every 500 steps, every layer is probed on 2,000 + 1,000 fixed training/validation images
+(`track.*`, igpt_jax/representation_tracking.py): track/* metrics and WORKDIR/tracking.png, accuracy vs loss.
 
 Command:   python -m igpt_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu
            (results: workdirs/cifar10_cpu/probe/results.json and workdirs/cifar10_cpu/finetune/results.json)
@@ -11,7 +13,9 @@ Hardware:  any CPU; sized for 2 cores (measured on this project's 2-core machine
 Time:      about 2 h 10 min in all: pretraining 1 h 13 min (2,000 steps, 7,489 tokens/s); probe job 25.6 min
            (features of 60,000 images in 6 min per model, pretrained and random-init; scikit-learn L-BFGS fits, before
            the JAX solver became probe.solver's default: bench/RESULTS.md "Linear probe"); fine-tuning
-           30.7 min (800 steps of 64, 5 passes over the validation split, the test split).
+           30.7 min (800 steps of 64, 5 passes over the validation split, the test split). Tracking (added later, not
+           in these times): one evaluation cost as much as 26 training steps in a 60-step run of this config (load
+           10-13, compiles included; README "Representation tracking"), so at most 5.2 % of pretraining every 500.
 Result:    validation loss 3.168 -> 3.053 -> 2.945 nats/token at steps 500/1000/2000; test 2.946 nats/token.
            Linear probe, test accuracy (C chosen on validation, refit on all 50,000 labelled images): best layer
            6 of 8: 49.17 %; concatenated layers 5-7: 54.07 %; raw 16x16 pixels 41.37 %; the same model with
@@ -41,6 +45,11 @@ def get_config(arg=None):
     config.train.eval_every = 500
     config.train.eval_batches = 40  # 2,560 of the 5,000 validation images
     config.checkpoint.every_steps = 250
+    # Every 500 steps (4 times), a probe of every layer on 2,000 + 1,000 fixed images: tracking.png, track/* metrics.
+    config.track.every = 500
+    config.track.train_examples = 2000
+    config.track.val_examples = 1000
+    config.track.C = (1e-3, 1e-2, 0.1, 1.0)  # widened at its edges (probe.C_widen)
     config.then = ("probe", "finetune")
 
     config.probe.C = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)

@@ -40,30 +40,8 @@ def comparable(evaluation: dict) -> dict:
     return {k: v for k, v in evaluation.items() if k != "seconds"}
 
 
-@pytest.fixture(scope="module")
-def tracked(pretrained_digits_run, tmp_path_factory):
-    """A tracked run killed after its evaluation at step 4 (last checkpoint: 3), then resumed to the end.
-
-    Returns:
-      (config, workdir, the killed segment's evaluations, the resumed run's result, its progress lines).
-    """
-    config = tracking_config(pretrained_digits_run[0])  # the session's digits
-    workdir = tmp_path_factory.mktemp("tracked")
-    devices = jax.devices()[:1]
-    real_evaluate = representation_tracking.Tracker.evaluate
-
-    def evaluate_then_die(self, step, params):
-        out = real_evaluate(self, step, params)
-        if step == KILLED_AFTER:
-            raise Killed
-        return out
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(representation_tracking.Tracker, "evaluate", evaluate_then_die)
-        with pytest.raises(Killed):
-            pretrain.run(config, str(workdir), devices=devices)
-    killed = json.loads((workdir / representation_tracking.HISTORY_FILE).read_text())
-
+def run_logging_progress(config, workdir) -> tuple[dict, list[str]]:
+    """pretrain.run on one device; returns its result and the progress lines it logged."""
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -72,32 +50,43 @@ def tracked(pretrained_digits_run, tmp_path_factory):
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        resumed = pretrain.run(config, str(workdir), devices=devices)
+        return pretrain.run(config, str(workdir), devices=jax.devices()[:1]), lines
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
-    return config, workdir, killed, resumed, lines
 
 
-def test_evaluations_land_in_metrics_tensorboard_history_and_plot_at_their_steps(tracked):
-    config, workdir, killed, resumed, lines = tracked
-    assert [e["step"] for e in killed] == [2, 4]
-    assert resumed["start_step"] == 3 and [e["step"] for e in resumed["tracking"]] == [2, 4, 6]
-    assert json.loads((workdir / "tracking.json").read_text()) == resumed["tracking"]
+@pytest.fixture(scope="module")
+def tracked(pretrained_digits_run, tmp_path_factory):
+    """An uninterrupted tracked run: (config, workdir, its result, its progress lines)."""
+    config = tracking_config(pretrained_digits_run[0])  # the session's digits
+    workdir = tmp_path_factory.mktemp("tracked")
+    result, lines = run_logging_progress(config, workdir)
+    return config, workdir, result, lines
+
+
+def tracked_steps_in_logs(workdir: Path) -> tuple[list[dict], list[int]]:
+    """The tracking records of metrics.jsonl, and the steps of the TensorBoard events holding track/best_accuracy."""
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    tracked_records = [r for r in records if "track/best_accuracy" in r]
-    assert [r["step"] for r in tracked_records] == [2, 4, 6]  # step 4 once: the killed run's record was dropped
-    for record, evaluation in zip(tracked_records, resumed["tracking"]):
-        assert [record[f"track/layer_{l}"] for l in (0, 1, 2)] == evaluation["accuracies"]
-        assert record["track/best_layer"] == evaluation["best_layer"]
-        assert record["track/best_accuracy"] == max(evaluation["accuracies"])
-        assert record["track/val_loss"] == evaluation["val_loss"] > 0
     steps = []
     for path in sorted((workdir / "tensorboard").iterdir()):
         for raw in event_file_loader.EventFileLoader(str(path)).Load():
             if raw.HasField("summary") and any(v.tag == "track/best_accuracy" for v in raw.summary.value):
                 steps.append(raw.step)
-    assert sorted(steps) == [2, 4, 6]
+    return [r for r in records if "track/best_accuracy" in r], sorted(steps)
+
+
+def test_evaluations_land_in_metrics_tensorboard_history_and_plot_at_their_steps(tracked):
+    _, workdir, result, lines = tracked
+    assert [e["step"] for e in result["tracking"]] == [2, 4, 6]
+    assert json.loads((workdir / "tracking.json").read_text()) == result["tracking"]
+    tracked_records, tensorboard_steps = tracked_steps_in_logs(workdir)
+    assert [r["step"] for r in tracked_records] == tensorboard_steps == [2, 4, 6]
+    for record, evaluation in zip(tracked_records, result["tracking"]):
+        assert [record[f"track/layer_{l}"] for l in (0, 1, 2)] == evaluation["accuracies"]
+        assert record["track/best_layer"] == evaluation["best_layer"]
+        assert record["track/best_accuracy"] == max(evaluation["accuracies"])
+        assert record["track/val_loss"] == evaluation["val_loss"] > 0
     with Image.open(workdir / representation_tracking.PLOT_FILE) as img:
         assert img.format == "PNG" and img.size == (900, 600)
     # The progress line after an evaluation shows its seconds and tracking's share of the wall time.
@@ -105,10 +94,30 @@ def test_evaluations_land_in_metrics_tensorboard_history_and_plot_at_their_steps
     assert any("| track " in line and "s (" in line and "%)" in line for line in progress), progress
 
 
-def test_an_evaluation_redone_after_a_resume_gives_the_same_numbers(tracked):
-    _, _, killed, resumed, _ = tracked
+@pytest.mark.slow
+def test_a_killed_and_resumed_run_continues_its_history_and_redoes_an_evaluation_with_the_same_numbers(
+        tracked, tmp_path):
+    config, _, uninterrupted, _ = tracked
+    real_evaluate = representation_tracking.Tracker.evaluate
+
+    def evaluate_then_die(self, step, params):  # killed after its evaluation at step 4; last checkpoint: 3
+        out = real_evaluate(self, step, params)
+        if step == KILLED_AFTER:
+            raise Killed
+        return out
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(representation_tracking.Tracker, "evaluate", evaluate_then_die)
+        with pytest.raises(Killed):
+            pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
+    killed = json.loads((tmp_path / representation_tracking.HISTORY_FILE).read_text())
+    assert [e["step"] for e in killed] == [2, 4]
+    resumed, _ = run_logging_progress(config, tmp_path)
+    assert resumed["start_step"] == 3 and [e["step"] for e in resumed["tracking"]] == [2, 4, 6]
+    assert [comparable(e) for e in resumed["tracking"]] == [comparable(e) for e in uninterrupted["tracking"]]
     assert comparable(resumed["tracking"][1]) == comparable(killed[1])  # step 4, before and after the kill
-    assert comparable(resumed["tracking"][0]) == comparable(killed[0])
+    tracked_records, tensorboard_steps = tracked_steps_in_logs(tmp_path)
+    assert [r["step"] for r in tracked_records] == tensorboard_steps == [2, 4, 6]  # the killed run's step 4 dropped
 
 
 def probe_job_config(tracked):
@@ -126,7 +135,7 @@ def probe_job_config(tracked):
 def test_tracking_equals_the_probe_jobs_library_functions_on_the_same_checkpoint_and_subset(tracked):
     """The probe job's pieces: its parameter loading, feature extraction (its training-set cap, the whole
     validation split) and per-layer fits with its settings, on the checkpoint the run saved at the step."""
-    _, _, _, resumed, _ = tracked
+    _, _, result, _ = tracked
     config = probe_job_config(tracked)
     mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
     with pretrained.open_source(config, "unused") as source:
@@ -140,7 +149,7 @@ def test_tracking_equals_the_probe_jobs_library_functions_on_the_same_checkpoint
     val = extractor.extract(params, "validation")
     fits = linear_probe.fit_layers(train.features, train.labels, val.features, val.labels,
                                    linear_probe.ProbeSettings.from_config(config.probe), num_classes=10, layers=layers)
-    ours = resumed["tracking"][-1]
+    ours = result["tracking"][-1]
     assert ours["step"] == STEPS and val.n == VAL_EXAMPLES
     assert ours["accuracies"] == [f.val_accuracy for f in fits]
     assert ours["C"] == [f.model.hyper for f in fits]
@@ -150,10 +159,10 @@ def test_tracking_equals_the_probe_jobs_library_functions_on_the_same_checkpoint
 
 @pytest.mark.slow
 def test_tracking_equals_the_probe_job_on_the_same_checkpoint_and_subset(tracked, tmp_path):
-    _, _, _, resumed, _ = tracked
+    _, _, result, _ = tracked
     res = probe.run(probe_job_config(tracked), str(tmp_path / "probe"), devices=jax.devices()[:1])
     assert res["examples"]["train"] == TRAIN_EXAMPLES and res["examples"]["validation"] == VAL_EXAMPLES
-    ours = resumed["tracking"][-1]
+    ours = result["tracking"][-1]
     theirs = res["checkpoints"][0]
     assert ours["step"] == theirs["step"] == STEPS
     assert ours["accuracies"] == [r["val_accuracy"] for r in theirs["layers"]]
@@ -163,8 +172,9 @@ def test_tracking_equals_the_probe_job_on_the_same_checkpoint_and_subset(tracked
     assert max(ours["accuracies"]) > 0.2  # ten classes: chance is 0.1
 
 
+@pytest.mark.slow
 def test_sharded_parameters_give_the_same_figures(tracked, tmp_path):
-    config, workdir, _, resumed, _ = tracked
+    config, workdir, result, _ = tracked
     source_config = config.copy_and_resolve_references()
     source_config.checkpoint.source_workdir = str(workdir)
     mesh = sharding.make_mesh((2, 2, 2), jax.devices()[:8])
@@ -176,7 +186,7 @@ def test_sharded_parameters_give_the_same_figures(tracked, tmp_path):
     tracker = representation_tracking.Tracker(config, model_cfg, layout, mesh, rules, palette,
                                               epath.Path(tmp_path), start_step=0)
     got = tracker.evaluate(STEPS, params)
-    ours = resumed["tracking"][-1]
+    ours = result["tracking"][-1]
     assert got.best_layer == ours["best_layer"]
     assert got.accuracies == pytest.approx(ours["accuracies"], abs=1.5 / VAL_EXAMPLES)  # at most one image apart
     assert got.val_loss == pytest.approx(ours["val_loss"], rel=1e-5)

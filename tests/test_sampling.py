@@ -96,7 +96,7 @@ def test_the_decode_cache_shards_batch_and_heads_never_positions():
         logits, cache = jax.jit(lambda p, x: sampling.prefill(CFG, p, x, sampling.init_cache(CFG, 4)))(params, prefix)
     single, _ = jax.jit(lambda p, x: sampling.prefill(CFG, p, x, sampling.init_cache(CFG, 4)))(params, prefix)
     key = cache["blocks"]["0"]["attn"]["cache"]["key"]  # [batch, heads, n_ctx, head_dim]
-    assert key.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
+    assert key.sharding.spec == jax.sharding.PartitionSpec("data", "tensor")  # (fsdp has size 1); no 'context'
     assert {s.data.shape for s in key.addressable_shards} == {(2, 1, CFG.n_ctx, CFG.head_dim)}
     np.testing.assert_allclose(np.asarray(logits), np.asarray(single), atol=1e-5, rtol=0)
 

@@ -4,8 +4,8 @@ The issue's case: 32 images of 32x32 (1024 tokens each) from a 4-layer, width-25
 vocabulary, float32, unconditional (from SOS), temperature 1.
 
   * cached:    `igpt_jax.sampling.generate`, one jitted call: a prefill of the SOS position, then a
-               `lax.fori_loop` of one-token steps against the key/value cache. Timed over whole images
-               (all 1024 tokens of all 32 images).
+               `lax.fori_loop` of one-token steps against the key/value cache (the model's own modules in
+               decode mode, `IGPT(decode=True)`). Timed over whole images (all 1024 tokens of all 32 images).
   * recompute: `igpt_jax.sampling.generate_recompute`, the same loop and sampling but the full forward pass over
                all 1024 positions for every new token (the model's own attention, blockwise causal on CPU).
                Far too slow to finish an image here, so it is timed over ``--recompute_steps`` new tokens and
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
         bench("recompute", lambda p, x, r: sampling.generate_recompute(cfg, p, x, r, temperature=1.0,
                                                                        num_steps=steps), args.batch * steps)
         speedup = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
-        print(f"  cached / recompute: {speedup:,.0f}x; 32 images would take {args.batch * n / rows[0]['tokens_per_s']:.1f}s "
+        print(f"  cached / recompute: {speedup:,.0f}x; {args.batch} images would take {args.batch * n / rows[0]['tokens_per_s']:.1f}s "
               f"cached, {args.batch * n / rows[1]['tokens_per_s'] / 3600:.1f} h recomputing", flush=True)
     result = {"args": vars(args), "backend": jax.default_backend(), "rows": rows, "load_average": os.getloadavg()}
     if args.json:

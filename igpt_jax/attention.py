@@ -46,14 +46,18 @@ def _scale(q: jax.Array) -> jax.Array:
     return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
 
-def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+                    q_start: jax.Array | int | None = None) -> jax.Array:
     """Masked-softmax attention over the whole sequence.
 
     Args:
       q: queries [batch, q_len, heads, head_dim].
       k: keys [batch, kv_len, heads, head_dim].
       v: values [batch, kv_len, heads, head_dim].
-      causal: if True, query i attends to keys j <= i + (kv_len - q_len) (queries are the last q_len positions).
+      causal: if True, query i attends to keys j <= q_start + i.
+      q_start: the key position of the first query (a traced scalar is fine); None: kv_len - q_len (the queries
+        are the last q_len positions). Decoding with a cache passes the cache index: the cache's later, not yet
+        written positions are then masked.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -61,7 +65,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -
     scores = jnp.einsum("bqhd,bkhd->bhqk", _scale(q), k, preferred_element_type=jnp.float32)
     if causal:
         q_len, kv_len = q.shape[1], k.shape[1]
-        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len if q_start is None else q_start)
         allowed = q_pos >= jnp.arange(kv_len)[None, :]
         scores = jnp.where(allowed, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -394,18 +398,20 @@ def attention(
     implementation: str = "auto",
     block_size: int = 128,
     splash_blocks: tuple[int, int] = (512, 512),
+    q_start: jax.Array | int | None = None,
 ) -> jax.Array:
     """Dispatches to the configured attention implementation (see module docstring).
 
     ``blockwise`` and ``splash`` need self-attention (equal query and key lengths); for queries against a longer
-    key sequence (decoding with a cache) they fall back to ``dense``.
+    key sequence, or queries placed at ``q_start`` in a key/value cache (decoding, see `dense_attention`), every
+    implementation falls back to ``dense``.
     """
     impl = resolve_implementation(implementation, causal=causal, length=q.shape[1], block_size=block_size,
                                   dtype=q.dtype, q_shards=sequence_shards(), splash_blocks=splash_blocks)
-    if impl in ("blockwise", "splash") and q.shape[1] != k.shape[1]:
+    if q_start is not None or (impl in ("blockwise", "splash") and q.shape[1] != k.shape[1]):
         impl = "dense"
     if impl == "dense":
-        return dense_attention(q, k, v, causal=causal)
+        return dense_attention(q, k, v, causal=causal, q_start=q_start)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, causal=causal, block_size=block_size)
     if impl == "splash":

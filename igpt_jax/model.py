@@ -13,6 +13,9 @@ Every parameter carries logical axis names ('vocab', 'embed', 'heads', 'kv', 'ml
 rules table in `igpt_jax.sharding` maps them to mesh axes. The blocks are stacked with `nn.scan` (one compiled
 block, a leading 'layers' axis on every block parameter) under a configurable `jax.checkpoint` policy.
 
+Sampling runs these same modules with ``decode=True`` (`IGPT`): a key/value cache per layer in the Flax "cache"
+collection (`init_cache`, `KVCache`), the layers unrolled over views of the same parameters (`UnrolledBlocks`).
+
 Parameter tree (shapes for L layers, width d, H heads of size k, vocabulary V, context n):
   wte [V, d]  wpe [n, d]  sos [d]  wtet [V, d]  ln_f/scale [d]
   blocks/ln_1/scale [L, d]  blocks/attn/{q,k,v} [L, d, H, k]  blocks/attn/o [L, H, k, d]
@@ -21,7 +24,9 @@ Parameter tree (shapes for L layers, width d, H heads of size k, vocabulary V, c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -199,13 +204,49 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(cfg.dtype)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v/o projections and no biases."""
+# The decode cache's layout [batch, heads, n_ctx, head_dim]: never split along the positions.
+CACHE_AXES = ("activation_batch", "activation_heads", "activation_kv_length", "activation_kv")
+
+
+class KVCache(nn.Module):
+    """One layer's decode cache: the keys and values of every position so far, in the "cache" collection.
+
+    Holds ``key`` and ``value``, [batch, heads, n_ctx, head_dim] each (heads before positions, so that the
+    attention's batched matmuls read them without a transpose), in the compute dtype, sharded by `CACHE_AXES`.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, key: jax.Array, value: jax.Array, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Writes key/value [b, t, h, k] at positions index..index+t-1; returns all n_ctx positions [b, n, h, k].
+
+        Positions after index+t-1 hold zeros or stale entries: the causal mask at ``q_start=index`` hides them.
+        """
+        b, _, h, k = key.shape
+        shape = (b, h, self.config.n_ctx, k)
+
+        def write(name: str, new: jax.Array) -> jax.Array:
+            cached = self.variable("cache", name, jnp.zeros, shape, new.dtype)
+            updated = jax.lax.dynamic_update_slice_in_dim(cached.value, jnp.swapaxes(new, 1, 2), index, axis=2)
+            cached.value = nn.with_logical_constraint(updated, CACHE_AXES)
+            return jnp.swapaxes(cached.value, 1, 2)  # [b, n, h, k]: the attention's layout (a view for XLA)
+
+        return write("key", key), write("value", value)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v/o projections and no biases.
+
+    With ``decode`` the keys and values also go to the layer's `KVCache`, and the queries (positions
+    ``index``..) attend to every cached position up to their own (dense masked softmax); same parameters.
+    """
+
+    config: ModelConfig
+    decode: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -225,9 +266,11 @@ class Attention(nn.Module):
             return nn.with_logical_constraint(heads, axes)
 
         q, key, v = project(wq, q_axes), project(wk, kv_axes), project(wv, kv_axes)
+        if self.decode:
+            key, v = KVCache(cfg, name="cache")(key, v, index)
         out = attention_lib.attention(
             q, key, v, causal=cfg.causal, implementation=cfg.attention, block_size=cfg.attention_block,
-            splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv),
+            splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv), q_start=index if self.decode else None,
         )
         out = nn.with_logical_constraint(out, q_axes)
         out = _rows_matmul(out.reshape(b, t, h * k), wo.astype(dt).reshape(h * k, d))
@@ -254,17 +297,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block; as a scan body it maps x -> (x', mean over length of ln_1(x))."""
+    """One pre-norm transformer block; as a scan body it maps x -> (x', mean over length of ln_1(x)).
+
+    ``index`` (decoding only) is the position of x's first row in the decode cache.
+    """
 
     config: ModelConfig
     deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         h = RMSNorm(cfg, name="ln_1")(x)
         feature = jnp.mean(h.astype(jnp.float32), axis=1)  # [b, d]: the probe feature of this layer
-        a = Attention(cfg, name="attn")(h)
+        a = Attention(cfg, self.decode, name="attn")(h, index)
         x = x + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
         m = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="ln_2")(x))
         x = x + nn.Dropout(cfg.dropout)(m, deterministic=self.deterministic)
@@ -273,11 +320,21 @@ class Block(nn.Module):
 
 
 class IGPT(nn.Module):
-    """The iGPT decoder. ``apply(params, tokens, ...)`` returns a `ModelOutput`."""
+    """The iGPT decoder. ``apply(params, tokens, ...)`` returns a `ModelOutput`.
+
+    Decoding (``decode=True``, autoregressive models only) runs the same modules on a few positions at a time with
+    a key/value cache in the "cache" collection (`init_cache`; pass it and ``mutable=["cache"]`` to `apply`):
+    ``index`` (the next position) and every layer's `KVCache`; the layers run unrolled (`UnrolledBlocks`) on views
+    of the same stacked parameters (or on the per-layer trees of `split_layers`).
+    Here ``tokens`` are the inputs of positions index..index+t-1: the token *before* each position (the full pass's
+    right shift is the caller's), the learned SOS vector at position 0 whatever the token. A call writes their keys
+    and values into the cache, attends to all cached positions up to each query's own and advances ``index`` by t.
+    Its logits equal the full pass's at those positions. Decoding never splits the positions over devices (the
+    context's 'activation_length' rule is dropped; batch and heads shard as in training).
+    """
 
     config: ModelConfig
 
-    @nn.compact
     def __call__(
         self,
         tokens: jax.Array,
@@ -286,23 +343,39 @@ class IGPT(nn.Module):
         deterministic: bool = True,
         features: bool = False,
         logits: bool = True,
+        decode: bool = False,
     ) -> ModelOutput:
         """Runs the decoder once.
 
         Args:
-          tokens: int [batch, length] palette ids, length <= n_ctx.
+          tokens: int [batch, length] palette ids, length <= n_ctx (decoding: the previous token of each position).
           bert_mask: bool [batch, length], True where the BERT objective hides the token (its content embedding is
             zeroed). Only for objective 'bert'; None there means nothing is hidden.
           deterministic: disables dropout when True.
           features: also return the per-layer and final sequence-mean features (same pass, no extra memory beyond
             [batch, L + 1, d]).
           logits: compute the [batch, length, vocab] logits (probe feature extraction can skip them).
+          decode: run positions index..index+length-1 against the decode cache (see the class docstring).
 
         Returns:
           A `ModelOutput`.
         """
         cfg = self.config
         check_tokens(tokens, cfg)
+        if decode and cfg.objective != "ar":
+            raise ValueError(f"decode=True needs an autoregressive model (objective 'ar'); model.objective is "
+                             f"{cfg.objective!r}, which has no left-to-right order to decode in")
+        if decode and (features or bert_mask is not None):
+            raise ValueError("decode=True computes logits only: features and bert_mask are for the full pass")
+        if decode and self.is_initializing():
+            raise ValueError("decode=True cannot initialise: make the parameters with init_params and the decode "
+                             "cache with init_cache")
+        with _decoding_rules() if decode else contextlib.nullcontext():
+            return self._run(tokens, bert_mask, deterministic, features, logits, decode)
+
+    @nn.compact
+    def _run(self, tokens, bert_mask, deterministic, features, logits, decode) -> ModelOutput:
+        cfg = self.config
         batch, length = tokens.shape
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
         wte = _param(self, "wte", nn.initializers.normal(0.02), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
@@ -310,33 +383,46 @@ class IGPT(nn.Module):
         sos = _param(self, "sos", nn.initializers.normal(0.02), (cfg.d_model,), ("embed",), pdt)
 
         emb = jnp.take(wte, tokens, axis=0).astype(dt)  # [b, t, d]
-        if cfg.objective == "ar":
+        index = None
+        if decode:
+            cache_index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            index = cache_index.value
+            cache_index.value = index + length
+            first = (index + jnp.arange(length) == 0)[None, :, None]  # position 0 takes SOS
+            x = jnp.where(first, sos.astype(dt), emb)
+            x = x + jax.lax.dynamic_slice_in_dim(wpe, index, length, axis=0).astype(dt)[None]
+        elif cfg.objective == "ar":
             if bert_mask is not None:
                 raise ValueError("bert_mask was given to a model whose objective is 'ar'")
             start = jnp.broadcast_to(sos.astype(dt), (batch, 1, cfg.d_model))
             x = jnp.concatenate([start, emb[:, :-1]], axis=1)  # right shift: position i sees tokens < i
+            x = x + wpe[:length].astype(dt)[None]
         else:
             if bert_mask is not None:
                 if bert_mask.shape != tokens.shape:
                     raise ValueError(f"bert_mask has shape {bert_mask.shape}, expected the tokens' shape {tokens.shape}")
                 emb = jnp.where(bert_mask[..., None], jnp.zeros((), dt), emb)
-            x = emb
-        x = x + wpe[:length].astype(dt)[None]
+            x = emb + wpe[:length].astype(dt)[None]
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False)
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            length=cfg.n_layer,
-            unroll=cfg.scan_unroll,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="blocks")
-        x, per_layer = blocks(x)  # per_layer: [L, b, d]
+        per_layer = None
+        if decode:  # the same blocks, one after another, each with its own cache (see `UnrolledBlocks`)
+            unstack = functools.partial(_unstack_layers, n_layer=cfg.n_layer)
+            x = nn.map_variables(UnrolledBlocks, "params", trans_in_fn=unstack)(cfg, name="blocks")(x, index)
+        else:
+            block = Block
+            if cfg.remat != "none":
+                block = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False)
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                length=cfg.n_layer,
+                unroll=cfg.scan_unroll,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="blocks")
+            x, per_layer = blocks(x)  # per_layer: [L, b, d]
 
         h = RMSNorm(cfg, name="ln_f")(x)
         wtet = _param(self, "wtet", nn.initializers.zeros, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
@@ -351,6 +437,76 @@ class IGPT(nn.Module):
             final_features = jnp.mean(h.astype(jnp.float32), axis=1)  # [b, d]
             layer_features = jnp.concatenate([jnp.swapaxes(per_layer, 0, 1), final_features[:, None]], axis=1)
         return ModelOutput(out_logits, layer_features, final_features)
+
+
+class UnrolledBlocks(nn.Module):
+    """Decoding's layer stack: the same `Block`s (decode mode), one after another, named "0".."L-1".
+
+    `IGPT` gives it views of the scanned, stacked block parameters (`nn.map_variables` with `_unstack_layers`), so
+    the parameter tree is the training one. Unrolled, not scanned, so that every layer's `KVCache` is its own array,
+    updated in place: a scan would stack the caches [n_layer, ...], and XLA:CPU then copies each layer's whole cache
+    out of the stack and back every step (about 10x slower decoding in bench/bench_sampling.py).
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, index: jax.Array) -> jax.Array:
+        for layer in range(self.config.n_layer):
+            x, _ = Block(self.config, decode=True, name=str(layer))(x, index)
+        return x
+
+
+def _unstack_layers(variables: Any, *, n_layer: int) -> Any:
+    """{collection: stacked [n_layer, ...] block tree} -> {collection: {"0": layer 0's tree, ...}}; a collection
+    already split (`split_layers`) passes as it is."""
+    names = {str(layer) for layer in range(n_layer)}
+    return {col: tree if set(tree) == names else _layer_trees(tree, n_layer) for col, tree in variables.items()}
+
+
+def _layer_trees(stacked: Any, n_layer: int) -> dict[str, Any]:
+    return {str(layer): jax.tree.map(lambda a, i=layer: a[i], nn.meta.unbox(stacked)) for layer in range(n_layer)}
+
+
+def split_layers(params: Any) -> Any:
+    """The parameters (unboxed) with ``blocks`` split into per-layer trees {"0": ..., "1": ...}, for decoding.
+
+    `IGPT` with decode=True takes the blocks stacked (as trained) or split; split them once, outside a decode loop,
+    so that the compiled loop does not slice every layer's weights out of the stacked arrays at every step (XLA
+    leaves those slices in the loop: ~20% of a step in bench/bench_sampling.py). The full pass needs them stacked.
+    """
+    params = dict(nn.meta.unbox(params))
+    if "attn" in params["blocks"]:  # stacked, not split yet
+        params["blocks"] = _layer_trees(params["blocks"], jax.tree.leaves(params["blocks"])[0].shape[0])
+    return params
+
+
+def _decoding_rules():
+    """The context's logical rules with 'activation_length' unsplit: decoding never splits the positions (a step
+    has one), also under sequence parallelism; everything else shards as in training."""
+    rules = nn.get_logical_axis_rules()
+    return nn.logical_axis_rules(tuple((name, None if name == "activation_length" else axes) for name, axes in rules))
+
+
+def init_cache(cfg: ModelConfig, batch: int) -> Any:
+    """An empty decode cache for `batch` sequences: `IGPT`'s "cache" collection with decode=True, zeros.
+
+    Tree: ``index`` int32 [] (the next position, 0) and ``blocks/<layer>/attn/cache/{key,value}``, one [batch,
+    heads, n_ctx, head_dim] array per layer in the compute dtype, constrained to `CACHE_AXES` under a mesh and
+    rules context.
+    """
+    tokens = jnp.zeros((batch, 1), jnp.int32)
+
+    def filled(params: Any) -> Any:
+        return IGPT(cfg).apply({"params": params}, tokens, decode=True, mutable=["cache"])[1]["cache"]
+
+    shapes = jax.eval_shape(filled, nn.meta.unbox(abstract_params(cfg)))
+
+    def zeros(shape: jax.ShapeDtypeStruct) -> jax.Array:
+        z = jnp.zeros(shape.shape, shape.dtype)
+        return nn.with_logical_constraint(z, CACHE_AXES) if z.ndim == len(CACHE_AXES) else z
+
+    return jax.tree.map(zeros, shapes)
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig) -> None:

@@ -1,25 +1,25 @@
 """Sampling from the autoregressive iGPT with a key/value cache, and the image grids users look at.
 
-Decoding reads the model's own parameter tree (`igpt_jax.model`) and runs the same computation one position at a
-time, keeping every layer's keys and values in a cache:
+Decoding runs the model's own modules (`igpt_jax.model.IGPT` with ``decode=True``): the same embeddings,
+projections, norms, MLP and attention function as training, on the same parameters, with every layer's keys and
+values kept in the Flax "cache" collection (`igpt_jax.model.init_cache`: the next position and one [batch, heads,
+n_ctx, head_dim] key and value array per layer). Every step is
+``IGPT(cfg).apply({"params": params, "cache": cache}, inputs, decode=True, mutable=["cache"])``, with the block
+parameters split per layer once before the loop (`igpt_jax.model.split_layers`):
 
-  * `prefill` runs the inputs ``[sos, wte[x_0 .. x_{t-1}]] + wpe[0 .. t]`` of a prefix of t tokens through every
-    layer at once (causal attention over the prefix), stores their keys/values at positions 0..t and returns the
-    logits of positions 0..t; position t's logits give the first new token x_t.
-  * `decode_step` feeds one token x_{i-1} as the input of position i (``wte[x_{i-1}] + wpe[i]``), attends to the
-    cached positions 0..i and returns position i's logits (for x_i).
+  * `prefill` feeds SOS and a prefix of t tokens (the inputs of positions 0..t) in one call: causal attention
+    over the prefix, their keys/values written to the cache; position t's logits give the first new token x_t.
+  * `decode_step` feeds one token x_{i-1} as the input of the cache's next position i, which attends to the cached
+    positions 0..i, and returns position i's logits (for x_i).
   * `generate` does one prefill and then a ``lax.fori_loop`` of decode steps inside one jitted function, sampling
     each token with temperature / top-k from a per-position key (``fold_in(rng, position)``), so a given seed gives
     the same images on any mesh. `generate_recompute` is the cache-free reference: the full forward pass over the
     whole sequence for every new token (for tests and the benchmark).
 
-The norms and the MLP are the model's own `RMSNorm` and `Mlp` modules applied to the block's parameters; the
-attention uses the same q/k/v/o projections with a masked softmax over the cache. Cached logits equal the full
-forward pass's (tests/test_sampling.py checks 1e-5 in float32 at every position).
-
-The cache is `KVCache(key, value)`: per layer, [batch, heads, n_ctx, head_dim] arrays in the compute dtype, sharded
-like the activations (batch over the data axes, heads over 'tensor') when called under a mesh and rules context;
-never along the positions, also under sequence parallelism (a decode step has one position).
+Cached logits equal the full forward pass's (tests/test_sampling.py checks 1e-5 in float32 at every position).
+Under a mesh and rules context the cache shards like the activations (batch over the data axes, heads over
+'tensor'), never along the positions, also under sequence parallelism (decoding drops the 'activation_length'
+rule; a decode step has one position).
 
 Only the autoregressive objective can be sampled; a BERT model raises a ValueError.
 """
@@ -30,7 +30,7 @@ import functools
 import io
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -38,27 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from igpt_jax import attention as attention_lib
+from igpt_jax import model as model_lib
 from igpt_jax import sharding
-from igpt_jax.model import IGPT, Mlp, ModelConfig, RMSNorm
-
-_NEG_INF = -1e30
-# Decoding is sequential: the sampler never splits the sequence, so its positions are named 'activation_kv_length'
-# (unsharded; under sequence parallelism 'activation_length' would split a one-position decode step).
-_LENGTH = "activation_kv_length"
-_CACHE_AXES = ("activation_batch", "activation_heads", _LENGTH, "activation_kv")
-
-
-class KVCache(NamedTuple):
-    """Keys and values of every position: one [batch, heads, n_ctx, head_dim] array per layer, in tuples.
-
-    One array per layer (not a stacked [n_layer, ...] one) so that a decode step updates and reads each layer's
-    cache in place; heads before positions so that the attention's batched matmuls need no transpose of it.
-    """
-
-    key: tuple[jax.Array, ...]
-    value: tuple[jax.Array, ...]
-
+from igpt_jax.model import IGPT, ModelConfig
 
 # ----------------------------------------------------------------------------------------------- checks
 def check_sampling_args(cfg: ModelConfig, *, prefix_length: int, length: int | None = None,
@@ -99,80 +81,26 @@ def check_sampling_args(cfg: ModelConfig, *, prefix_length: int, length: int | N
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def init_cache(cfg: ModelConfig, batch: int) -> KVCache:
-    """An all-zero cache for `batch` sequences of up to n_ctx positions."""
-    shape = (batch, cfg.n_head, cfg.n_ctx, cfg.head_dim)
-    zeros = lambda: _constrain_cache(jnp.zeros(shape, jnp.dtype(cfg.dtype)))  # noqa: E731
-    return KVCache(tuple(zeros() for _ in range(cfg.n_layer)), tuple(zeros() for _ in range(cfg.n_layer)))
+def init_cache(cfg: ModelConfig, batch: int) -> Any:
+    """An empty decode cache for `batch` sequences of up to n_ctx positions (`igpt_jax.model.init_cache`)."""
+    return model_lib.init_cache(cfg, batch)
 
 
-def _constrain_cache(x: jax.Array) -> jax.Array:
-    return nn.with_logical_constraint(x, _CACHE_AXES)
+def _decode(cfg: ModelConfig, params: Any, cache: Any, inputs: jax.Array) -> tuple[jax.Array, Any]:
+    """The model on the inputs [batch, t] of the cache's next t positions: (float32 logits [b, t, vocab], cache)."""
+    out, variables = IGPT(cfg).apply({"params": nn.meta.unbox(params), "cache": cache}, inputs.astype(jnp.int32),
+                                     decode=True, mutable=["cache"])
+    return out.logits, variables["cache"]
 
 
-def _embed(cfg: ModelConfig, params: Any, prev_tokens: jax.Array, start: jax.Array | int) -> jax.Array:
-    """Inputs of positions start..start+t-1: SOS at position 0, else wte of the previous token; plus wpe.
-
-    Args:
-      prev_tokens: int [batch, t], the token x_{p-1} of each position p (ignored where p == 0).
-    """
-    dt = jnp.dtype(cfg.dtype)
-    length = prev_tokens.shape[1]
-    positions = start + jnp.arange(length)  # [t]
-    emb = jnp.take(params["wte"], prev_tokens, axis=0).astype(dt)  # [b, t, d]
-    x = jnp.where((positions == 0)[None, :, None], params["sos"].astype(dt), emb)
-    wpe = jax.lax.dynamic_slice_in_dim(params["wpe"], start, length, axis=0).astype(dt)  # [t, d]
-    x = x + wpe[None]
-    return nn.with_logical_constraint(x, ("activation_batch", _LENGTH, "activation_embed"))
-
-
-def _qkv(cfg: ModelConfig, p: Any, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """ln_1 and the q/k/v projections of one block: q, k, v [b, t, heads, head_dim]."""
-    dt = jnp.dtype(cfg.dtype)
-    h = RMSNorm(cfg).apply({"params": p["ln_1"]}, x)
-    return tuple(jnp.einsum("btd,dhk->bthk", h, p["attn"][name].astype(dt)) for name in ("q", "k", "v"))
-
-
-def _finish_block(cfg: ModelConfig, p: Any, x: jax.Array, out: jax.Array) -> jax.Array:
-    """The rest of a block after attention: output projection, residual, ln_2, MLP, residual."""
-    x = x + jnp.einsum("bthk,hkd->btd", out, p["attn"]["o"].astype(jnp.dtype(cfg.dtype)))
-    x = x + Mlp(cfg).apply({"params": p["mlp"]}, RMSNorm(cfg).apply({"params": p["ln_2"]}, x))
-    return nn.with_logical_constraint(x, ("activation_batch", _LENGTH, "activation_embed"))
-
-
-def _logits(cfg: ModelConfig, params: Any, x: jax.Array) -> jax.Array:
-    h = RMSNorm(cfg).apply({"params": params["ln_f"]}, x)
-    logits = jnp.einsum("btd,vd->btv", h, params["wtet"].astype(jnp.dtype(cfg.dtype)),
-                        preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits, ("activation_batch", _LENGTH, "activation_vocab"))
-
-
-def _layer(params: Any, i: int) -> Any:
-    """Block i's parameters (from the stacked [n_layer, ...] tree, or a pre-split tuple of per-layer trees)."""
-    blocks = params["blocks"]
-    return blocks[i] if isinstance(blocks, (tuple, list)) else jax.tree.map(lambda a: a[i], blocks)
-
-
-def split_layers(params: Any) -> Any:
-    """The parameters with ``blocks`` as a tuple of per-layer trees (done once, before a decode loop)."""
-    params = dict(nn.meta.unbox(params))
-    if not isinstance(params["blocks"], (tuple, list)):
-        n_layer = jax.tree.leaves(params["blocks"])[0].shape[0]
-        params["blocks"] = tuple(_layer(params, i) for i in range(n_layer))
-    return params
-
-
-def prefill(cfg: ModelConfig, params: Any, prefix: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Runs SOS and a prefix of t tokens (positions 0..t) through the model in one pass, filling the cache.
-
-    The blocks run under `lax.scan` like the model's own; the prefix attends to itself with the model's causal
-    attention, and every layer's keys/values of positions 0..t are written into the cache.
+def prefill(cfg: ModelConfig, params: Any, prefix: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+    """Runs SOS and a prefix of t tokens (positions 0..t) through the model in one call, filling the cache.
 
     Args:
       cfg: the model (objective 'ar').
       params: its parameters (boxed or plain).
       prefix: int [batch, t] given tokens x_0..x_{t-1}, 0 <= t < n_ctx (t = 0: SOS only).
-      cache: from `init_cache`.
+      cache: an empty one, from `init_cache`.
 
     Returns:
       (float32 logits [batch, t + 1, vocab] of positions 0..t, the cache holding positions 0..t).
@@ -180,67 +108,24 @@ def prefill(cfg: ModelConfig, params: Any, prefix: jax.Array, cache: KVCache) ->
     t = prefix.shape[1]
     if t >= cfg.n_ctx:
         raise ValueError(f"prefill of a prefix of {t} tokens needs {t + 1} positions, more than n_ctx={cfg.n_ctx}")
-    params = nn.meta.unbox(params)
-    prev = jnp.pad(prefix.astype(jnp.int32), ((0, 0), (1, 0)))  # the input of position p is x_{p-1}; p = 0: SOS
-    x = _embed(cfg, params, prev, 0)
-    # blockwise and splash need whole blocks of the prefix's length; 'auto' checks and falls back.
-    impl = "auto" if cfg.attention in ("blockwise", "splash") else cfg.attention
-
-    def block(x, p):
-        q, k, v = _qkv(cfg, p, x)
-        out = attention_lib.attention(q, k, v, causal=True, implementation=impl, block_size=cfg.attention_block,
-                                      splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv))
-        return _finish_block(cfg, p, x, out), (k, v)
-
-    blocks = params["blocks"]
-    if isinstance(blocks, (tuple, list)):
-        blocks = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
-    x, (keys, values) = jax.lax.scan(block, x, blocks, unroll=cfg.scan_unroll)  # [L, b, t + 1, h, k]
-
-    def write(cached: jax.Array, new: jax.Array) -> jax.Array:  # [b, h, n, k] <- [b, t + 1, h, k] at 0
-        new = jnp.swapaxes(new, 1, 2).astype(cached.dtype)
-        return _constrain_cache(jax.lax.dynamic_update_slice_in_dim(cached, new, 0, axis=2))
-
-    cache = KVCache(tuple(write(c, keys[i]) for i, c in enumerate(cache.key)),
-                    tuple(write(c, values[i]) for i, c in enumerate(cache.value)))
-    return _logits(cfg, params, x), cache
+    inputs = jnp.pad(prefix.astype(jnp.int32), ((0, 0), (1, 0)))  # position p takes x_{p-1}; p = 0: SOS
+    return _decode(cfg, params, cache, inputs)
 
 
-def decode_step(cfg: ModelConfig, params: Any, cache: KVCache, prev_token: jax.Array,
-                position: jax.Array | int) -> tuple[jax.Array, KVCache]:
-    """One cached step: the input of `position` (>= 1) is the previous token x_{position-1}.
-
-    The layers are unrolled, each reading and updating its own cache array in place; inside a loop, pass
-    `split_layers(params)` so that the per-layer parameters are sliced once, outside it.
+def decode_step(cfg: ModelConfig, params: Any, cache: Any, prev_token: jax.Array) -> tuple[jax.Array, Any]:
+    """One cached step: the cache's next position i (>= 1) takes the previous token x_{i-1} as its input.
 
     Args:
       cfg: the model.
       params: its parameters.
-      cache: holding positions 0..position-1.
-      prev_token: int [batch], the token x_{position-1}.
-      position: the position to compute (a traced scalar is fine).
+      cache: holding positions 0..i-1.
+      prev_token: int [batch], the token x_{i-1}.
 
     Returns:
-      (float32 logits [batch, vocab] of `position`, i.e. the distribution of x_position; the updated cache).
+      (float32 logits [batch, vocab] of position i, i.e. the distribution of x_i; the cache holding 0..i).
     """
-    params = nn.meta.unbox(params)
-    x = _embed(cfg, params, prev_token[:, None].astype(jnp.int32), position)  # [b, 1, d]
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    allowed = jnp.arange(cfg.n_ctx) <= position  # [n]: the cached positions and this one
-    keys, values = list(cache.key), list(cache.value)
-    for i in range(cfg.n_layer):
-        p = _layer(params, i)
-        q, k, v = _qkv(cfg, p, x)  # [b, 1, h, k]
-        keys[i] = _constrain_cache(jax.lax.dynamic_update_slice_in_dim(
-            keys[i], jnp.swapaxes(k, 1, 2).astype(keys[i].dtype), position, axis=2))
-        values[i] = _constrain_cache(jax.lax.dynamic_update_slice_in_dim(
-            values[i], jnp.swapaxes(v, 1, 2).astype(values[i].dtype), position, axis=2))
-        q = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [b, h, 1, k]
-        scores = jnp.einsum("bhqd,bhnd->bhqn", q, keys[i], preferred_element_type=jnp.float32)  # [b, h, 1, n]
-        probs = jax.nn.softmax(jnp.where(allowed, scores, _NEG_INF), axis=-1).astype(values[i].dtype)
-        out = jnp.einsum("bhqn,bhnd->bqhd", probs, values[i])  # [b, 1, h, k]
-        x = _finish_block(cfg, p, x, out)
-    return _logits(cfg, params, x)[:, 0], KVCache(tuple(keys), tuple(values))
+    logits, cache = _decode(cfg, params, cache, prev_token[:, None])
+    return logits[:, 0], cache
 
 
 # --------------------------------------------------------------------------------------------- sampling
@@ -283,9 +168,8 @@ def generate(cfg: ModelConfig, params: Any, prefix: jax.Array, rng: jax.Array, *
     if t == length:
         return prefix
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
-    params = split_layers(params)
-    cache = init_cache(cfg, batch)
-    logits, cache = prefill(cfg, params, prefix, cache)
+    params = model_lib.split_layers(params)  # once, outside the loop
+    logits, cache = prefill(cfg, params, prefix, init_cache(cfg, batch))
     tokens = jnp.zeros((batch, length), jnp.int32)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, prefix, 0, axis=1)
     tokens = tokens.at[:, t].set(sample(jax.random.fold_in(rng, t), logits[:, -1]))
@@ -293,10 +177,11 @@ def generate(cfg: ModelConfig, params: Any, prefix: jax.Array, rng: jax.Array, *
     def body(position, carry):
         tokens, cache = carry
         prev = jax.lax.dynamic_index_in_dim(tokens, position - 1, axis=1, keepdims=False)
-        logits, cache = decode_step(cfg, params, cache, prev, position)
+        logits, cache = decode_step(cfg, params, cache, prev)  # the cache's next position is `position`
         new = sample(jax.random.fold_in(rng, position), logits)
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, new, position, axis=1)
-        return nn.with_logical_constraint(tokens, ("activation_batch", _LENGTH)), cache
+        # Positions are never split while decoding ('activation_kv_length' is unsharded, see the module docstring).
+        return nn.with_logical_constraint(tokens, ("activation_batch", "activation_kv_length")), cache
 
     tokens, _ = jax.lax.fori_loop(t + 1, length, body, (tokens, cache))
     return tokens

@@ -13,6 +13,7 @@ import optax
 import pytest
 from PIL import Image
 
+from igpt_jax import model as model_lib
 from igpt_jax import objectives, sampling, sharding
 from igpt_jax.jobs import sample
 from igpt_jax.model import IGPT, ModelConfig, init_params
@@ -40,11 +41,12 @@ def cached_logits(cfg, params, tokens, prefix_length):
     """Logits of every position: one prefill over the prefix, then one cached step per remaining position."""
     batch, n = tokens.shape
     prefill = jax.jit(lambda p, x, c: sampling.prefill(cfg, p, x, c))
-    step = jax.jit(lambda p, c, tok, pos: sampling.decode_step(cfg, p, c, tok, pos))
+    step = jax.jit(lambda p, c, tok: sampling.decode_step(cfg, p, c, tok))
     logits, cache = prefill(params, tokens[:, :prefix_length], sampling.init_cache(cfg, batch))
     out = [logits]
     for position in range(prefix_length + 1, n):
-        logits, cache = step(params, cache, tokens[:, position - 1], position)
+        assert int(cache["index"]) == position  # the cache knows its next position
+        logits, cache = step(params, cache, tokens[:, position - 1])
         out.append(logits[:, None])
     return jnp.concatenate(out, axis=1)
 
@@ -62,6 +64,40 @@ def test_cached_decoding_gives_the_full_forward_logits_at_every_position():
         assert got.shape == full.shape and got.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(got), np.asarray(full), atol=1e-5, rtol=0,
                                    err_msg=f"prefix of {prefix_length} tokens")
+
+
+def test_the_model_decodes_in_chunks_with_its_training_parameters():
+    # IGPT(decode=True) on the parameter tree of the full pass: two calls of 7 and 25 positions, each writing its
+    # keys/values at the cache's index and advancing it, give the full pass's logits everywhere (the second call
+    # attends to the cached positions and, causally, to its own).
+    params = random_model()
+    tokens = jax.random.randint(jax.random.key(6), (2, CFG.n_ctx), 0, CFG.vocab_size)
+    full = jax.jit(lambda p, t: IGPT(CFG).apply({"params": p}, t).logits)(params, tokens)
+    inputs = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]  # position p's input is token p-1 (SOS at 0, whatever this is)
+    cache = model_lib.init_cache(CFG, 2)
+    assert int(cache["index"]) == 0 and sorted(cache["blocks"]) == ["0", "1"]  # one cache per layer
+    assert cache["blocks"]["1"]["attn"]["cache"]["key"].shape == (2, CFG.n_head, CFG.n_ctx, CFG.head_dim)
+    decode = jax.jit(lambda p, c, x: IGPT(CFG).apply({"params": p, "cache": c}, x, decode=True, mutable=["cache"]))
+    got = []
+    for lo, hi in ((0, 7), (7, CFG.n_ctx)):
+        out, variables = decode(params, cache, inputs[:, lo:hi])
+        cache = variables["cache"]
+        assert int(cache["index"]) == hi
+        got.append(out.logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(got, axis=1)), np.asarray(full), atol=1e-5, rtol=0)
+
+
+def test_the_decode_cache_shards_batch_and_heads_never_positions():
+    # Under sequence parallelism (positions split over 'context' in training) the cache stays whole along the
+    # positions: batch over the data axes, heads over 'tensor'.
+    params = random_model()
+    mesh = sharding.make_mesh((2, 1, 2, 2), jax.devices()[:8])  # data, fsdp, context, tensor
+    prefix = jnp.zeros((4, 5), jnp.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+        _, cache = jax.jit(lambda p, x: sampling.prefill(CFG, p, x, sampling.init_cache(CFG, 4)))(params, prefix)
+    key = cache["blocks"]["0"]["attn"]["cache"]["key"]  # [batch, heads, n_ctx, head_dim]
+    assert key.sharding.spec == jax.sharding.PartitionSpec("data", "tensor")  # (fsdp has size 1); no 'context'
+    assert {s.data.shape for s in key.addressable_shards} == {(2, 1, CFG.n_ctx, CFG.head_dim)}
 
 
 def test_cached_generation_draws_the_same_tokens_as_recomputing_the_sequence():
@@ -146,6 +182,9 @@ def test_bad_sampling_settings_are_named():
         sampling.generate(CFG, params, too_long[:, :3], key, top_k=17)
     with pytest.raises(ValueError, match="only autoregressive"):
         sampling.generate(CFG.replace(objective="bert"), params, too_long[:, :3], key)
+    with pytest.raises(ValueError, match="decode=True needs an autoregressive model .* is 'bert'"):
+        IGPT(CFG.replace(objective="bert")).apply({"params": random_model()}, too_long[:, :3], decode=True,
+                                                  mutable=["cache"])
     with pytest.raises(ValueError, match="given_rows=9 gives a prefix of 72 tokens, longer than the model's context"):
         sample.resolve_given_rows(9, 8, 64)
 

@@ -140,11 +140,18 @@ def test_quadrant_pooling_of_a_known_grid_equals_the_hand_computed_means():
 
 
 def test_quadrant_features_average_back_to_the_mean_features():
-    cfg = TINY.replace(n_ctx=16)  # a 4x4 token grid
+    cfg = TINY.replace(n_ctx=16, n_layer=2)  # a 4x4 token grid
     params = random_params(cfg, seed=3)
     tokens = tokens_for(cfg, batch=2)
-    mean = IGPT(cfg).apply({"params": params}, tokens, features=True)
-    quad = IGPT(cfg).apply({"params": params}, tokens, features=True, feature_grid=2)
+
+    @jax.jit
+    def both(p, t):
+        def run(grid):
+            return IGPT(cfg).apply({"params": p}, t, features=True, logits=False, feature_grid=grid)
+
+        return run(1), run(2)
+
+    mean, quad = both(params, tokens)
     assert quad.layer_features.shape == (2, cfg.n_layer + 1, 4 * cfg.d_model)
     regions = quad.layer_features.reshape(2, cfg.n_layer + 1, 4, cfg.d_model)
     np.testing.assert_allclose(regions.mean(axis=2), mean.layer_features, atol=1e-5, rtol=1e-5)

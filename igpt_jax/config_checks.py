@@ -358,6 +358,7 @@ def _check_lr_search(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_probe(config: ml_collections.ConfigDict) -> None:
+    from igpt_jax import features as features_lib  # noqa: PLC0415
     from igpt_jax import linear_probe  # noqa: PLC0415
 
     if config.data.fold_val:
@@ -367,6 +368,9 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
         linear_probe.ProbeSettings.from_config(config.probe)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    pooling = config.probe.get("pooling", "mean")
+    if pooling not in features_lib.POOLINGS:
+        raise ConfigError(f"probe.pooling={pooling!r}: expected one of {sorted(features_lib.POOLINGS)}")
     layers = config.probe.layers
     if isinstance(layers, str) and layers.strip().lower() not in ("", "all"):
         if not all(part.strip().lstrip("-").isdigit() for part in layers.split(",") if part.strip()):

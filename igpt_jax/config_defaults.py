@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.probe = ml_collections.ConfigDict()
     c.probe.layers = "all"  # 'all' (0..n_layer; n_layer = the final norm) or comma-separated ids, e.g. '4,8,-1'
     c.probe.batch_size = 0  # global feature-extraction batch; 0: train.eval_batch_size, else train.batch_size
+    # 'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token grid's four
+    # quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model on raw pixels sees)
+    c.probe.pooling = "mean"
     # jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers at once (CIFAR/STL in the paper);
     # lbfgs: scikit-learn itself (the reference, slower); sgd: JAX SGD (large datasets, ImageNet)
     c.probe.solver = "jax_lbfgs"

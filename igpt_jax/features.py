@@ -2,7 +2,8 @@
 
 `FeatureExtractor` runs the model once per split over the evaluation iterator (in order, padded last batch) and
 returns every requested layer's sequence-mean feature at once: entry l < L is the mean of block l's ``ln_1`` output
-(the paper's probe feature, 2.4), entry L the mean of ``ln_f``'s output (the fine-tuning feature). BERT models see
+(the paper's probe feature, 2.4), entry L the mean of ``ln_f``'s output (the fine-tuning feature); with
+``pooling='quadrants'`` each is the concatenated means of the token grid's four quadrants instead. BERT models see
 masked inputs as in training; each example's mask is a function of (seed, mask number, record index), so features do
 not depend on the batch size or the number of processes, and several masks are extracted in the same pass.
 """
@@ -39,9 +40,30 @@ def mask_key(seed: int, mask: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), mask)
 
 
-def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int):
-    """The pure extraction step: (params, batch) -> features [masks, batch, layers, d], NLL sum and count (under
-    the first mask), and the batch's label, mask, index and tokens."""
+# How a layer's per-position features become one vector (``config.probe.pooling``): the `IGPT` feature_grid.
+POOLINGS = {"mean": 1, "quadrants": 2}
+
+
+def pooling_grid(pooling: str, length: int | None = None) -> int:
+    """The model's ``feature_grid`` for a ``probe.pooling`` name.
+
+    Raises:
+      ValueError: for an unknown name, or a grid that does not divide the square token grid of ``length`` tokens.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"probe.pooling={pooling!r}: expected one of {sorted(POOLINGS)}")
+    grid = POOLINGS[pooling]
+    if length is not None and grid > 1:
+        side = math.isqrt(length)
+        if side * side != length or side % grid:
+            raise ValueError(f"probe.pooling={pooling!r} needs a square token grid whose side {grid} divides; the "
+                             f"model has {length} tokens per image")
+    return grid
+
+
+def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int, feature_grid: int = 1):
+    """The pure extraction step: (params, batch) -> features [masks, batch, layers, d * feature_grid^2], NLL sum
+    and count (under the first mask), and the batch's label, mask, index and tokens."""
     layers = jnp.asarray(list(layers), jnp.int32)
 
     def fn(params, batch):
@@ -51,7 +73,8 @@ def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int
             mask = None
             if model_cfg.objective == "bert":
                 mask = bert_masks(mask_key(seed, m), batch["index"], tokens.shape[1], model_cfg.bert_mask_rate)
-            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=m == 0)
+            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=m == 0,
+                                        feature_grid=feature_grid)
             feats.append(res.layer_features[:, layers])
             if m == 0:
                 nll = objectives.token_nll(res.logits, tokens)
@@ -92,19 +115,23 @@ class FeatureExtractor:
       layers: layer ids (0..n_layer; n_layer = the final norm).
       batch_size: the GLOBAL batch (split over processes and the data-parallel axes).
       seed: seed of the BERT masks.
+      pooling: ``probe.pooling``: 'mean' (the paper's sequence mean) or 'quadrants' (the mean of each quadrant of
+        the token grid, concatenated: 4 x d features per layer).
     """
 
     def __init__(self, model_cfg: ModelConfig, layout: Layout, mesh: Mesh, rules, data_cfg, palette: Palette,
-                 layers: Sequence[int], *, batch_size: int, seed: int = 0):
+                 layers: Sequence[int], *, batch_size: int, seed: int = 0, pooling: str = "mean"):
         self.model_cfg, self.layout, self.mesh, self.rules = model_cfg, layout, mesh, rules
         self.data_cfg, self.palette, self.layers, self.seed = data_cfg, palette, list(layers), seed
+        self.feature_grid = pooling_grid(pooling, model_cfg.n_ctx)
         sharding.check_batch_divides(batch_size, mesh, rules, what="probe batch size")
         self.batch_size = batch_size
         self._fns: dict[int, Any] = {}
 
     def _fn(self, num_masks: int):
         if num_masks not in self._fns:
-            fn = features_fn(self.model_cfg, self.layers, num_masks=num_masks, seed=self.seed)
+            fn = features_fn(self.model_cfg, self.layers, num_masks=num_masks, seed=self.seed,
+                             feature_grid=self.feature_grid)
             self._fns[num_masks] = jax.jit(
                 fn, in_shardings=(self.layout.shardings, sharding.batch_sharding(self.mesh, self.rules)),
                 out_shardings=sharding.replicated(self.mesh))

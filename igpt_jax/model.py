@@ -147,9 +147,9 @@ class ModelOutput(NamedTuple):
 
     Attributes:
       logits: [batch, length, vocab] float32, or None when not requested.
-      layer_features: [batch, n_layer + 1, d] float32 or None. Entry l < L is the sequence mean of block l's
-        normalised attention input (``ln_1`` output), the paper's linear-probe feature; entry L is the sequence
-        mean of the final norm's output.
+      layer_features: [batch, n_layer + 1, d * feature_grid^2] float32 or None. Entry l < L is the sequence mean
+        of block l's normalised attention input (``ln_1`` output), the paper's linear-probe feature; entry L is the
+        sequence mean of the final norm's output (each pooled by region instead with ``feature_grid`` > 1).
       final_features: [batch, d] float32 or None: the sequence mean of ``ln_f``'s output (for fine-tuning).
     """
 
@@ -296,8 +296,30 @@ class Mlp(nn.Module):
         return checkpoint_name(out, "mlp_out")
 
 
+def pool_grid(h: jax.Array, grid: int) -> jax.Array:
+    """Mean of a sequence over ``grid`` x ``grid`` regions of its square token grid (raster order), concatenated.
+
+    Args:
+      h: [batch, length, d]; with grid > 1, length must be a square whose side ``grid`` divides.
+      grid: 1 for the mean over all positions (the paper's probe feature), 2 for the four quadrants, ...
+
+    Returns:
+      [batch, grid * grid * d] float32: region (row i, column j) of the grid at [(i * grid + j) * d, ... + d).
+    """
+    h = h.astype(jnp.float32)
+    if grid == 1:
+        return jnp.mean(h, axis=1)
+    batch, length, d = h.shape
+    side = math.isqrt(length)
+    if side * side != length or side % grid:
+        raise ValueError(f"feature pooling over a {grid}x{grid} grid needs a square token grid whose side {grid} "
+                         f"divides; got {length} tokens")
+    r = side // grid
+    return jnp.mean(h.reshape(batch, grid, r, grid, r, d), axis=(2, 4)).reshape(batch, grid * grid * d)
+
+
 class Block(nn.Module):
-    """One pre-norm transformer block; as a scan body it maps x -> (x', mean over length of ln_1(x)).
+    """One pre-norm transformer block; as a scan body it maps x -> (x', ln_1(x) pooled by `pool_grid`).
 
     ``index`` (decoding only) is the position of x's first row in the decode cache.
     """
@@ -305,12 +327,13 @@ class Block(nn.Module):
     config: ModelConfig
     deterministic: bool = True
     decode: bool = False
+    feature_grid: int = 1  # `pool_grid` of the probe feature: 1 the sequence mean, 2 the four quadrants' means
 
     @nn.compact
     def __call__(self, x: jax.Array, index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         h = RMSNorm(cfg, name="ln_1")(x)
-        feature = jnp.mean(h.astype(jnp.float32), axis=1)  # [b, d]: the probe feature of this layer
+        feature = pool_grid(h, self.feature_grid)  # [b, grid^2 * d]: the probe feature of this layer
         a = Attention(cfg, self.decode, name="attn")(h, index)
         x = x + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
         m = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="ln_2")(x))
@@ -344,6 +367,7 @@ class IGPT(nn.Module):
         features: bool = False,
         logits: bool = True,
         decode: bool = False,
+        feature_grid: int = 1,
     ) -> ModelOutput:
         """Runs the decoder once.
 
@@ -356,6 +380,9 @@ class IGPT(nn.Module):
             [batch, L + 1, d]).
           logits: compute the [batch, length, vocab] logits (probe feature extraction can skip them).
           decode: run positions index..index+length-1 against the decode cache (see the class docstring).
+          feature_grid: how ``layer_features`` pool the sequence (`pool_grid`): 1 the mean over all positions (the
+            paper's), 2 the means of the token grid's four quadrants, concatenated; ``final_features`` is always
+            the mean.
 
         Returns:
           A `ModelOutput`.
@@ -421,8 +448,8 @@ class IGPT(nn.Module):
                 length=cfg.n_layer,
                 unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )(cfg, deterministic, name="blocks")
-            x, per_layer = blocks(x)  # per_layer: [L, b, d]
+            )(cfg, deterministic, feature_grid=feature_grid, name="blocks")
+            x, per_layer = blocks(x)  # per_layer: [L, b, grid^2 * d]
 
         h = RMSNorm(cfg, name="ln_f")(x)
         wtet = _param(self, "wtet", nn.initializers.zeros, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
@@ -435,7 +462,8 @@ class IGPT(nn.Module):
         layer_features = final_features = None
         if features:
             final_features = jnp.mean(h.astype(jnp.float32), axis=1)  # [b, d]
-            layer_features = jnp.concatenate([jnp.swapaxes(per_layer, 0, 1), final_features[:, None]], axis=1)
+            pooled = final_features if feature_grid == 1 else pool_grid(h, feature_grid)
+            layer_features = jnp.concatenate([jnp.swapaxes(per_layer, 0, 1), pooled[:, None]], axis=1)
         return ModelOutput(out_logits, layer_features, final_features)
 
 

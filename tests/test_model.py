@@ -8,7 +8,7 @@ import pytest
 
 import model_reference
 from igpt_jax import objectives
-from igpt_jax.model import IGPT, Block, ModelConfig, count_params, init_params
+from igpt_jax.model import IGPT, Block, ModelConfig, count_params, init_params, pool_grid
 
 TINY = ModelConfig(vocab_size=16, n_ctx=32, d_model=32, n_head=4, n_layer=3, remat="none", attention="dense")
 
@@ -125,6 +125,38 @@ def test_lm_loss_ar_is_mean_nll_over_every_position_and_respects_example_mask():
     loss, aux = objectives.lm_loss(cfg, params, tokens, jax.random.key(0), example_mask=example_mask)
     np.testing.assert_allclose(loss, nll[[0, 2]].mean(), rtol=1e-6)
     assert float(aux["count"]) == 2 * cfg.n_ctx
+
+
+def test_quadrant_pooling_of_a_known_grid_equals_the_hand_computed_means():
+    # An 8x8 grid in raster order whose value at (row r, column c) is 8r + c; a second channel holds -(8r + c).
+    pos = jnp.arange(64, dtype=jnp.float32)
+    h = jnp.stack([pos, -pos], axis=-1)[None]  # [1, 64, 2]
+    # Quadrant (top-left) rows 0-3, columns 0-3: mean 8 * 1.5 + 1.5 = 13.5; +4 to the right, +32 below.
+    expected = [13.5, -13.5, 17.5, -17.5, 45.5, -45.5, 49.5, -49.5]
+    np.testing.assert_allclose(pool_grid(h, 2)[0], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pool_grid(h, 1)[0], [31.5, -31.5], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="needs a square token grid whose side 2 divides; got 32 tokens"):
+        pool_grid(h[:, :32], 2)
+
+
+def test_quadrant_features_average_back_to_the_mean_features():
+    cfg = TINY.replace(n_ctx=16, n_layer=2)  # a 4x4 token grid
+    params = random_params(cfg, seed=3)
+    tokens = tokens_for(cfg, batch=2)
+
+    @jax.jit
+    def both(p, t):
+        def run(grid):
+            return IGPT(cfg).apply({"params": p}, t, features=True, logits=False, feature_grid=grid)
+
+        return run(1), run(2)
+
+    mean, quad = both(params, tokens)
+    assert quad.layer_features.shape == (2, cfg.n_layer + 1, 4 * cfg.d_model)
+    regions = quad.layer_features.reshape(2, cfg.n_layer + 1, 4, cfg.d_model)
+    np.testing.assert_allclose(regions.mean(axis=2), mean.layer_features, atol=1e-5, rtol=1e-5)
+    assert not np.allclose(regions[:, :, 0], regions[:, :, 3], atol=1e-3)  # the quadrants differ
+    np.testing.assert_array_equal(quad.final_features, mean.final_features)  # fine-tuning's feature stays the mean
 
 
 def test_features_equal_running_the_layers_one_at_a_time():

@@ -73,6 +73,26 @@ def test_probe_features_equal_the_models_forward_pass(run):
     assert got8.loss == pytest.approx(got.loss, rel=1e-5)
 
 
+def test_quadrant_pooled_features_are_the_models_and_need_a_divisible_square_grid(run):
+    config = probe_config(run)
+    mesh, rules = one_device_mesh(), sharding.DEFAULT_RULES
+    loaded = pretrained.load(config, "unused", mesh, rules)
+    got = features_lib.FeatureExtractor(loaded.model_cfg, loaded.layout, mesh, rules, config.data, loaded.palette,
+                                        [1, 2], batch_size=64, pooling="quadrants").extract(loaded.params, "test")
+    batch = next(data_pipeline.make_iterator(config.data, "test", batch_size=400, train=False,
+                                             palette=loaded.palette))
+    out = IGPT(loaded.model_cfg).apply({"params": jax.device_get(loaded.params)}, batch["tokens"][batch["mask"]],
+                                       features=True, logits=False, feature_grid=2)
+    assert got.features.shape == (1, got.n, 2, 4 * 32)
+    np.testing.assert_allclose(got.features[0], np.asarray(out.layer_features[:, 1:]), atol=1e-5, rtol=1e-5)
+    assert features_lib.pooling_grid("mean", 63) == 1
+    with pytest.raises(ValueError, match=r"^probe.pooling='quadrants' needs a square token grid whose side 2 "
+                                         r"divides; the model has 49 tokens per image$"):
+        features_lib.pooling_grid("quadrants", 49)
+    with pytest.raises(ValueError, match=r"^probe.pooling='max': expected one of \['mean', 'quadrants'\]$"):
+        features_lib.pooling_grid("max")
+
+
 def test_bert_features_are_the_models_under_masks_that_depend_on_the_example_only(run):
     data_dir, _ = run
     config = tiny_config(data_dir)

@@ -2,8 +2,9 @@
 
 For each checkpoint step (``config.checkpoint.step``, or every step of ``config.probe.checkpoint_steps``):
   1. restore only the parameters onto the mesh (`igpt_jax.pretrained`: a run's checkpoint or a converted model);
-  2. extract every requested layer's sequence-mean feature for the train, validation and test splits, one pass per
-     split (BERT models: masked inputs; validation and test under ``probe.bert_ensemble`` masks);
+  2. extract every requested layer's sequence-mean feature (``probe.pooling``: or its quadrants' means) for the
+     train, validation and test splits, one pass per split (BERT models: masked inputs; validation and test under
+     ``probe.bert_ensemble`` masks);
   3. per layer, fit a logistic regression on train (L-BFGS, or the JAX SGD probe), choose C on validation; the best
      layer (on validation) is refitted on train + validation and scored on test; optionally ``concat_layers``
      layers centred on it are probed together; optionally the low-data protocol (paper 4.7) on the best layer.
@@ -142,21 +143,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
         batch_size = int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size)
         layout = param_layout(model_cfg, mesh, rules)
+        pooling = str(pcfg.get("pooling", "mean"))
         extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, data_cfg, palette, layers,
-                                                  batch_size=batch_size, seed=int(pcfg.seed))
+                                                  batch_size=batch_size, seed=int(pcfg.seed), pooling=pooling)
+        width = model_cfg.d_model * extractor.feature_grid ** 2  # features per layer
         n = {s: data_pipeline.num_examples(data_cfg, s) for s in data_pipeline.SPLITS}
         if pcfg.max_train_examples:
             n["train"] = min(n["train"], int(pcfg.max_train_examples))
-        size = sum(features_lib.approx_feature_bytes(n[s], len(layers), model_cfg.d_model, 1 if s == "train" else masks)
+        size = sum(features_lib.approx_feature_bytes(n[s], len(layers), width, 1 if s == "train" else masks)
                    for s in n)
-        logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s; %s examples (train/val/test); %d classes; "
-                     "features take %s per checkpoint", len(steps), steps, source.path, len(layers), layers,
-                     "/".join(str(n[s]) for s in data_pipeline.SPLITS), num_classes, features_lib.human_bytes(size))
+        logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s (%s pooling, %d features each); %s examples "
+                     "(train/val/test); %d classes; features take %s per checkpoint", len(steps), steps, source.path,
+                     len(layers), layers, pooling, width, "/".join(str(n[s]) for s in data_pipeline.SPLITS),
+                     num_classes, features_lib.human_bytes(size))
 
         # Everything that determines the features, and (with the solver settings) the fitted results.
         feature_id = {"checkpoints": str(source.path), "model": model_cfg, "data": data_cfg.to_dict(),
                       "palette": palette.centres.tolist(), "layers": layers, "masks": masks, "seed": int(pcfg.seed),
-                      "max_train_examples": int(pcfg.max_train_examples)}
+                      "max_train_examples": int(pcfg.max_train_examples),
+                      **({"pooling": pooling} if pooling != "mean" else {})}  # mean: earlier runs' saved features
         result_id = {**feature_id, "settings": settings, "concat_layers": int(pcfg.concat_layers),
                      "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
         progress = probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=primary)
@@ -232,6 +237,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
         "model": {k: getattr(model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
         "bert_masks": masks,
+        "pooling": pooling,
         "best_layer": last["best_layer"],
         "val_accuracy": last["best"]["val_accuracy"],
         "test_accuracy": last["best"]["test_accuracy"],
@@ -287,7 +293,8 @@ def format_table(results: dict[str, Any]) -> str:
     rand = results["baselines"].get("random_init")
     rand_by_layer = {r["layer"]: r for r in rand["layers"]} if rand else {}
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
-             f"{'/'.join(str(results['examples'][s]) for s in data_pipeline.SPLITS)} train/val/test), checkpoint step "
+             f"{'/'.join(str(results['examples'][s]) for s in data_pipeline.SPLITS)} train/val/test; "
+             f"{results.get('pooling', 'mean')} pooling), checkpoint step "
              f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
     header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6} "
     if rand:

@@ -15,7 +15,7 @@ Time:      about 2 h 10 min in all: pretraining 1 h 13 min (2,000 steps, 7,489 t
            the JAX solver became probe.solver's default: bench/RESULTS.md "Linear probe"); fine-tuning
            30.7 min (800 steps of 64, 5 passes over the validation split, the test split). Tracking (added later, not
            in these times): one evaluation cost as much as 26 training steps in a 60-step run of this config (load
-           10-13, compiles included; README "Representation tracking"), so at most 5.2 % of pretraining every 500.
+           10-13; 26.5 steps for the second; README "Representation tracking"): about 5.3 % of pretraining every 500.
 Result:    validation loss 3.168 -> 3.053 -> 2.945 nats/token at steps 500/1000/2000; test 2.946 nats/token.
            Linear probe, test accuracy (C chosen on validation, refit on all 50,000 labelled images): best layer
            6 of 8: 49.17 %; concatenated layers 5-7: 54.07 %; raw 16x16 pixels 41.37 %; the same model with

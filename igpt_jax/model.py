@@ -398,10 +398,10 @@ class IGPT(nn.Module):
             raise ValueError("decode=True cannot initialise: make the parameters with init_params and the decode "
                              "cache with init_cache")
         with _decoding_rules() if decode else contextlib.nullcontext():
-            return self._run(tokens, bert_mask, deterministic, features, logits, decode)
+            return self._run(tokens, bert_mask, deterministic, features, logits, decode, feature_grid)
 
     @nn.compact
-    def _run(self, tokens, bert_mask, deterministic, features, logits, decode) -> ModelOutput:
+    def _run(self, tokens, bert_mask, deterministic, features, logits, decode, feature_grid) -> ModelOutput:
         cfg = self.config
         batch, length = tokens.shape
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 import ml_collections
+from absl import logging
 from etils import epath
 
 from igpt_jax.config_checks import ConfigError
@@ -118,3 +119,14 @@ def record(workpath: epath.Path, step: int, diff: list[tuple[str, Any, Any]]) ->
                     for f, old, new in diff)
     path = workpath / HISTORY_FILE
     path.write_text((path.read_text() if path.exists() else "") + lines)
+
+
+def settle(workpath: epath.Path, step: int, diff: list[tuple[str, Any, Any]], config: ml_collections.ConfigDict
+           ) -> None:
+    """After a resume at `step` (or a fresh start, `diff` empty): logs and records each change, and writes the
+    settings in force to ``config.json`` (process 0's job)."""
+    for field, old, new in diff:
+        logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", step, field, old, new,
+                        HISTORY_FILE)
+    record(workpath, step, diff)
+    (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))

@@ -124,11 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         state = train.create_state(model_cfg, tx, layout, mesh, rules, jax.random.fold_in(base_rng, 1))
     start_step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
-        for field, old, new in accepted:
-            logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", start_step, field,
-                            old, new, config_changes.HISTORY_FILE)
-        config_changes.record(workpath, start_step, accepted)
-        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
+        config_changes.settle(workpath, start_step, accepted, config)
 
     # ---------------------------------------------------------------- steps
     step_fn = train.jitted_train_step(model_cfg, tx, schedule, layout, batch_shardings, mesh, accum_steps=accum)

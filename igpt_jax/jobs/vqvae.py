@@ -153,11 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         state = jax.device_put(create_state(vq_cfg, tx, res, jax.random.fold_in(base_rng, 1), variance), replicated)
     start_step = int(jax.device_get(state["step"]))
     if jax.process_index() == 0:
-        for field, old, new in accepted:
-            logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", start_step, field,
-                            old, new, config_changes.HISTORY_FILE)
-        config_changes.record(workpath, start_step, accepted)
-        (workpath / "config.json").write_text(config.to_json_best_effort(indent=2))
+        config_changes.settle(workpath, start_step, accepted, config)
     n_params = vq.count_params(state["params"])
     grid = vq_cfg.grid(res)
     message = (f"VQ-VAE: {n_params:,} parameters outside the codebook ({vq_cfg.downsample} block(s), {res}x{res} -> "

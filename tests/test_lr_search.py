@@ -117,9 +117,10 @@ def search_config(data_dir, lrs=(1e-2, 3e-3)):
 def test_trial_config_is_the_run_at_that_lr_with_its_schedule_shrunk(data_dir):
     config = search_config(data_dir)
     config.lr_search.schedule_fraction = 0.25
+    config.track.every = 4
     trial = lr_search.trial_config(config, 3e-4)
     assert (trial.job, trial.then, trial.train.lr, trial.train.num_steps, trial.train.warmup_steps,
-            trial.checkpoint.every_steps) == ("pretrain", (), 3e-4, 2, 0, 2)
+            trial.checkpoint.every_steps, trial.track.every) == ("pretrain", (), 3e-4, 2, 0, 2, 0)
     config.train.warmup_steps = -1  # one epoch
     assert lr_search.trial_config(config, 3e-4, steps_per_epoch=40).train.warmup_steps == 10
     assert (config.job, config.train.lr, config.train.num_steps) == ("lr_search", 3e-3, 8)  # unchanged

@@ -7,7 +7,7 @@ Command:
 Each trial is an ordinary pretraining run of the same model on the same data, in ``WORKDIR/lr_<lr>`` (e.g.
 ``lr_0.003/``): the config's run with ``train.lr`` set to the trial's rate and its schedule shrunk by
 ``lr_search.schedule_fraction`` (``train.num_steps``, the warmup and the checkpoint period; the cosine decays to 0
-at the trial's last step). The trials go from the largest rate down and stop at the first local minimum of their
+at the trial's last step; representation tracking off). The trials go from the largest rate down and stop at the first local minimum of their
 final validation loss (the rule: `igpt_jax.lr_ladder`); a trial whose loss turns NaN/Inf counts as +inf.
 
 An interrupted search resumes: a trial that ended (finished or diverged) left ``lr_search_trial.json`` in its
@@ -72,6 +72,7 @@ def trial_config(config: ml_collections.ConfigDict, lr: float, *, steps_per_epoc
     warmup = steps_per_epoch if config.train.warmup_steps == -1 else config.train.warmup_steps
     trial.train.warmup_steps = int(round(warmup * fraction))
     trial.checkpoint.every_steps = _scaled(config.checkpoint.every_steps, fraction)
+    trial.track.every = 0  # representation tracking is for full runs; a trial only compares validation losses
     return trial
 
 

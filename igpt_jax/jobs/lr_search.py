@@ -7,8 +7,9 @@ Command:
 Each trial is an ordinary pretraining run of the same model on the same data, in ``WORKDIR/lr_<lr>`` (e.g.
 ``lr_0.003/``): the config's run with ``train.lr`` set to the trial's rate and its schedule shrunk by
 ``lr_search.schedule_fraction`` (``train.num_steps``, the warmup and the checkpoint period; the cosine decays to 0
-at the trial's last step; representation tracking off). The trials go from the largest rate down and stop at the first local minimum of their
-final validation loss (the rule: `igpt_jax.lr_ladder`); a trial whose loss turns NaN/Inf counts as +inf.
+at the trial's last step; representation tracking off). The trials go from the largest rate down and stop at the
+first local minimum of their final validation loss (the rule: `igpt_jax.lr_ladder`); a trial whose loss turns
+NaN/Inf counts as +inf.
 
 An interrupted search resumes: a trial that ended (finished or diverged) left ``lr_search_trial.json`` in its
 workdir and is read back, not rerun (after checking its settings are this search's); an unfinished trial resumes

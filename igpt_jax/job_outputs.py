@@ -15,6 +15,13 @@ def workpath_of(workdir: str) -> epath.Path:
     return epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
 
 
+def write_atomic(path: epath.Path, data: bytes) -> None:
+    """Writes `data` to a temporary name beside `path`, then renames it: a kill leaves the old file or the new one."""
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
 def jsonable(x: Any) -> Any:
     """`x` with numpy scalars and arrays as Python values, tuples as lists, keys as strings, NaN/inf as None."""
     if isinstance(x, dict):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ from absl import logging
 from etils import epath
 
 from igpt_jax import features as features_lib
+from igpt_jax.job_outputs import write_atomic
 
 DIRNAME = "progress"
 
@@ -31,12 +31,6 @@ def fingerprint(identity: Any) -> str:
     """A short hash of a JSON-able description (keys sorted)."""
     text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)  # overwrites a stale piece
 
 
 class ProbeProgress:
@@ -82,7 +76,7 @@ class ProbeProgress:
         buf = io.BytesIO()
         np.savez(buf, fingerprint=np.array(fp), features=split.features, labels=split.labels, index=split.index,
                  tokens=split.tokens, loss=np.array(split.loss))
-        _write_atomic(self._path(f"features-{name}.npz"), buf.getvalue())
+        write_atomic(self._path(f"features-{name}.npz"), buf.getvalue())
 
     def load_result(self, name: str, fp: str) -> dict[str, Any] | None:
         """The results saved under ``name`` with fingerprint ``fp``, else None."""
@@ -103,4 +97,4 @@ class ProbeProgress:
         if not self.writer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self._path(f"result-{name}.json"), json.dumps({"fingerprint": fp, "result": result}).encode())
+        write_atomic(self._path(f"result-{name}.json"), json.dumps({"fingerprint": fp, "result": result}).encode())

@@ -42,6 +42,7 @@ from igpt_jax import features as features_lib
 from igpt_jax import linear_probe
 from igpt_jax.config_checks import ConfigError
 from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.job_outputs import write_atomic
 from igpt_jax.layout import Layout
 from igpt_jax.model import ModelConfig
 from igpt_jax.palette import Palette
@@ -191,9 +192,7 @@ class Tracker:
         return json.loads(self.history_path.read_text()) if self.history_path.exists() else []
 
     def _write_history(self) -> None:
-        partial = self.history_path.parent / (self.history_path.name + ".partial")
-        partial.write_text(json.dumps(self.history, indent=1))
-        partial.replace(self.history_path)  # a kill leaves the old or the new file
+        write_atomic(self.history_path, json.dumps(self.history, indent=1).encode())
 
     def _plot(self) -> None:
         from igpt_jax import plots  # noqa: PLC0415

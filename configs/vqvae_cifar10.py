@@ -23,7 +23,8 @@ Result:    VQ-VAE, CIFAR-10 test split: reconstruction MSE 0.0215 ([-1, 1] units
            Pretraining on codes: validation loss 2.239 -> 2.046 -> 1.906 nats/token at steps 500/1000/2000.
            Linear probe, test accuracy (C chosen on validation, refit on all 50,000 labelled images): best layer
            7 of 8: 49.36 %; concatenated layers 6-8: 54.33 % (the palette model of configs/cifar10_cpu.py at the
-           same steps: 49.17 % and 54.07 %); raw code ids 17.05 %. README "VQ-VAE codes instead of pixels".
+           same steps: 49.17 % and 54.07 %); raw code ids 17.05 %; random weights 38.38 %. README "VQ-VAE codes
+           instead of pixels".
 """
 
 from igpt_jax import config_defaults

@@ -9,9 +9,13 @@ with W [d, classes] (one column per class, the symmetric parametrisation), the i
 It is minimised by full-batch L-BFGS (`optax.lbfgs`, zoom line search) until max |grad f| <= tol (scikit-learn's
 `gtol`, default 1e-4) or ``max_iter`` iterations, from a warm start (the previous C's solution along a path).
 
-Several independent problems (the layers of a model, the random subsets of a low-data budget) are solved at once by
-`jax.vmap` over a leading axis: x [problems, n, d], one C per problem. Classes absent from a problem's training
-labels get a fixed logit of -1e9 (never predicted; scikit-learn drops them).
+Several independent problems (the layers of a model, the random subsets of a low-data budget) are solved in one
+compiled call, one after the other (`jax.lax.map` over a leading axis: x [problems, n, d], one C per problem), so
+each stops at its own convergence. Not `jax.vmap` by default: a batched while loop runs every problem until the
+slowest converges, and under vmap the line search's and optax's reuse of the last evaluation (`lax.cond`) become
+selects that evaluate both branches (bench/bench_logreg_batching.py measures both; bench/RESULTS.md "Linear
+probe"). Classes absent from a problem's training labels get a fixed logit of -1e9 (never predicted; scikit-learn
+drops them).
 """
 
 from __future__ import annotations
@@ -63,9 +67,15 @@ def _solve_one(x, y, C, offset, w0, b0, *, max_iter: int, tol: float, memory: in
     return p["w"], p["b"], it, gmax
 
 
-@functools.partial(jax.jit, static_argnames=("max_iter", "tol", "memory"))
-def _solve_batched(x, y, C, offset, w0, b0, *, max_iter: int, tol: float, memory: int):
-    return jax.vmap(functools.partial(_solve_one, max_iter=max_iter, tol=tol, memory=memory))(x, y, C, offset, w0, b0)
+BATCHING = ("map", "vmap")  # how fit() runs several problems: one after the other (default), or vectorised
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "tol", "memory", "batching"))
+def _solve_batched(x, y, C, offset, w0, b0, *, max_iter: int, tol: float, memory: int, batching: str = "map"):
+    solve = functools.partial(_solve_one, max_iter=max_iter, tol=tol, memory=memory)
+    if batching == "vmap":
+        return jax.vmap(solve)(x, y, C, offset, w0, b0)
+    return jax.lax.map(lambda args: solve(*args), (x, y, C, offset, w0, b0))
 
 
 def class_offsets(y: np.ndarray, num_classes: int) -> np.ndarray:
@@ -77,7 +87,8 @@ def class_offsets(y: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def fit(x: np.ndarray, y: np.ndarray, C: np.ndarray, *, num_classes: int, init: tuple[np.ndarray, np.ndarray] | None = None,
-        max_iter: int = 1000, tol: float = 1e-4, memory: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        max_iter: int = 1000, tol: float = 1e-4, memory: int = 10,
+        batching: str = "map") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fits one logistic regression per problem.
 
     Args:
@@ -89,10 +100,14 @@ def fit(x: np.ndarray, y: np.ndarray, C: np.ndarray, *, num_classes: int, init: 
       max_iter: L-BFGS iterations at most.
       tol: stop when max |grad f| <= tol.
       memory: L-BFGS history length.
+      batching: 'map' (one problem after the other, each to its own convergence) or 'vmap' (all together until the
+        slowest converges; bench/bench_logreg_batching.py compares them).
 
     Returns:
       (w [problems, d, k], b [problems, k], iterations [problems]) as numpy arrays; b is -inf for absent classes.
     """
+    if batching not in BATCHING:
+        raise ValueError(f"batching={batching!r}: expected one of {BATCHING}")
     x = np.asarray(x, np.float32)
     problems, n, d = x.shape
     y = np.broadcast_to(np.asarray(y, np.int32), (problems, n))
@@ -103,6 +118,6 @@ def fit(x: np.ndarray, y: np.ndarray, C: np.ndarray, *, num_classes: int, init: 
     else:
         w0, b0 = np.asarray(init[0], np.float32), np.where(np.isfinite(init[1]), init[1], 0.0).astype(np.float32)
     w, b, it, _ = jax.device_get(_solve_batched(x, y, C, offset, w0, b0, max_iter=int(max_iter), tol=float(tol),
-                                                memory=int(memory)))
+                                                memory=int(memory), batching=batching))
     b = np.where(offset < 0, -np.inf, b).astype(np.float32)
     return np.asarray(w, np.float32), b, np.asarray(it)

@@ -54,6 +54,21 @@ def test_jax_solver_batched_equals_one_at_a_time_and_warm_start_reaches_the_same
     assert (warm_it < cold_it).all()
 
 
+def test_mapped_and_vmapped_problems_reach_the_same_solutions(digits_features):
+    """'map' (default: each problem stops at its own convergence) and 'vmap' solve the same problems alike."""
+    (tx, ty), _, _ = digits_features
+    x = np.stack([linear_probe.Standardizer.fit(tx[:, p])(tx[:, p]) for p in range(2)])
+    C = np.array([0.01, 1.0])  # one fast, one slow problem: vmap's loop runs both to the slow one's count
+    mw, mb, mit = logreg_jax.fit(x, ty, C, num_classes=10, batching="map")
+    vw, vb, vit = logreg_jax.fit(x, ty, C, num_classes=10, batching="vmap")
+    np.testing.assert_array_equal(mit, vit)  # each problem's own iteration count
+    assert mit[0] < mit[1]
+    np.testing.assert_allclose(mw, vw, atol=1e-4)
+    np.testing.assert_allclose(mb, vb, atol=1e-4)
+    with pytest.raises(ValueError, match=r"batching='scan': expected one of \('map', 'vmap'\)"):
+        logreg_jax.fit(x, ty, C, num_classes=10, batching="scan")
+
+
 def test_absent_classes_are_never_predicted():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(1, 60, 5)).astype(np.float32)

@@ -189,6 +189,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _check_training(config, dp)
     if job == "pretrain":
         _check_tracking(config, dp)
+        _check_probe_steps_kept(config)
     elif job == "lr_search":
         _check_lr_search(config)
     elif job == "probe":
@@ -378,6 +379,23 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
     budgets = config.probe.low_data_budgets
     if any(not isinstance(b, int) or b <= 0 for b in budgets):
         raise ConfigError(f"probe.low_data_budgets={tuple(budgets)} must be positive label counts")
+
+
+def _check_probe_steps_kept(config: ml_collections.ConfigDict) -> None:
+    """A probe in `config.then` asks only for checkpoint steps this pretraining run saves and keeps."""
+    steps = [int(s) for s in config.probe.checkpoint_steps if int(s) != -1]
+    if "probe" not in config.then or not steps:
+        return
+    every, keep, last = int(config.checkpoint.every_steps), int(config.checkpoint.max_to_keep), int(
+        config.train.num_steps)
+    kept = sorted(set(range(every, last + 1, every)) | {last})[-keep:]
+    missing = [s for s in steps if s not in kept]
+    if missing:
+        raise ConfigError(
+            f"probe.checkpoint_steps={tuple(config.probe.checkpoint_steps)}: step(s) {missing} will not be on disk "
+            f"when the probe runs; this run keeps steps {kept} (a checkpoint every checkpoint.every_steps={every} "
+            f"up to train.num_steps={last}, the last checkpoint.max_to_keep={keep}); ask for kept steps or raise "
+            f"checkpoint.max_to_keep")
 
 
 def _check_tracking(config: ml_collections.ConfigDict, dp: int | None) -> None:

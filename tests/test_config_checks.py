@@ -50,6 +50,10 @@ CLI_ERRORS = [
     (["--config=configs/demo.py", "--config.mesh.shape=(1, 1, 8)"],
      "model.n_head=4 cannot be split 8 ways over mesh axes ('tensor',) (mesh.shape: data=1, fsdp=1, context=1, "
      "tensor=8; rule 'heads'): choose a mesh whose tensor size divides 4"),
+    (["--config=configs/demo.py", "--config.checkpoint.max_to_keep=3"],
+     "probe.checkpoint_steps=(250, 500, 750, 1000): step(s) [250] will not be on disk when the probe runs; this run "
+     "keeps steps [500, 750, 1000] (a checkpoint every checkpoint.every_steps=250 up to train.num_steps=1000, the "
+     "last checkpoint.max_to_keep=3); ask for kept steps or raise checkpoint.max_to_keep"),
     (["--config=configs/demo.py", "--config.probe.max_iter=0"],
      "follow-up job 'probe' (config.then): probe.max_iter=0 must be positive"),
     (["--config=configs/igpt_s.py", "--config.model.vocab_size=256", "--config.data.n_colors=512"],
@@ -80,7 +84,7 @@ def test_list_prints_jobs_and_every_field_with_its_default_and_comment():
     assert "  train.batch_size = 64 [128]  # global, over all processes and devices\n" in out
     assert "  train.lr = 0.003  # peak learning rate (Adam)\n" in out
     assert "  model.vocab_size = 16  # number of palette colours (token ids are 0..vocab_size-1). (0: data.n_colors)" in out
-    assert "  data.augment = 'none'  # cifar | imagenet | none (training only); auto:" in out
+    assert "  data.augment = 'shift' ['none']  # cifar | shift | imagenet | none (training only); auto:" in out
     assert "  then = ('probe', 'sample') [()]  # Jobs to run after `job`" in out
     usage = _main("--help").stdout
     assert "--list" in usage and f"({', '.join(config_checks.JOBS)})" in usage.replace("\n", " ")

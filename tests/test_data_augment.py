@@ -53,6 +53,23 @@ def test_cifar_covers_all_offsets_and_flips():
     assert len(set(seen)) == 9 * 9 * 2  # every offset and flip occurs, nothing else does.
 
 
+def test_shift_is_the_cifar_crop_without_the_flip():
+    """'shift' (the demo's digits): every offset of the reflect-padded image occurs, never a mirror image."""
+    img = _image(8, 8, 1, seed=3)
+    padded = np.pad(img, ((1, 1), (1, 1), (0, 0)), mode='reflect')
+    crops = {np.ascontiguousarray(padded[t:t + 8, l:l + 8]).tobytes(): (t, l) for t in range(3) for l in range(3)}
+    seen = set()
+    for s in range(300):
+        out = augment.train_transform(img, np.random.default_rng(s), style='shift', resolution=8, cifar_pad=1)
+        assert out.tobytes() in crops, f'seed {s}: not an unflipped crop'
+        seen.add(crops[out.tobytes()])
+        rng = np.random.default_rng(s)
+        top, left = rng.integers(0, 3), rng.integers(0, 3)
+        assert crops[out.tobytes()] == (top, left)  # the cifar draws of top and left, and no flip drawn
+    assert len(seen) == 9
+    np.testing.assert_array_equal(augment.eval_transform(img, style='shift', resolution=8), img)
+
+
 def test_resize_is_identity_at_same_size_and_preserves_constant():
     img = _image(32, 32, 3)
     assert augment.resize(img, 32) is img

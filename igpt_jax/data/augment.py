@@ -11,6 +11,9 @@ Styles (``config.data.augment``):
   * ``'cifar'``: as ``'none'``, then in training a reflection pad of ``pad``
     pixels, a random crop back to the resolution and a random horizontal flip
     (Wide ResNet style).
+  * ``'shift'``: the ``'cifar'`` crop without the flip: a random translation by
+    up to ``pad`` pixels, for images whose mirror image is another class or
+    none of the set (digits).
   * ``'imagenet'``: in training, rescale so the shorter side is uniform in
     ``resize_range`` (256..384), take a random ``crop`` (224) square, resize it
     to the resolution. In evaluation, rescale the shorter side to ``crop``, take
@@ -23,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-STYLES = ('none', 'cifar', 'imagenet')
+STYLES = ('none', 'cifar', 'shift', 'imagenet')
 
 
 def _to_pil(image: np.ndarray) -> Image.Image:
@@ -79,8 +82,8 @@ def _reflect(idx: np.ndarray, n: int) -> np.ndarray:
     return np.where(idx >= n, 2 * (n - 1) - idx, idx)
 
 
-def cifar_augment(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
-    """Reflection pad, random crop back to the same size, random horizontal flip.
+def cifar_augment(image: np.ndarray, rng: np.random.Generator, pad: int = 4, flip: bool = True) -> np.ndarray:
+    """Reflection pad, random crop back to the same size, random horizontal flip (unless ``flip=False``).
 
     Equal to ``np.pad(image, pad, mode='reflect')`` followed by the crop and the
     flip, done as one gather.
@@ -89,6 +92,7 @@ def cifar_augment(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> 
       image: uint8 [H, W, C] with H, W > pad.
       rng: the random generator (draws: top, left, flip).
       pad: pixels of reflection padding on each side.
+      flip: whether to flip horizontally with probability 1/2 (no draw is made when False).
 
     Returns:
       uint8 [H, W, C].
@@ -98,7 +102,7 @@ def cifar_augment(image: np.ndarray, rng: np.random.Generator, pad: int = 4) -> 
         raise ValueError(f'Reflection pad {pad} needs images larger than {pad}, got {h}x{w}.')
     top = int(rng.integers(0, 2 * pad + 1))
     left = int(rng.integers(0, 2 * pad + 1))
-    flip = rng.random() < 0.5
+    flip = flip and rng.random() < 0.5
     rows = _reflect(np.arange(top - pad, top - pad + h), h)
     cols = _reflect(np.arange(left - pad, left - pad + w), w)
     if flip:
@@ -152,6 +156,8 @@ def train_transform(
         return resize(image, resolution)
     if style == 'cifar':
         return cifar_augment(resize(image, resolution), rng, cifar_pad)
+    if style == 'shift':
+        return cifar_augment(resize(image, resolution), rng, cifar_pad, flip=False)
     if style == 'imagenet':
         return imagenet_train(image, rng, resolution, tuple(imagenet_resize_range), imagenet_crop)
     raise ValueError(f'Unknown augmentation {style!r}; expected one of {STYLES}.')
@@ -159,7 +165,7 @@ def train_transform(
 
 def eval_transform(image: np.ndarray, *, style: str, resolution: int, imagenet_crop: int = 224) -> np.ndarray:
     """The evaluation transform of `style` (no randomness); returns [resolution, resolution, C]."""
-    if style in ('none', 'cifar'):
+    if style in ('none', 'cifar', 'shift'):
         return resize(image, resolution)
     if style == 'imagenet':
         return imagenet_eval(image, resolution, imagenet_crop)

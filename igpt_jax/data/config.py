@@ -55,10 +55,10 @@ def default_data_config(name: str = 'digits', *, auto: bool = False) -> ml_colle
     cfg.palette_path = ml_collections.FieldReference(None, field_type=str)
     cfg.palette_seed = 0  # k-means seed of the palette
     cfg.palette_sample_pixels = 1_000_000  # pixels sampled for the k-means palette
-    cfg.augment = preset['augment']  # cifar | imagenet | none (training only); auto: cifar10's, imagenet's, else none
+    cfg.augment = preset['augment']  # cifar | shift | imagenet | none (training only); auto: cifar10's, imagenet's, else none
     cfg.imagenet_resize_range = (256, 384)  # 'imagenet' augmentation: random resize of the shorter side
     cfg.imagenet_crop = 224  # 'imagenet' augmentation: random square crop
-    cfg.cifar_pad = 4  # 'cifar' augmentation: reflection padding before the random crop
+    cfg.cifar_pad = 4  # 'cifar' and 'shift' augmentations: reflection padding before the random crop
     cfg.val_fraction = preset['val_fraction']  # validation = this last fraction of train; -1: 0.04 imagenet, else 0.1
     cfg.fold_val = False  # True: 'train' uses all train records (final runs, paper 3.1); 'validation' still held out
     cfg.train_split = 'train'  # TFDS split behind 'train' and 'validation'

@@ -148,6 +148,10 @@ def test_the_probe_picks_the_layer_best_on_validation():
     # The selection function on its own, on hand-made validation accuracies.
     fits = [linear_probe.LayerFit(l, None, acc, {}) for l, acc in zip([0, 1, 2, 3], [0.3, 0.7, 0.9, 0.9])]
     assert linear_probe.best_position(fits) == 2
+    # Ties in accuracy go to the lower validation loss (then the earliest).
+    fits = [linear_probe.LayerFit(l, None, acc, {}, loss)
+            for l, acc, loss in zip([0, 1, 2, 3, 4], [0.9, 0.7, 0.9, 0.9, 0.9], [0.5, 0.1, 0.4, 0.3, 0.3])]
+    assert linear_probe.best_position(fits) == 3
 
 
 def test_sgd_probe_trains_all_layers_at_once_and_finds_the_informative_one():

@@ -50,10 +50,10 @@ CLI_ERRORS = [
     (["--config=configs/demo.py", "--config.mesh.shape=(1, 1, 8)"],
      "model.n_head=4 cannot be split 8 ways over mesh axes ('tensor',) (mesh.shape: data=1, fsdp=1, context=1, "
      "tensor=8; rule 'heads'): choose a mesh whose tensor size divides 4"),
-    (["--config=configs/demo.py", "--config.checkpoint.max_to_keep=3"],
-     "probe.checkpoint_steps=(250, 500, 750, 1000): step(s) [250] will not be on disk when the probe runs; this run "
-     "keeps steps [500, 750, 1000] (a checkpoint every checkpoint.every_steps=250 up to train.num_steps=1000, the "
-     "last checkpoint.max_to_keep=3); ask for kept steps or raise checkpoint.max_to_keep"),
+    (["--config=configs/demo.py", "--config.checkpoint.max_to_keep=2"],
+     "probe.checkpoint_steps=(500, 1000, 1500): step(s) [500] will not be on disk when the probe runs; this run "
+     "keeps steps [1000, 1500] (a checkpoint every checkpoint.every_steps=500 up to train.num_steps=1500, the "
+     "last checkpoint.max_to_keep=2); ask for kept steps or raise checkpoint.max_to_keep"),
     (["--config=configs/demo.py", "--config.probe.max_iter=0"],
      "follow-up job 'probe' (config.then): probe.max_iter=0 must be positive"),
     (["--config=configs/igpt_s.py", "--config.model.vocab_size=256", "--config.data.n_colors=512"],

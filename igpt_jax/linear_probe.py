@@ -8,8 +8,8 @@ Everything here works on host arrays, independent of how the features were made:
 
 Solvers:
   * 'jax_lbfgs' (default): multinomial L2 logistic regression with scikit-learn's objective, fitted by full-batch
-    L-BFGS in JAX (`igpt_jax.logreg_jax`): all layers (or all low-data subsets) in one compiled call, warm-started along the
-    C grid; its accuracies equal scikit-learn's within a few tenths of a point (tests/test_probe_solver.py).
+    L-BFGS in JAX (`igpt_jax.logreg_jax`): all layers (or all low-data subsets) in one compiled call, warm-started
+    along the C grid; its accuracies equal scikit-learn's within a few tenths of a point (tests/test_probe_solver.py).
   * 'lbfgs': scikit-learn's multinomial `LogisticRegression` (L-BFGS), one problem at a time (the reference).
     For both: features standardised on the training split, the inverse L2 strength C searched over a grid on the
     validation split (CIFAR/STL probes in the paper); the grid widens itself (`probe.C_widen` more values per
@@ -219,7 +219,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: np.ndarray, settings: ProbeSet
       x: [problems, n, d] features (already standardised).
       y: [n] labels shared by every problem, or [problems, n].
       C: [problems] inverse L2 strengths.
-      settings: 'jax_lbfgs' (all problems at once, warm-started from ``init``) or 'lbfgs' (scikit-learn, one by one).
+      settings: 'jax_lbfgs' (all problems in one compiled call, warm-started from ``init``) or 'lbfgs'
+        (scikit-learn, one by one).
       num_classes: number of classes.
       init: (w [problems, d, k], b [problems, k]) warm start; used by 'jax_lbfgs' only.
 
@@ -379,7 +380,8 @@ def validation_loss(model: LinearModel, x: np.ndarray, y: np.ndarray) -> float:
     logits = model.standardizer(x).astype(np.float64) @ model.w + model.b
     top = np.max(logits, axis=-1, keepdims=True)
     log_z = top[..., 0] + np.log(np.sum(np.exp(logits - top), axis=-1))
-    return float(np.mean(log_z - np.take_along_axis(logits, np.broadcast_to(y, logits.shape[:-1])[..., None], -1)[..., 0]))
+    labels = np.broadcast_to(y, logits.shape[:-1])[..., None]
+    return float(np.mean(log_z - np.take_along_axis(logits, labels, -1)[..., 0]))
 
 
 def _split_layers(x: np.ndarray) -> np.ndarray:

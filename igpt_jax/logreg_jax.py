@@ -1,4 +1,4 @@
-"""Multinomial L2 logistic regression fitted in JAX: scikit-learn's objective, several problems at once.
+"""Multinomial L2 logistic regression fitted in JAX: scikit-learn's objective, several problems in one call.
 
 The objective is scikit-learn's `LogisticRegression(penalty='l2', C)` for multinomial problems, divided by the
 number of examples n (the same minimiser; scikit-learn minimises the same scaled form):

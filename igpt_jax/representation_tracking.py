@@ -8,7 +8,7 @@ Every ``config.track.every`` steps (and at the last step) the `Tracker` takes th
      TFDS stores records in a fixed pseudo-random order, so these are the same reproducible random images at every
      evaluation, in every segment of a resumed run, on any mesh);
   2. fits one multinomial logistic regression per layer with the JAX L-BFGS solver (`igpt_jax.logreg_jax`, all
-     layers at once), choosing C on the subset's validation part (grid ``track.C``, or ``probe.C`` when empty,
+     layers in one call), choosing C on the subset's validation part (grid ``track.C``, or ``probe.C`` when empty,
      widened at its edges as the probe's is);
   3. records each layer's validation accuracy, the best layer and its accuracy, the subset's validation loss (mean
      NLL of the validation images, from the same forward pass) and the evaluation's seconds: ``track/*`` scalars in

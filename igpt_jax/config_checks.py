@@ -386,8 +386,8 @@ def _check_probe_steps_kept(config: ml_collections.ConfigDict) -> None:
     steps = [int(s) for s in config.probe.checkpoint_steps if int(s) != -1]
     if "probe" not in config.then or not steps:
         return
-    every, keep, last = int(config.checkpoint.every_steps), int(config.checkpoint.max_to_keep), int(
-        config.train.num_steps)
+    every, keep = int(config.checkpoint.every_steps), int(config.checkpoint.max_to_keep)
+    last = int(config.train.num_steps)
     kept = sorted(set(range(every, last + 1, every)) | {last})[-keep:]
     missing = [s for s in steps if s not in kept]
     if missing:

@@ -128,7 +128,8 @@ def base_config() -> ml_collections.ConfigDict:
     # 'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token grid's four
     # quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model on raw pixels sees)
     c.probe.pooling = "mean"
-    # jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers in one compiled call (CIFAR/STL in the paper);
+    # jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers in one compiled call (CIFAR/STL
+    # in the paper);
     # lbfgs: scikit-learn itself (the reference, slower); sgd: JAX SGD (large datasets, ImageNet)
     c.probe.solver = "jax_lbfgs"
     c.probe.C = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # jax_lbfgs/lbfgs: inverse L2 strengths searched on validation

@@ -163,9 +163,13 @@ class LinearModel:
     standardizer: Standardizer
     hyper: float
 
+    def logits(self, x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+        """Logits of x [..., n, d] -> [..., n, classes], computed in `dtype`."""
+        return self.standardizer(x).astype(dtype, copy=False) @ self.w + self.b
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Class predictions of x [..., n, d] -> [..., n]."""
-        return np.argmax(self.standardizer(x) @ self.w + self.b, axis=-1)
+        return np.argmax(self.logits(x), axis=-1)
 
     def predict_ensemble(self, x: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
         """Modal prediction over the masks of x [masks, n, d]."""
@@ -377,11 +381,11 @@ class LayerFit:
 
 def validation_loss(model: LinearModel, x: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood (nats) of labels y [n] under the model on x [masks, n, d], over masks and n."""
-    logits = model.standardizer(x).astype(np.float64) @ model.w + model.b
-    top = np.max(logits, axis=-1, keepdims=True)
-    log_z = top[..., 0] + np.log(np.sum(np.exp(logits - top), axis=-1))
-    labels = np.broadcast_to(y, logits.shape[:-1])[..., None]
-    return float(np.mean(log_z - np.take_along_axis(logits, labels, -1)[..., 0]))
+    from scipy.special import log_softmax  # noqa: PLC0415 (scikit-learn's dependency; imported when used, like it)
+
+    log_p = log_softmax(model.logits(x, np.float64), axis=-1)
+    labels = np.broadcast_to(y, log_p.shape[:-1])[..., None]
+    return float(-np.mean(np.take_along_axis(log_p, labels, -1)))
 
 
 def _split_layers(x: np.ndarray) -> np.ndarray:

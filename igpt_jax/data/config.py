@@ -55,7 +55,7 @@ def default_data_config(name: str = 'digits', *, auto: bool = False) -> ml_colle
     cfg.palette_path = ml_collections.FieldReference(None, field_type=str)
     cfg.palette_seed = 0  # k-means seed of the palette
     cfg.palette_sample_pixels = 1_000_000  # pixels sampled for the k-means palette
-    cfg.augment = preset['augment']  # cifar | shift | imagenet | none (training only); auto: cifar10's, imagenet's, else none
+    cfg.augment = preset['augment']  # cifar | shift | imagenet | none (training only); auto: the dataset preset's
     cfg.imagenet_resize_range = (256, 384)  # 'imagenet' augmentation: random resize of the shorter side
     cfg.imagenet_crop = 224  # 'imagenet' augmentation: random square crop
     cfg.cifar_pad = 4  # 'cifar' and 'shift' augmentations: reflection padding before the random crop

@@ -1,7 +1,8 @@
-"""Line charts with matplotlib (Agg backend, PNG): the probe's Figure 2 and Figure 3 analogues.
+"""Charts with matplotlib (Agg backend, PNG): the probe's Figure 2 and Figure 3 analogues, and Figure 4's bars.
 
 `line_chart` draws series of (x, y) points with markers, horizontal reference lines (baselines), labelled axes, a
-title and a legend, and writes a PNG (local path, or any URL `etils.epath` writes, e.g. ``gs://``).
+title and a legend; `bar_chart` draws groups of labelled bars. Both write a PNG (local path, or any URL
+`etils.epath` writes, e.g. ``gs://``).
 """
 
 from __future__ import annotations
@@ -67,15 +68,59 @@ def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[
         ax.grid(True, color="#eeeeee")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=9)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        png = _png(fig)
     finally:
         plt.close(fig)
+    _write(path, png)
+
+
+def bar_chart(path: str, *, groups: Sequence[str], bars: Sequence[dict[str, Any]], title: str = "",
+              ylabel: str = "", size: tuple[int, int] = (900, 600)) -> None:
+    """Writes a PNG of grouped bars, each bar labelled with its value.
+
+    Args:
+      path: output file (local path; written through `etils.epath` for URLs).
+      groups: the x-axis categories (e.g. one per run).
+      bars: dicts with 'label' and 'values' (one per group; None or non-finite: no bar), optional 'color'.
+      title, ylabel: texts.
+      size: (width, height) in pixels.
+    """
+    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    try:
+        width = 0.8 / max(len(bars), 1)
+        for i, b in enumerate(bars):
+            points = [(g + (i - (len(bars) - 1) / 2) * width, float(v)) for g, v in enumerate(b["values"])
+                      if _finite(v)]
+            drawn = ax.bar([p[0] for p in points], [p[1] for p in points], width=width * 0.95, label=b["label"],
+                           color=b.get("color", COLOURS[i % len(COLOURS)]))
+            ax.bar_label(drawn, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, axis="y", color="#eeeeee")
+        ax.set_axisbelow(True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=9)
+        png = _png(fig)
+    finally:
+        plt.close(fig)
+    _write(path, png)
+
+
+def _png(fig) -> bytes:
+    """The figure, laid out, as PNG bytes."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _write(path: str, data: bytes) -> None:
+    """Writes `data` to a local path, or through `etils.epath` to a URL (gs://...)."""
     if "://" in str(path):
         from etils import epath  # noqa: PLC0415
 
-        epath.Path(path).write_bytes(buf.getvalue())
+        epath.Path(path).write_bytes(data)
     else:
         with open(path, "wb") as f:
-            f.write(buf.getvalue())
+            f.write(data)

@@ -1,5 +1,5 @@
 """Test session set-up: 8 fake CPU devices for sharding tests, absl flags parsed for Grain workers, and the shared
-fixtures (a tiny pretraining run made once per session)."""
+fixtures (a tiny pretraining run made once per session, and its probe and fine-tuning jobs)."""
 
 import os
 
@@ -31,3 +31,30 @@ def pretrained_digits_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("pretrain"))
     pretrain.run(downstream_config(data_dir), workdir, devices=jax.devices()[:1])
     return data_dir, workdir
+
+
+@pytest.fixture(scope="session")
+def probe_results(pretrained_digits_run, tmp_path_factory):
+    """(config, workdir, results) of the probe job on the shared run: both checkpoints, concatenation, low data."""
+    import jax  # noqa: PLC0415
+
+    from igpt_jax.jobs import probe  # noqa: PLC0415
+    from tiny_runs import PRETRAIN_STEPS, probe_config  # noqa: PLC0415
+
+    config = probe_config(pretrained_digits_run, checkpoint_steps=(PRETRAIN_STEPS // 2, PRETRAIN_STEPS),
+                          concat_layers=2, low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0),
+                          solver="lbfgs", C_widen=0)
+    workdir = tmp_path_factory.mktemp("probe")
+    return config, workdir, probe.run(config, str(workdir), devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="session")
+def finetune_results(pretrained_digits_run, tmp_path_factory):
+    """(workdir, results) of the fine-tuning job on the shared run (`tiny_runs.finetune_config`)."""
+    import jax  # noqa: PLC0415
+
+    from igpt_jax.jobs import finetune  # noqa: PLC0415
+    from tiny_runs import finetune_config  # noqa: PLC0415
+
+    workdir = tmp_path_factory.mktemp("finetune")
+    return workdir, finetune.run(finetune_config(pretrained_digits_run), str(workdir), devices=jax.devices()[:1])

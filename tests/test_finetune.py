@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 
 from igpt_jax import sharding
-from igpt_jax import features as features_lib
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import finetune
 from igpt_jax.layout import param_layout, random_params
 from igpt_jax.model import ModelConfig
 
-from tiny_runs import PRETRAIN_STEPS
-from tiny_runs import downstream_config as tiny_config
-
-STEPS, EVAL_EVERY = 40, 20
+from tiny_runs import FINETUNE_EVAL_EVERY as EVAL_EVERY
+from tiny_runs import FINETUNE_STEPS as STEPS
+from tiny_runs import PRETRAIN_STEPS, finetune_config
 
 
 @pytest.fixture(scope="session")
@@ -26,28 +24,9 @@ def run(pretrained_digits_run):
     return pretrained_digits_run
 
 
-def finetune_config(run, **overrides):
-    data_dir, workdir = run
-    config = tiny_config(data_dir)
-    config.job = "finetune"
-    config.checkpoint.source_workdir = workdir
-    config.checkpoint.every_steps = 1000
-    config.finetune.num_steps = STEPS
-    config.finetune.eval_every = EVAL_EVERY
-    config.finetune.lr = 1e-2
-    # L_CLF alone: with L_GEN + L_CLF (the default) a 40-step run barely moves the head of this tiny model.
-    config.finetune.objective = "clf"
-    config.finetune.batch_size = 32
-    config.finetune.eval_batch_size = 160
-    config.finetune.log_every = 10
-    config.finetune.update(overrides)
-    return config
-
-
 @pytest.fixture(scope="session")
-def full_run(run, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("finetune")
-    return workdir, finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
+def full_run(finetune_results):
+    return finetune_results
 
 
 def test_finetuning_improves_validation_accuracy_over_the_zero_head(run, full_run):

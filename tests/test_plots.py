@@ -32,3 +32,18 @@ def test_line_chart_without_points_still_writes_a_png(tmp_path):
     plots.line_chart(str(path), series=[{"x": [], "y": [], "label": "none"}])
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size == (900, 600)
+
+
+def test_bar_chart_draws_each_bar_series_and_skips_missing_values(tmp_path):
+    path = tmp_path / "bars.png"
+    plots.bar_chart(str(path), groups=["AR", "BERT"], bars=[
+        {"label": "probe", "values": [50.0, 40.0], "color": "#1f77b4"},
+        {"label": "fine-tuned", "values": [None, 60.0], "color": "#2ca02c"},
+    ], title="t", ylabel="accuracy (%)", size=(640, 480))
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (640, 480)
+        pixels = np.asarray(img.convert("RGB"))
+    blue, green = _pixels_of(pixels, "#1f77b4"), _pixels_of(pixels, "#2ca02c")
+    assert blue > 1000 and green > 1000
+    # Bar areas follow the values: blue 50 + 40, green 60 alone (its missing AR bar is not drawn).
+    assert 1.3 < blue / green < 1.7

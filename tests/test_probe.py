@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,7 +16,7 @@ from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import probe
 from igpt_jax.layout import param_layout, random_params
 from igpt_jax.model import IGPT, ModelConfig
-from tiny_runs import PRETRAIN_STEPS, downstream_config
+from tiny_runs import PRETRAIN_STEPS, downstream_config, probe_config
 
 tiny_config = downstream_config
 
@@ -25,15 +24,6 @@ tiny_config = downstream_config
 @pytest.fixture(scope="session")
 def run(pretrained_digits_run):
     return pretrained_digits_run
-
-
-def probe_config(run, **probe_overrides) -> ml_collections.ConfigDict:
-    data_dir, workdir = run
-    config = tiny_config(data_dir)
-    config.job = "probe"
-    config.checkpoint.source_workdir = workdir
-    config.probe.update(probe_overrides)
-    return config
 
 
 def one_device_mesh():
@@ -190,14 +180,6 @@ def test_low_data_subsets_are_balanced_and_reported_as_mean_and_std():
 
 
 # ----------------------------------------------------------------------------------------------- the job
-
-
-@pytest.fixture(scope="session")
-def probe_results(run, tmp_path_factory):
-    config = probe_config(run, checkpoint_steps=(PRETRAIN_STEPS // 2, PRETRAIN_STEPS), concat_layers=2,
-                          low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0), solver="lbfgs", C_widen=0)
-    workdir = tmp_path_factory.mktemp("probe")
-    return config, workdir, probe.run(config, str(workdir), devices=jax.devices()[:1])
 
 
 def test_probe_job_reports_every_layer_the_best_layer_and_the_baselines(probe_results, capsys):

@@ -43,6 +43,38 @@ def downstream_config(data_dir: str) -> ml_collections.ConfigDict:
     return config
 
 
+def probe_config(run, **probe_overrides) -> ml_collections.ConfigDict:
+    """The probe job's config on the shared run (`run` = (data_dir, workdir)), with `config.probe` overrides."""
+    data_dir, workdir = run
+    config = downstream_config(data_dir)
+    config.job = "probe"
+    config.checkpoint.source_workdir = workdir
+    config.probe.update(probe_overrides)
+    return config
+
+
+FINETUNE_STEPS, FINETUNE_EVAL_EVERY = 40, 20
+
+
+def finetune_config(run, **overrides) -> ml_collections.ConfigDict:
+    """The fine-tuning job's config on the shared run: FINETUNE_STEPS steps of L_CLF, `config.finetune` overrides."""
+    data_dir, workdir = run
+    config = downstream_config(data_dir)
+    config.job = "finetune"
+    config.checkpoint.source_workdir = workdir
+    config.checkpoint.every_steps = 1000
+    config.finetune.num_steps = FINETUNE_STEPS
+    config.finetune.eval_every = FINETUNE_EVAL_EVERY
+    config.finetune.lr = 1e-2
+    # L_CLF alone: with L_GEN + L_CLF (the default) a 40-step run barely moves the head of this tiny model.
+    config.finetune.objective = "clf"
+    config.finetune.batch_size = 32
+    config.finetune.eval_batch_size = 160
+    config.finetune.log_every = 10
+    config.finetune.update(overrides)
+    return config
+
+
 def write_checkpoint(tmp_path_factory, step: int = 5):
     """A checkpoint as pretraining writes it (state, config, palette) of a random model whose logits are not flat.
 

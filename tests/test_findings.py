@@ -1,0 +1,105 @@
+"""The findings report (Figures 2-4 and the table) read from the real probe and fine-tuning jobs' results."""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt_jax import findings
+from igpt_jax.representation_tracking import HISTORY_FILE, Evaluation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(pretrained_digits_run, probe_results, finetune_results, tmp_path_factory):
+    """A run directory laid out as `config.then` leaves it: the pretraining run, probe/ and finetune/ beside it."""
+    _, pretrain_dir = pretrained_digits_run
+    _, probe_dir, _ = probe_results
+    finetune_dir, _ = finetune_results
+    root = tmp_path_factory.mktemp("findings_run")
+    shutil.copy(Path(pretrain_dir) / "config.json", root / "config.json")
+    for sub, src in (("probe", probe_dir), ("finetune", finetune_dir)):
+        (root / sub).mkdir()
+        shutil.copy(Path(src) / "results.json", root / sub / "results.json")
+    history = [Evaluation(step=s, val_loss=loss, layers=[0, 1, 2], accuracies=[0.5, acc, 0.6], C=[1.0, 1.0, 1.0],
+                          best_layer=1, best_accuracy=acc, seconds=1.0)
+               for s, loss, acc in ((20, 1.9, 0.7), (40, 1.6, 0.8))]
+    (root / HISTORY_FILE).write_text(json.dumps([dataclasses.asdict(e) for e in history]))
+    return root
+
+
+def test_figures_2_and_3_carry_the_probe_jobs_numbers(run_dir, probe_results):
+    _, _, res = probe_results
+    run = findings.load_run("tiny", str(run_dir))
+    series, hlines = findings.layer_series([run])
+    last = res["checkpoints"][-1]
+    assert series[0]["x"] == [r["layer"] for r in last["layers"]]
+    assert series[0]["y"] == [100 * r["test_accuracy"] for r in last["layers"]]
+    assert series[1]["dashed"] and series[1]["y"] == [100 * r["test_accuracy"]
+                                                      for r in res["baselines"]["random_init"]["layers"]]
+    assert [h["y"] for h in hlines] == [100 * res["baselines"]["raw_pixels"]["test_accuracy"]]
+    # Figure 3: the probe job's two checkpoints, then the tracking history.
+    probe_points, tracking_points = findings.loss_series([run])
+    assert len(res["checkpoints"]) == 2
+    assert probe_points["x"] == [c["val_loss"] for c in res["checkpoints"]]
+    assert probe_points["y"] == [100 * c["best"]["test_accuracy"] for c in res["checkpoints"]]
+    assert tracking_points["x"] == [1.9, 1.6] and tracking_points["y"] == [70.0, 80.0]
+
+
+def test_the_table_row_holds_the_probe_and_fine_tuning_results(run_dir, probe_results, finetune_results):
+    _, _, probe_res = probe_results
+    _, ft_res = finetune_results
+    run = findings.load_run("tiny", str(run_dir))
+    s = findings.summary(run)
+    last = probe_res["checkpoints"][-1]
+    assert s["best_layer"] == last["best"]["layer"] and s["best_layer_test"] == last["best"]["test_accuracy"]
+    assert s["concat_test"] == last["concat"]["test_accuracy"] and s["finetuned_test"] == ft_res["test_accuracy"]
+    assert s["low_data"] == {20: (last["low_data"]["results"][0]["mean_accuracy"],
+                                  last["low_data"]["results"][0]["std_accuracy"])}
+    row = findings.markdown_table([run]).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:3] == ["tiny", "2 x 32", "ar"]
+    assert cells[6] == f"{100 * last['best']['test_accuracy']:.2f}"
+    assert cells[-3] == f"{100 * ft_res['test_accuracy']:.2f}"
+
+
+def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "igpt_jax.findings", f"--run=AR tiny={run_dir}",
+                           f"--run=again={run_dir}", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["figure2_layers.png", "figure3_ar.png", "figure4_probe_vs_finetune.png", "findings.md"]
+    for name in names[:3]:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 5  # something is drawn
+    table = (out / "findings.md").read_text()
+    assert "| AR tiny | 2 x 32 | ar |" in table and "| again | 2 x 32 | ar |" in table
+    assert table.split("\n\n", 1)[1] in proc.stdout
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-equals-sign", "expected LABEL=WORKDIR"),
+    ("=somewhere", "expected LABEL=WORKDIR"),
+])
+def test_a_malformed_run_is_a_one_line_error(spec, message):
+    with pytest.raises(ValueError, match=message):
+        findings.parse_run(spec)
+
+
+def test_a_run_without_probe_results_is_one_line_naming_it(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "igpt_jax.findings", f"--run=X={tmp_path}",
+                           f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --run=X={tmp_path}: no probe results at {tmp_path}/probe/results.json; run the probe job "
+        "(config.then=('probe', ...), or --config.job=probe with its workdir there) first"]
+    assert not (tmp_path / "out").exists()  # nothing written before the check

@@ -7,9 +7,10 @@ title and a legend; `bar_chart` draws groups of labelled bars. Both write a PNG 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import matplotlib
@@ -43,8 +44,7 @@ def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[
       point_labels: annotate points with their 'labels'.
       log_x: a logarithmic x axis (learning rates).
     """
-    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
-    try:
+    with _figure(path, size) as ax:
         for i, s in enumerate(series):
             points = [(float(x), float(y), k) for k, (x, y) in enumerate(zip(s["x"], s["y"])) if _finite(y)]
             colour = s.get("color", COLOURS[i % len(COLOURS)])
@@ -68,10 +68,6 @@ def line_chart(path: str, *, series: Sequence[dict[str, Any]], hlines: Sequence[
         ax.grid(True, color="#eeeeee")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=9)
-        png = _png(fig)
-    finally:
-        plt.close(fig)
-    _write(path, png)
 
 
 def bar_chart(path: str, *, groups: Sequence[str], bars: Sequence[dict[str, Any]], title: str = "",
@@ -85,8 +81,7 @@ def bar_chart(path: str, *, groups: Sequence[str], bars: Sequence[dict[str, Any]
       title, ylabel: texts.
       size: (width, height) in pixels.
     """
-    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
-    try:
+    with _figure(path, size) as ax:
         width = 0.8 / max(len(bars), 1)
         for i, b in enumerate(bars):
             points = [(g + (i - (len(bars) - 1) / 2) * width, float(v)) for g, v in enumerate(b["values"])
@@ -101,18 +96,20 @@ def bar_chart(path: str, *, groups: Sequence[str], bars: Sequence[dict[str, Any]
         ax.set_axisbelow(True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right", fontsize=9)
-        png = _png(fig)
+
+
+@contextlib.contextmanager
+def _figure(path: str, size: tuple[int, int]) -> Iterator[Any]:
+    """Yields the axes of a new figure; after the block, writes the laid-out figure as a PNG to `path`."""
+    fig, ax = plt.subplots(figsize=(size[0] / DPI, size[1] / DPI), dpi=DPI)
+    try:
+        yield ax
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
     finally:
         plt.close(fig)
-    _write(path, png)
-
-
-def _png(fig) -> bytes:
-    """The figure, laid out, as PNG bytes."""
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    _write(path, buf.getvalue())
 
 
 def _write(path: str, data: bytes) -> None:

@@ -10,7 +10,6 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from igpt_jax.data import augment, import_data, pipeline, testing
-from igpt_jax.palette import Palette
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags.
 tfds.display_progress_bar(False)

@@ -6,7 +6,6 @@ parameters, probe features (sequence means) and cached sampling equal the one-de
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

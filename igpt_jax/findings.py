@@ -110,7 +110,7 @@ def summary(run: Run) -> dict[str, Any]:
         "run": run.label,
         "model": run.shape,
         "objective": run.objective,
-        "resolution": run.probe.get("pretrain_config", run.config).get("data", {}).get("resolution"),
+        "resolution": (run.probe.get("pretrain_config") or run.config).get("data", {}).get("resolution"),
         "step": last["step"],
         "val_loss": last["val_loss"],
         "best_layer": best["layer"],
@@ -141,7 +141,8 @@ def markdown_table(runs: Sequence[Run]) -> str:
             if s["concat_test"] is not None else ""
         low = [f"{100 * s['low_data'][b][0]:.2f} +- {100 * s['low_data'][b][1]:.2f}" if b in s["low_data"] else ""
                for b in budgets]
-        cells = ([s["run"], s["model"], s["objective"] + (f" ({s['bert_masks']} masks)" if s["bert_masks"] > 1 else ""),
+        model = s["model"] + (f", {s['resolution']}x{s['resolution']}" if s["resolution"] else "")
+        cells = ([s["run"], model, s["objective"] + (f" ({s['bert_masks']} masks)" if s["bert_masks"] > 1 else ""),
                   str(s["step"]), f"{s['val_loss']:.4f}", str(s["best_layer"]), _pct(s["best_layer_test"]), concat,
                   _pct(s["raw_pixels_test"]), _pct(s["random_weights_test"])] + low
                  + [_pct(s["finetuned_test"]),

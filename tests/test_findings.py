@@ -65,7 +65,7 @@ def test_the_table_row_holds_the_probe_and_fine_tuning_results(run_dir, probe_re
                                   last["low_data"]["results"][0]["std_accuracy"])}
     row = findings.markdown_table([run]).splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:3] == ["tiny", "2 x 32", "ar"]
+    assert cells[:3] == ["tiny", "2 x 32, 8x8", "ar"]
     assert cells[6] == f"{100 * last['best']['test_accuracy']:.2f}"
     assert cells[-3] == f"{100 * ft_res['test_accuracy']:.2f}"
 
@@ -82,7 +82,7 @@ def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
         with Image.open(out / name) as img:
             assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 5  # something is drawn
     table = (out / "findings.md").read_text()
-    assert "| AR tiny | 2 x 32 | ar |" in table and "| again | 2 x 32 | ar |" in table
+    assert "| AR tiny | 2 x 32, 8x8 | ar |" in table and "| again | 2 x 32, 8x8 | ar |" in table
     assert table.split("\n\n", 1)[1] in proc.stdout
 
 

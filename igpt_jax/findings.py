@@ -199,7 +199,7 @@ def loss_series(runs: Sequence[Run]) -> list[dict[str, Any]]:
         if run.tracking:
             t = run.tracking
             series.append({"x": [e["val_loss"] for e in t], "y": [100 * e["best_accuracy"] for e in t],
-                           "labels": [str(e["step"]) for e in t], "color": colour, "dashed": True,
+                           "labels": [f"step {e['step']}" for e in t], "color": colour, "dashed": True,
                            "label": f"{run.label} ({run.shape}): tracking subset, validation"})
     return series
 

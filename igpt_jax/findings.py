@@ -30,9 +30,10 @@ from typing import Any
 from absl import app, flags
 from etils import epath
 
-PROBE_RESULTS = ("probe", "results.json")
-FINETUNE_RESULTS = ("finetune", "results.json")
-TRACKING = "tracking.json"
+from igpt_jax import plots
+from igpt_jax.jobs import finetune as finetune_job
+from igpt_jax.jobs import probe as probe_job
+from igpt_jax.representation_tracking import HISTORY_FILE as TRACKING_FILE
 
 _RUNS = flags.DEFINE_multi_string("run", [], "LABEL=WORKDIR of a pretraining run whose probe (and fine-tuning) ran "
                                   "in it; repeat for each run.")
@@ -45,7 +46,6 @@ class Run:
 
     label: str
     workdir: str
-    config: dict[str, Any]
     probe: dict[str, Any]
     finetune: dict[str, Any] | None
     tracking: list[dict[str, Any]]
@@ -82,19 +82,17 @@ def parse_run(spec: str) -> tuple[str, str]:
 
 def load_run(label: str, workdir: str) -> Run:
     """Reads a run's results; ValueError (one line) when it has no probe results."""
-    root = epath.Path(workdir)
-    probe_path = root.joinpath(*PROBE_RESULTS)
+    root = epath.Path(workdir)  # config.then writes each follow-up job into WORKDIR/<job>
+    probe_path = root / "probe" / probe_job.RESULTS
     if not probe_path.exists():
         raise ValueError(f"--run={label}={workdir}: no probe results at {probe_path}; run the probe job "
                          "(config.then=('probe', ...), or --config.job=probe with its workdir there) first")
     probe = _read_json(probe_path, "probe results")
-    finetune_path = root.joinpath(*FINETUNE_RESULTS)
+    finetune_path = root / "finetune" / finetune_job.RESULTS
     finetune = _read_json(finetune_path, "fine-tuning results") if finetune_path.exists() else None
-    tracking_path = root / TRACKING
+    tracking_path = root / TRACKING_FILE
     tracking = _read_json(tracking_path, "tracking history") if tracking_path.exists() else []
-    config_path = root / "config.json"
-    config = _read_json(config_path, "run config") if config_path.exists() else probe.get("pretrain_config", {})
-    return Run(label, workdir, config, probe, finetune, tracking)
+    return Run(label, workdir, probe, finetune, tracking)
 
 
 def _pct(x: float | None) -> str:
@@ -110,7 +108,8 @@ def summary(run: Run) -> dict[str, Any]:
         "run": run.label,
         "model": run.shape,
         "objective": run.objective,
-        "resolution": (run.probe.get("pretrain_config") or run.config).get("data", {}).get("resolution"),
+        # the pretraining run's config; a converted model has none, and the probe job's own config names the data
+        "resolution": (run.probe.get("pretrain_config") or run.probe["config"])["data"]["resolution"],
         "step": last["step"],
         "val_loss": last["val_loss"],
         "best_layer": best["layer"],
@@ -158,8 +157,6 @@ def layer_series(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[s
     Per run, its layers' test accuracies (solid) and its random-weights baseline's (dashed, same colour); one
     horizontal line per distinct raw-pixel accuracy (runs on the same data share it).
     """
-    from igpt_jax import plots  # noqa: PLC0415
-
     series, hlines, raw_seen = [], [], set()
     for i, run in enumerate(runs):
         colour = plots.COLOURS[i % len(plots.COLOURS)]
@@ -186,8 +183,6 @@ def loss_series(runs: Sequence[Run]) -> list[dict[str, Any]]:
     Per run: the probe job's checkpoints when it probed several (test accuracy; solid) and the tracking evaluator's
     history (its subset's validation accuracy and loss; dashed).
     """
-    from igpt_jax import plots  # noqa: PLC0415
-
     series = []
     for i, run in enumerate(runs):
         colour = plots.COLOURS[i % len(plots.COLOURS)]
@@ -206,8 +201,6 @@ def loss_series(runs: Sequence[Run]) -> list[dict[str, Any]]:
 
 def plot_layers(runs: Sequence[Run], path: str) -> None:
     """Figure 2: per-layer test accuracy of each run (solid), its random weights (dashed), raw pixels (lines)."""
-    from igpt_jax import plots  # noqa: PLC0415
-
     series, hlines = layer_series(runs)
     plots.line_chart(path, series=series, hlines=hlines, integer_x=True, xlabel="layer (last = final norm)",
                      ylabel="linear probe test accuracy (%)", title="Linear probe accuracy by layer (Figure 2)")
@@ -215,8 +208,6 @@ def plot_layers(runs: Sequence[Run], path: str) -> None:
 
 def plot_vs_loss(runs: Sequence[Run], path: str) -> bool:
     """Figure 3 for runs of one objective; False (nothing written) when none has several points."""
-    from igpt_jax import plots  # noqa: PLC0415
-
     series = loss_series(runs)
     if not series:
         return False
@@ -228,8 +219,6 @@ def plot_vs_loss(runs: Sequence[Run], path: str) -> bool:
 
 def plot_probe_vs_finetune(runs: Sequence[Run], path: str) -> None:
     """Figure 4: per run, the linear probes' and the fine-tuned model's test accuracy as grouped bars."""
-    from igpt_jax import plots  # noqa: PLC0415
-
     rows = [summary(r) for r in runs]
     bars = [{"label": "linear probe, best layer", "values": [100 * s["best_layer_test"] for s in rows]}]
     if any(s["concat_test"] is not None for s in rows):
@@ -242,8 +231,8 @@ def plot_probe_vs_finetune(runs: Sequence[Run], path: str) -> None:
                     ylabel="test accuracy (%)", title="Linear probe and fine-tuning (Figure 4)")
 
 
-def write_report(runs: Sequence[Run], out: str) -> dict[str, str]:
-    """Writes the figures and findings.md into `out`; returns {name: path} of what it wrote."""
+def write_report(runs: Sequence[Run], out: str) -> tuple[dict[str, str], str]:
+    """Writes the figures and findings.md into `out`; returns ({name: path} of what it wrote, the table)."""
     outdir = epath.Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     written = {"figure2": str(outdir / "figure2_layers.png"), "figure4": str(outdir / "figure4_probe_vs_finetune.png")}
@@ -257,7 +246,7 @@ def write_report(runs: Sequence[Run], out: str) -> dict[str, str]:
     written["table"] = str(outdir / "findings.md")
     (outdir / "findings.md").write_text(
         "Runs: " + "; ".join(f"{r.label} = {r.workdir}" for r in runs) + "\n\n" + table + "\n")
-    return written
+    return written, table
 
 
 def main(argv: Sequence[str]) -> None:
@@ -269,8 +258,8 @@ def main(argv: Sequence[str]) -> None:
         runs = [load_run(*parse_run(s)) for s in _RUNS.value]
     except ValueError as e:
         sys.exit(f"error: {e}")
-    written = write_report(runs, _OUT.value)
-    print(markdown_table(runs))
+    written, table = write_report(runs, _OUT.value)
+    print(table)
     for name, path in written.items():
         print(f"{name}: {path}")
 

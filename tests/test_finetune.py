@@ -60,9 +60,15 @@ def test_resumed_finetuning_equals_the_uninterrupted_run(run, full_run, tmp_path
     for key in ("best_step", "best_val_accuracy", "initial_val_accuracy", "test_accuracy"):
         assert second[key] == full[key], key
     assert second["val_history"] == full["val_history"]  # from the run's own file, not metrics.jsonl
+    # The pretrained source and the wall time are the whole job's, not the resumed segment's.
+    assert second["source_checkpoint"] == full["source_checkpoint"]
+    assert [(s["from_step"], s["to_step"]) for s in second["segments"]] == [(0, EVAL_EVERY + 5), (EVAL_EVERY + 5, STEPS)]
+    assert second["seconds"] == pytest.approx(sum(s["seconds"] for s in second["segments"]))
+    assert all(s["seconds"] > 0 for s in second["segments"])
     # A finished run relaunched changes nothing and reports the same.
     again = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
     assert again["start_step"] == STEPS and again["test_accuracy"] == full["test_accuracy"]
+    assert again["segments"][:2] == second["segments"] and again["source_checkpoint"] == full["source_checkpoint"]
 
 
 def test_early_stopping_stops_after_patience_evaluations_without_improvement(run, tmp_path, monkeypatch):

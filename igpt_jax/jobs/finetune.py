@@ -13,7 +13,8 @@ evaluated with ``bert_ensemble`` masks per example (modal prediction, ties at ra
 
 The run directory is the workdir, or ``{workdir}/finetune`` when the workdir is also the pretraining source. It
 resumes exactly like pretraining (state, early-stopping record and data position in the latest checkpoint) and
-writes ``results.json`` there.
+writes ``results.json`` there; a resumed run's results name the pretrained source its first segment started from and
+count the wall time of every segment (``segments``: steps and seconds of each invocation).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ INITS = ("pretrained", "random")
 RESULTS = "results.json"
 # Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
 VAL_HISTORY = "val_history.json"
+# Wall time of each invocation ({from_step, to_step, seconds}, to its last checkpoint), kept across resumes, so
+# results.json's `seconds` is the whole job's and not only its last segment's.
+SEGMENTS = "segments.json"
 
 
 @flax.struct.dataclass
@@ -252,7 +256,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
 
     # ------------------------------------------------------------------ model, palette, classes
     latest = ckpt.latest_step()
-    source, source_step = None, None
+    source, source_step, source_name = None, None, None
     num_classes = data_pipeline.num_classes(config.data)
     if fcfg.num_classes and int(fcfg.num_classes) != num_classes:
         raise ValueError(f"finetune.num_classes={fcfg.num_classes} but dataset {config.data.name!r} (data_dir "
@@ -269,11 +273,14 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
             raise ValueError(f"{where} has a head for {saved_classes} classes but dataset {config.data.name!r} has "
                              f"{num_classes}: use a new workdir for a different dataset")
         source_step = int(saved.checkpoint.step)
+        if fcfg.init == "pretrained":  # as the first segment named it (checkpoints written before it was kept: step)
+            source_name = saved.finetune.get("source_checkpoint") or (
+                f"step {source_step} of {pretrained.source_path(saved, workdir)}")
     elif fcfg.init == "pretrained":
         source = pretrained.open_source(config, workdir)
         closers.append(source.close)
         source_step = source.resolve_step(int(config.checkpoint.step))
-        where = source.where(source_step)
+        where = source_name = source.where(source_step)
         model_cfg, palette, data_cfg = source.settings(config, source_step)
     else:
         where = "config.model (random init)"
@@ -331,6 +338,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     saved_config.finetune.num_classes = num_classes
     saved_config.finetune.head_layer = head_layer
     saved_config.checkpoint.step = -1 if source_step is None else source_step
+    saved_config.finetune.source_checkpoint = source_name
     save_kwargs = dict(config=saved_config, palette=palette.centres)
     best_ckpt = ckpt_lib.Checkpointer(str(workpath / "best"), every_steps=1, max_to_keep=1, async_save=False)
     closers.append(best_ckpt.close)
@@ -344,7 +352,11 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     patience = int(fcfg.patience)
     result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
     # Evaluations after the restored step are redone, so their records are dropped.
-    val_history = [rec for rec in _read_val_history(workpath) if rec["step"] <= start_step]
+    val_history = [rec for rec in _read_list(workpath / VAL_HISTORY) if rec["step"] <= start_step]
+    earlier_segments = _read_list(workpath / SEGMENTS) if latest is not None else []
+
+    def segments(step: int) -> list[dict[str, float]]:
+        return earlier_segments + [{"from_step": start_step, "to_step": step, "seconds": time.time() - t_start}]
 
     def record(step: int, acc: dict[str, float]) -> None:
         nonlocal state
@@ -400,6 +412,8 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
             if save_now or stopped_early():
                 log.sync()  # the metrics up to this step are on disk before the checkpoint is
                 ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
+                if primary:
+                    (workpath / SEGMENTS).write_text(json.dumps(segments(step)))
             if stop and not final and not stopped_early():
                 ckpt.wait()
                 print(f"Stopped at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
@@ -418,7 +432,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         "job": "finetune",
         "run_dir": str(workpath),
         "init": fcfg.init,
-        "source_checkpoint": where if fcfg.init == "pretrained" else None,
+        "source_checkpoint": source_name,
         "pretrained_step": source_step,
         "objective": fcfg.objective,
         "head_layer": head_layer,
@@ -434,10 +448,12 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         "bert_masks": evaluator.num_masks,
         "val_history": history,
         "config": saved_config.to_dict(),
-        "seconds": time.time() - t_start,
+        "segments": segments(int(state.step)),
     }
+    results["seconds"] = sum(seg["seconds"] for seg in results["segments"])
     table = format_table(results)
     if primary:
+        (workpath / SEGMENTS).write_text(json.dumps(results["segments"]))  # the test evaluation's time included
         (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
         print(table, flush=True)
         print(f"Fine-tuning results: {workpath / RESULTS}", flush=True)
@@ -445,9 +461,8 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     return result
 
 
-def _read_val_history(workpath: epath.Path) -> list[dict[str, float]]:
-    """The validation records a previous segment of this run wrote (none for a new run)."""
-    path = workpath / VAL_HISTORY
+def _read_list(path: epath.Path) -> list[dict[str, float]]:
+    """The records a previous segment of this run wrote to `path` (none for a new run)."""
     return json.loads(path.read_text()) if path.exists() else []
 
 

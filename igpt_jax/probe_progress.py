@@ -4,7 +4,8 @@ Pieces, in ``{workdir}/progress/``, each written atomically (to a temporary name
   * ``features-{model}-{split}.npz``: a split's features, labels, record indices, tokens and loss
     (model: ``step{N}`` for a checkpoint, ``random`` for the random-weights baseline);
   * ``result-{name}.json``: a fitted probe's results (``step{N}``, ``raw_pixels``, ``random_init``).
-Each piece carries the fingerprint of everything that determines it (checkpoint directory and step, model, data,
+Each piece also keeps the seconds it took, so a resumed job's ``seconds`` counts the work it reused
+(``reused_seconds``). Each piece carries the fingerprint of everything that determines it (checkpoint directory and step, model, data,
 layers, masks, seed; for results also the solver settings); a piece whose fingerprint differs is ignored and
 overwritten, so a rerun with other settings recomputes exactly what they change. SIGTERM or SIGKILL loses only the
 piece in progress.
@@ -47,6 +48,7 @@ class ProbeProgress:
         self.enabled = enabled
         self.writer = writer and enabled
         self.reused: list[str] = []  # names of the pieces found, in order
+        self.reused_seconds = 0.0  # the time the pieces found took when they were computed
 
     def _path(self, name: str) -> epath.Path:
         return self.directory / name
@@ -63,19 +65,21 @@ class ProbeProgress:
                     return None
                 out = features_lib.SplitFeatures(features=z["features"], labels=z["labels"], index=z["index"],
                                                  tokens=z["tokens"], loss=float(z["loss"]))
+                seconds = float(z["seconds"]) if "seconds" in z else 0.0  # pieces saved before it was kept: 0
         except (OSError, ValueError, KeyError) as e:  # a damaged file: recompute
             logging.warning("probe progress: cannot read %s (%s); recomputing it", path, e)
             return None
         self.reused.append(f"features-{name}")
+        self.reused_seconds += seconds
         return out
 
-    def save_features(self, name: str, fp: str, split: features_lib.SplitFeatures) -> None:
+    def save_features(self, name: str, fp: str, split: features_lib.SplitFeatures, seconds: float = 0.0) -> None:
         if not self.writer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, fingerprint=np.array(fp), features=split.features, labels=split.labels, index=split.index,
-                 tokens=split.tokens, loss=np.array(split.loss))
+                 tokens=split.tokens, loss=np.array(split.loss), seconds=np.array(seconds))
         write_atomic(self._path(f"features-{name}.npz"), buf.getvalue())
 
     def load_result(self, name: str, fp: str) -> dict[str, Any] | None:
@@ -91,10 +95,11 @@ class ProbeProgress:
         if saved.get("fingerprint") != fp:
             return None
         self.reused.append(f"result-{name}")
+        self.reused_seconds += float(saved.get("seconds", 0.0))
         return saved["result"]
 
-    def save_result(self, name: str, fp: str, result: dict[str, Any]) -> None:
+    def save_result(self, name: str, fp: str, result: dict[str, Any], seconds: float = 0.0) -> None:
         if not self.writer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(f"result-{name}.json"), json.dumps({"fingerprint": fp, "result": result}).encode())
+        write_atomic(self._path(f"result-{name}.json"), json.dumps({"fingerprint": fp, "result": result, "seconds": seconds}).encode())

@@ -246,7 +246,7 @@ class Stopped(Exception):
 
 def _comparable(workdir) -> dict:
     res = json.loads((Path(workdir) / "results.json").read_text())
-    return {k: v for k, v in res.items() if k not in ("seconds", "reused")}
+    return {k: v for k, v in res.items() if k not in ("seconds", "reused", "reused_seconds")}
 
 
 def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_results(run, tmp_path, monkeypatch):
@@ -279,6 +279,10 @@ def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_resu
     assert extracted == list(data_pipeline.SPLITS)  # the random-weights baseline's splits only
     assert resumed["reused"] == [f"features-step{PRETRAIN_STEPS}-{s}" for s in data_pipeline.SPLITS]
     assert _comparable(stopped) == _comparable(tmp_path / "uninterrupted")
+    # The job's time counts the reused features' time, as it was when they were extracted.
+    saved_seconds = [float(np.load(stopped / "progress" / name)["seconds"]) for name in saved]
+    assert min(saved_seconds) > 0 and resumed["reused_seconds"] == pytest.approx(sum(saved_seconds))
+    assert resumed["seconds"] > resumed["reused_seconds"]
 
     # Other solver settings: the features are reused, every probe is fitted again.
     extracted.clear()

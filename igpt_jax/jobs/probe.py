@@ -65,7 +65,7 @@ def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, mas
         logging.info("features of %s: %d examples x %d layers x %d in %.1fs", split, out[split].n,
                      out[split].features.shape[2], out[split].features.shape[3], time.time() - t0)
         if progress:
-            progress.save_features(f"{name}-{split}", fingerprint, out[split])
+            progress.save_features(f"{name}-{split}", fingerprint, out[split], seconds=time.time() - t0)
     return out
 
 
@@ -75,8 +75,9 @@ def _cached(progress: probe_progress.ProbeProgress, name: str, fp: str, compute)
     if found is not None:
         logging.info("probe: %s reused from %s", name, progress.directory)
         return found
+    t0 = time.time()
     result = jsonable(compute())
-    progress.save_result(name, fp, result)
+    progress.save_result(name, fp, result, seconds=time.time() - t0)
     return result
 
 
@@ -245,8 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         "baselines": baselines,
         "config": json.loads(config.to_json_best_effort()),
         "pretrain_config": run_config.to_dict() if run_config is not None else None,
-        "seconds": time.time() - t_start,
+        "seconds": time.time() - t_start + progress.reused_seconds,  # the reused pieces' time included
         "reused": progress.reused,
+        "reused_seconds": progress.reused_seconds,
     }
     table = format_table(results)
     if primary:

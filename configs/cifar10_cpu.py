@@ -27,7 +27,7 @@ Result:    validation loss 3.168 -> 3.053 -> 2.945 nats/token at steps 500/1000/
            BERT (--config.model.objective=bert, README "The paper's findings"): validation loss 2.640 nats per
            masked token at step 2000; probe (5-mask ensemble) best layer 8 (final norm): 42.36 %, layers 6-8
            concatenated 45.81 %, raw pixels 41.36 %, random weights 31.14 %; steps 501-2000 took 1 h 20 min at
-           5,140 tokens/s, the probe job 40.2 min.
+           5,140 tokens/s, the probe job 40.2 min; fine-tuned (800 steps, 5-mask ensemble): test 48.26 %.
 """
 
 from igpt_jax import config_defaults

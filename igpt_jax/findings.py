@@ -4,7 +4,8 @@ Command:  python -m igpt_jax.findings --run=AR=workdirs/ar16 --run=BERT=workdirs
 
 Each ``--run=LABEL=WORKDIR`` names a pretraining run whose follow-up jobs ran in it (``config.then``: the probe job
 writes ``WORKDIR/probe/results.json``, fine-tuning ``WORKDIR/finetune/results.json``; the tracking evaluator writes
-``WORKDIR/tracking.json``). Nothing is recomputed: the figures and the table are read from those files, so they are
+``WORKDIR/tracking.json``), or the workdir of a probe job run on its own (``--config.job=probe``: its
+``results.json``; e.g. a re-probe with other pooling, or of several checkpoints), which is then a row of probes only. Nothing is recomputed: the figures and the table are read from those files, so they are
 the numbers the jobs printed. Written into ``--out``:
 
 * ``figure2_layers.png`` (paper Figure 2): test accuracy of each layer's linear probe, one solid line per run, its
@@ -60,6 +61,10 @@ class Run:
         return f"{m['n_layer']} x {m['d_model']}"
 
     @property
+    def pooling(self) -> str:
+        return self.probe.get("pooling", "mean")
+
+    @property
     def last(self) -> dict[str, Any]:
         """The probe job's last (usually only) checkpoint."""
         return self.probe["checkpoints"][-1]
@@ -81,10 +86,17 @@ def parse_run(spec: str) -> tuple[str, str]:
 
 
 def load_run(label: str, workdir: str) -> Run:
-    """Reads a run's results; ValueError (one line) when it has no probe results."""
+    """Reads a run's results; ValueError (one line) when it has no probe results.
+
+    `workdir` is a pretraining run's (its probe job in ``probe/``, fine-tuning in ``finetune/``) or a probe job's own
+    (its ``results.json`` there; no fine-tuning or tracking then).
+    """
     root = epath.Path(workdir)  # config.then writes each follow-up job into WORKDIR/<job>
     probe_path = root / "probe" / probe_job.RESULTS
     if not probe_path.exists():
+        own = root / probe_job.RESULTS
+        if own.exists() and _read_json(own, "results").get("job") == "probe":
+            return Run(label, workdir, _read_json(own, "probe results"), None, [])
         raise ValueError(f"--run={label}={workdir}: no probe results at {probe_path}; run the probe job "
                          "(config.then=('probe', ...), or --config.job=probe with its workdir there) first")
     probe = _read_json(probe_path, "probe results")
@@ -110,6 +122,7 @@ def summary(run: Run) -> dict[str, Any]:
         "objective": run.objective,
         # the pretraining run's config; a converted model has none, and the probe job's own config names the data
         "resolution": (run.probe.get("pretrain_config") or run.probe["config"])["data"]["resolution"],
+        "pooling": run.pooling,
         "step": last["step"],
         "val_loss": last["val_loss"],
         "best_layer": best["layer"],
@@ -140,7 +153,8 @@ def markdown_table(runs: Sequence[Run]) -> str:
             if s["concat_test"] is not None else ""
         low = [f"{100 * s['low_data'][b][0]:.2f} +- {100 * s['low_data'][b][1]:.2f}" if b in s["low_data"] else ""
                for b in budgets]
-        model = s["model"] + (f", {s['resolution']}x{s['resolution']}" if s["resolution"] else "")
+        model = (s["model"] + (f", {s['resolution']}x{s['resolution']}" if s["resolution"] else "")
+                 + (f", {s['pooling']}-pooled features" if s["pooling"] != "mean" else ""))
         cells = ([s["run"], model, s["objective"] + (f" ({s['bert_masks']} masks)" if s["bert_masks"] > 1 else ""),
                   str(s["step"]), f"{s['val_loss']:.4f}", str(s["best_layer"]), _pct(s["best_layer_test"]), concat,
                   _pct(s["raw_pixels_test"]), _pct(s["random_weights_test"])] + low

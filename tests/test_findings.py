@@ -86,6 +86,19 @@ def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
     assert table.split("\n\n", 1)[1] in proc.stdout
 
 
+def test_a_probe_jobs_own_workdir_is_a_row_of_probes_only(probe_results):
+    _, probe_dir, res = probe_results  # a probe job run on its own: results.json in its workdir
+    run = findings.load_run("re-probe", str(probe_dir))
+    assert run.finetune is None and run.tracking == []
+    s = findings.summary(run)
+    assert s["best_layer_test"] == res["checkpoints"][-1]["best"]["test_accuracy"] and s["finetuned_test"] is None
+    (points,) = findings.loss_series([run])  # Figure 3 from its checkpoints alone
+    assert points["x"] == [c["val_loss"] for c in res["checkpoints"]]
+    quadrants = dataclasses.replace(run, probe={**run.probe, "pooling": "quadrants"})
+    rows = findings.markdown_table([run, quadrants]).splitlines()[2:]
+    assert [r.split("|")[2].strip() for r in rows] == ["2 x 32, 8x8", "2 x 32, 8x8, quadrants-pooled features"]
+
+
 @pytest.mark.parametrize("spec, message", [
     ("no-equals-sign", "expected LABEL=WORKDIR"),
     ("=somewhere", "expected LABEL=WORKDIR"),

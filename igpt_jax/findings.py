@@ -4,7 +4,7 @@ Command:  python -m igpt_jax.findings --run=AR=workdirs/ar16 --run=BERT=workdirs
 
 Each ``--run=LABEL=WORKDIR`` names a pretraining run whose follow-up jobs ran in it (``config.then``: the probe job
 writes ``WORKDIR/probe/results.json``, fine-tuning ``WORKDIR/finetune/results.json``; the tracking evaluator writes
-``WORKDIR/tracking.json``), or the workdir of a probe job run on its own (``--config.job=probe``: its
+``WORKDIR/tracking.json``; pretraining its wall time, ``WORKDIR/segments.json``), or the workdir of a probe job run on its own (``--config.job=probe``: its
 ``results.json``; e.g. a re-probe with other pooling, or of several checkpoints), which is then a row of probes only. Nothing is recomputed: the figures and the table are read from those files, so they are
 the numbers the jobs printed. Written into ``--out``:
 
@@ -32,6 +32,7 @@ from absl import app, flags
 from etils import epath
 
 from igpt_jax import plots
+from igpt_jax.job_outputs import SEGMENTS, total_seconds
 from igpt_jax.jobs import finetune as finetune_job
 from igpt_jax.jobs import probe as probe_job
 from igpt_jax.representation_tracking import HISTORY_FILE as TRACKING_FILE
@@ -50,6 +51,7 @@ class Run:
     probe: dict[str, Any]
     finetune: dict[str, Any] | None
     tracking: list[dict[str, Any]]
+    pretrain_segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def objective(self) -> str:
@@ -104,11 +106,22 @@ def load_run(label: str, workdir: str) -> Run:
     finetune = _read_json(finetune_path, "fine-tuning results") if finetune_path.exists() else None
     tracking_path = root / TRACKING_FILE
     tracking = _read_json(tracking_path, "tracking history") if tracking_path.exists() else []
-    return Run(label, workdir, probe, finetune, tracking)
+    segments_path = root / SEGMENTS
+    segments = _read_json(segments_path, "pretraining wall time") if segments_path.exists() else []
+    return Run(label, workdir, probe, finetune, tracking, segments)
 
 
 def _pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}"
+
+
+def _minutes(segments: list[dict[str, Any]]) -> str:
+    """A job's minutes over its invocations; the steps they cover when the first did not start at 0 (a run resumed
+    from a workdir written before the job kept its time)."""
+    if not segments:
+        return ""
+    first, last = segments[0]["from_step"], segments[-1]["to_step"]
+    return f"{total_seconds(segments) / 60:.1f}" + (f" (steps {first}-{last})" if first > 0 else "")
 
 
 def summary(run: Run) -> dict[str, Any]:
@@ -135,8 +148,12 @@ def summary(run: Run) -> dict[str, Any]:
         "bert_masks": run.probe.get("bert_masks", 1),
         "finetuned_test": run.finetune["test_accuracy"] if run.finetune else None,
         "finetune_best_step": run.finetune["best_step"] if run.finetune else None,
-        "probe_minutes": run.probe["seconds"] / 60 if "seconds" in run.probe else None,
-        "finetune_minutes": run.finetune["seconds"] / 60 if run.finetune and "seconds" in run.finetune else None,
+        "pretrain_minutes": _minutes(run.pretrain_segments),
+        "probe_minutes": f"{run.probe['seconds'] / 60:.1f}" if "seconds" in run.probe else "",
+        # fine-tuning results from before it kept its segments: this invocation's seconds only
+        "finetune_minutes": (_minutes(run.finetune.get("segments") or [])
+                             or (f"{run.finetune['seconds'] / 60:.1f}" if "seconds" in run.finetune else ""))
+        if run.finetune else "",
     }
 
 
@@ -146,7 +163,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
     budgets = sorted({b for s in rows for b in s["low_data"]})
     head = (["run", "model", "objective", "step", "val loss", "best layer", "probe test %", "concat. test %",
              "raw pixels %", "random weights %"] + [f"{b} labels %" for b in budgets]
-            + ["fine-tuned test %", "probe job min", "fine-tune min"])
+            + ["fine-tuned test %", "pretraining min", "probe job min", "fine-tune min"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in rows:
         concat = f"{_pct(s['concat_test'])} (layers {','.join(map(str, s['concat_layers']))})" \
@@ -158,9 +175,7 @@ def markdown_table(runs: Sequence[Run]) -> str:
         cells = ([s["run"], model, s["objective"] + (f" ({s['bert_masks']} masks)" if s["bert_masks"] > 1 else ""),
                   str(s["step"]), f"{s['val_loss']:.4f}", str(s["best_layer"]), _pct(s["best_layer_test"]), concat,
                   _pct(s["raw_pixels_test"]), _pct(s["random_weights_test"])] + low
-                 + [_pct(s["finetuned_test"]),
-                    "" if s["probe_minutes"] is None else f"{s['probe_minutes']:.1f}",
-                    "" if s["finetune_minutes"] is None else f"{s['finetune_minutes']:.1f}"])
+                 + [_pct(s["finetuned_test"]), s["pretrain_minutes"], s["probe_minutes"], s["finetune_minutes"]])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -24,7 +24,8 @@ def run_dir(pretrained_digits_run, probe_results, finetune_results, tmp_path_fac
     _, probe_dir, _ = probe_results
     finetune_dir, _ = finetune_results
     root = tmp_path_factory.mktemp("findings_run")
-    shutil.copy(Path(pretrain_dir) / "config.json", root / "config.json")
+    for name in ("config.json", "segments.json"):
+        shutil.copy(Path(pretrain_dir) / name, root / name)
     for sub, src in (("probe", probe_dir), ("finetune", finetune_dir)):
         (root / sub).mkdir()
         shutil.copy(Path(src) / "results.json", root / sub / "results.json")
@@ -67,7 +68,15 @@ def test_the_table_row_holds_the_probe_and_fine_tuning_results(run_dir, probe_re
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:3] == ["tiny", "2 x 32, 8x8", "ar"]
     assert cells[6] == f"{100 * last['best']['test_accuracy']:.2f}"
-    assert cells[-3] == f"{100 * ft_res['test_accuracy']:.2f}"
+    assert cells[-4] == f"{100 * ft_res['test_accuracy']:.2f}"
+    # Job minutes: pretraining's from its segments.json, fine-tuning's from its results.
+    pretraining = json.loads((run_dir / "segments.json").read_text())
+    assert [(r["from_step"], r["to_step"]) for r in pretraining] == [(0, 40)]
+    assert cells[-3] == f"{sum(r['seconds'] for r in pretraining) / 60:.1f}"
+    assert cells[-1] == f"{ft_res['seconds'] / 60:.1f}"
+    # A run resumed from a workdir written before the time was kept says which steps its minutes cover.
+    resumed = dataclasses.replace(run, pretrain_segments=[{"from_step": 500, "to_step": 2000, "seconds": 4800.0}])
+    assert findings.summary(resumed)["pretrain_minutes"] == "80.0 (steps 500-2000)"
 
 
 def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):

@@ -55,6 +55,10 @@ def test_resumed_run_is_bit_exact_with_an_uninterrupted_one(data_dir, tmp_path):
     second = pretrain.run(config, str(tmp_path / "resumed"), devices=one_device)
     assert second["resumed"] and second["start_step"] == 3 and second["finished"]
     assert losses(first) + losses(second) == losses(full)  # bit-exact
+    # The run's wall time is both invocations' (segments.json), as the second one reports it.
+    written = json.loads((tmp_path / "resumed" / "segments.json").read_text())
+    assert written == second["segments"] and [(s["from_step"], s["to_step"]) for s in written] == [(0, 3), (3, 6)]
+    assert written[0] == first["segments"][0] and all(s["seconds"] > 0 for s in written)
     a, b = restore_params(str(tmp_path / "full"), config), restore_params(str(tmp_path / "resumed"), config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert losses(full)[-1] < losses(full)[0]

@@ -39,7 +39,7 @@ from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import features as features_lib
 from igpt_jax import linear_probe, objectives, optim, pretrained, sharding
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import jsonable, workpath_of
+from igpt_jax.job_outputs import Segments, jsonable, total_seconds, workpath_of
 from igpt_jax.layout import Layout, layout_of, param_layout
 from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
 from igpt_jax.palette import Palette
@@ -50,9 +50,6 @@ INITS = ("pretrained", "random")
 RESULTS = "results.json"
 # Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
 VAL_HISTORY = "val_history.json"
-# Wall time of each invocation ({from_step, to_step, seconds}, to its last checkpoint), kept across resumes, so
-# results.json's `seconds` is the whole job's and not only its last segment's.
-SEGMENTS = "segments.json"
 
 
 @flax.struct.dataclass
@@ -353,10 +350,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
     # Evaluations after the restored step are redone, so their records are dropped.
     val_history = [rec for rec in _read_list(workpath / VAL_HISTORY) if rec["step"] <= start_step]
-    earlier_segments = _read_list(workpath / SEGMENTS) if latest is not None else []
-
-    def segments(step: int) -> list[dict[str, float]]:
-        return earlier_segments + [{"from_step": start_step, "to_step": step, "seconds": time.time() - t_start}]
+    segments = Segments(workpath, start_step=start_step, resumed=latest is not None, writer=primary, t_start=t_start)
 
     def record(step: int, acc: dict[str, float]) -> None:
         nonlocal state
@@ -412,8 +406,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
             if save_now or stopped_early():
                 log.sync()  # the metrics up to this step are on disk before the checkpoint is
                 ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
-                if primary:
-                    (workpath / SEGMENTS).write_text(json.dumps(segments(step)))
+                segments.save(step)
             if stop and not final and not stopped_early():
                 ckpt.wait()
                 print(f"Stopped at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
@@ -448,12 +441,11 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         "bert_masks": evaluator.num_masks,
         "val_history": history,
         "config": saved_config.to_dict(),
-        "segments": segments(int(state.step)),
+        "segments": segments.save(int(state.step)),  # the test evaluation's time included
     }
-    results["seconds"] = sum(seg["seconds"] for seg in results["segments"])
+    results["seconds"] = total_seconds(results["segments"])
     table = format_table(results)
     if primary:
-        (workpath / SEGMENTS).write_text(json.dumps(results["segments"]))  # the test evaluation's time included
         (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
         print(table, flush=True)
         print(f"Fine-tuning results: {workpath / RESULTS}", flush=True)

@@ -7,11 +7,13 @@ saves the current step and exits cleanly. A resumed run may not change its archi
 ``checkpoint.allow_changes`` to change optimizer or schedule settings (`igpt_jax.config_changes`), and writes
 ``config.json`` once its settings are accepted. Metrics reach disk before each checkpoint is saved; what a killed run
 logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`). With ``track.every`` > 0 every layer
-is probed on a fixed labelled subset every that many steps (`igpt_jax.representation_tracking`).
+is probed on a fixed labelled subset every that many steps (`igpt_jax.representation_tracking`). Each invocation's
+wall time is kept in ``segments.json`` (`igpt_jax.job_outputs.Segments`), so the whole run's time survives resumes.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -22,11 +24,10 @@ from absl import logging
 from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import config_changes, optim, representation_tracking, sharding, train
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import workpath_of
+from igpt_jax.job_outputs import Segments, total_seconds, workpath_of
 from igpt_jax.model import ModelConfig, count_params
 from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
 from igpt_jax.validation import evaluate
-
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None
@@ -40,6 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
       stop_at_step: act as if preempted at this step: checkpoint and return (for tests and preemption drills).
     """
     # ---------------------------------------------------------------- set-up and config checks
+    t_start = time.time()
     model_cfg = ModelConfig.from_config(config.model)
     data_cfg, train_cfg = config.data, config.train
     workpath = workpath_of(workdir)
@@ -139,6 +141,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     watcher = PreemptionWatcher(stop_at_step)
     save_kwargs = dict(config=config, palette=palette.centres)
     result: dict[str, Any] = {"resumed": restored_step is not None, "start_step": start_step}
+    segments = Segments(workpath, start_step=start_step, resumed=restored_step is not None,
+                        writer=jax.process_index() == 0, t_start=t_start)
 
     # ---------------------------------------------------------------- loop
     try:
@@ -171,6 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                 if save_now:
                     log.sync()  # every metric up to this step is on disk before the checkpoint is
                     ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
+                    result["segments"] = segments.save(step)
                 if stop and not final:
                     ckpt.wait()
                     logging.warning("preempted: checkpoint saved at step %d; exiting", step)
@@ -182,7 +187,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             (workpath / FINISHED_MARKER).write_text(f"{num_steps}\n")
         summary = log.progress.summary()
         logging.info("%s", summary)
-        print(f"Pretraining done: {num_steps} steps in {workdir}. {summary}", flush=True)
+        seconds = total_seconds(result["segments"])
+        print(f"Pretraining done: {num_steps} steps in {workdir} ({seconds / 60:.1f} min over "
+              f"{len(result['segments'])} invocation(s)). {summary}", flush=True)
         result.update(step=num_steps, finished=True, history=log.history,
                       final_loss=log.history[-1]["loss"] if log.history else None)
         return result

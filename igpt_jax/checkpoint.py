@@ -32,6 +32,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from igpt_jax.config_checks import MissingSource
 from igpt_jax.data import pipeline as data_pipeline
 
 STATE, DATA, CONFIG, PALETTE = "state", "data", "config", "palette"
@@ -243,15 +244,15 @@ def resolve_step(ckpt: Checkpointer, step: int) -> int:
     """A named step (>= 0) or the latest (-1) of a run, with an error that says where when there is none.
 
     Raises:
-      FileNotFoundError: naming the directory and the steps that exist.
+      MissingSource (a FileNotFoundError): naming the directory and the steps that exist.
     """
     steps = ckpt.all_steps()
     if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: run the pretraining job with this workdir first")
+        raise MissingSource(f"no checkpoint in {ckpt.directory}: run the pretraining job with this workdir first")
     if step < 0:
         return steps[-1]
     if step not in steps:
-        raise FileNotFoundError(f"checkpoint step {step} is not in {ckpt.directory}; available steps: {steps}")
+        raise MissingSource(f"checkpoint step {step} is not in {ckpt.directory}; available steps: {steps}")
     return step
 
 

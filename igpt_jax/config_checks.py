@@ -47,6 +47,11 @@ class ConfigError(ValueError):
     """A config problem, in one line that names the field, its value and what is expected."""
 
 
+class MissingSource(FileNotFoundError):
+    """The checkpoint or converted model a job reads is not where the config and workdir say, in one line that
+    names the path and what was expected (the command line reports it like a `ConfigError`)."""
+
+
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or ''."""
     close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)

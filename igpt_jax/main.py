@@ -168,7 +168,8 @@ def main(argv: list[str]) -> None:
 
 def run_job(config, workdir: str):
     """Imports the module of `config.job` and runs it; a bad-input error it raises (`ConfigError`: a resume that
-    would change the architecture, a checkpoint that disagrees with the config) ends the command in one line."""
+    would change the architecture, a checkpoint that disagrees with the config; `MissingSource`: no checkpoint or
+    converted model where the job reads one) ends the command in one line."""
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
     try:
@@ -179,7 +180,7 @@ def run_job(config, workdir: str):
         raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
     try:
         return job.run(config, workdir)
-    except config_checks.ConfigError as err:
+    except (config_checks.ConfigError, config_checks.MissingSource) as err:
         _fail(str(err))
 
 

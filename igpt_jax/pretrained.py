@@ -40,7 +40,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax.config_checks import ConfigError
+from igpt_jax.config_checks import ConfigError, MissingSource
 from igpt_jax import sharding
 from igpt_jax.layout import Layout, param_layout
 from igpt_jax.model import ModelConfig
@@ -139,7 +139,7 @@ class Source:
     """A pretrained model's source, opened read-only: a run's checkpoints or a converted model's folder.
 
     Raises:
-      FileNotFoundError: `path` is neither (naming the path and what was expected).
+      MissingSource (a FileNotFoundError): `path` is neither (naming the path and what was expected).
     """
 
     def __init__(self, path: str):
@@ -149,16 +149,16 @@ class Source:
             self.kind = CONVERTED
             for name in (PALETTE_FILE, PARAMS_DIR):
                 if not _exists(os.path.join(self.path, name)):
-                    raise FileNotFoundError(f"converted model {self.path} has no {name}: expected {CONFIG_FILE}, "
-                                            f"{PALETTE_FILE} and {PARAMS_DIR}/ (rerun python -m igpt_jax.convert)")
+                    raise MissingSource(f"converted model {self.path} has no {name}: expected {CONFIG_FILE}, "
+                                        f"{PALETTE_FILE} and {PARAMS_DIR}/ (rerun python -m igpt_jax.convert)")
         else:
             self.kind = RUN
             if not _exists(str(ckpt_lib.checkpoint_dir(self.path))):
-                raise FileNotFoundError(_not_a_source(self.path))
+                raise MissingSource(_not_a_source(self.path))
             self._ckpt = ckpt_lib.Checkpointer(self.path, create=False, async_save=False)
             if not self._ckpt.all_steps():
                 self.close()
-                raise FileNotFoundError(_not_a_source(self.path))
+                raise MissingSource(_not_a_source(self.path))
 
     # ------------------------------------------------------------------ steps
     def steps(self) -> list[int]:

@@ -76,6 +76,20 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, args, message):
     assert not workdir.exists() and not (tmp_path / "tfds").exists()  # no workdir, config.json or import
 
 
+def test_a_missing_pretrained_source_is_one_line_and_writes_nothing(tmp_path):
+    workdir, source = tmp_path / "run", tmp_path / "nothing"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    result = _main("--config=configs/demo.py", "--config.job=probe", f"--config.checkpoint.source_workdir={source}",
+                   f"--workdir={workdir}", env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr  # before it, only the start-up log lines
+    assert result.stderr.splitlines()[-1] == (
+        f"error: no checkpoint in {source}/checkpoints and no converted model in {source}: expected a pretraining "
+        "run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.convert (model_config.json, "
+        "palette.json, params/)")
+    assert not workdir.exists()
+
+
 def test_list_prints_jobs_and_every_field_with_its_default_and_comment():
     result = _main("--config=configs/demo.py", "--list")  # no --workdir needed
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,9 +4,10 @@ Command:  python -m igpt_jax.findings --run=AR=workdirs/ar16 --run=BERT=workdirs
 
 Each ``--run=LABEL=WORKDIR`` names a pretraining run whose follow-up jobs ran in it (``config.then``: the probe job
 writes ``WORKDIR/probe/results.json``, fine-tuning ``WORKDIR/finetune/results.json``; the tracking evaluator writes
-``WORKDIR/tracking.json``; pretraining its wall time, ``WORKDIR/segments.json``), or the workdir of a probe job run on its own (``--config.job=probe``: its
-``results.json``; e.g. a re-probe with other pooling, or of several checkpoints), which is then a row of probes only. Nothing is recomputed: the figures and the table are read from those files, so they are
-the numbers the jobs printed. Written into ``--out``:
+``WORKDIR/tracking.json``; pretraining its wall time, ``WORKDIR/segments.json``), or the workdir of a probe job
+run on its own (``--config.job=probe``: its ``results.json``; e.g. a re-probe with other pooling, or of several
+checkpoints), which is then a row of probes only. Nothing is recomputed: the figures and the table are read from
+those files, so they are the numbers the jobs printed. Written into ``--out``:
 
 * ``figure2_layers.png`` (paper Figure 2): test accuracy of each layer's linear probe, one solid line per run, its
   random-weights baseline dashed in the same colour, raw pixels as horizontal lines;
@@ -97,8 +98,9 @@ def load_run(label: str, workdir: str) -> Run:
     probe_path = root / "probe" / probe_job.RESULTS
     if not probe_path.exists():
         own = root / probe_job.RESULTS
-        if own.exists() and _read_json(own, "results").get("job") == "probe":
-            return Run(label, workdir, _read_json(own, "probe results"), None, [])
+        results = _read_json(own, "probe results") if own.exists() else {}
+        if results.get("job") == "probe":
+            return Run(label, workdir, results, None, [])
         raise ValueError(f"--run={label}={workdir}: no probe results at {probe_path}; run the probe job "
                          "(config.then=('probe', ...), or --config.job=probe with its workdir there) first")
     probe = _read_json(probe_path, "probe results")

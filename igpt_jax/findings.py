@@ -16,7 +16,9 @@ those files, so they are the numbers the jobs printed. Written into ``--out``:
   (test accuracy, whole validation split) and from the tracking evaluator (validation accuracy of its subset);
 * ``figure4_probe_vs_finetune.png`` (paper Figure 4): per run, the best-layer probe, the concatenated-layers probe
   and the fine-tuned model's test accuracy (BERT runs: the ``bert_masks``-mask ensemble, as the jobs report it);
-* ``findings.md``: the table of those figures per run (also printed).
+* ``findings.md``: the table of those figures per run (also printed), then per run a table of its layers at the
+  last probed checkpoint: C chosen on validation, validation and test accuracy, and the random-weights baseline's
+  test accuracy of the same layer.
 
 A run without probe results is one line of error naming its workdir, before anything is drawn.
 """
@@ -182,6 +184,30 @@ def markdown_table(runs: Sequence[Run]) -> str:
     return "\n".join(lines)
 
 
+def _C(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def layer_table(run: Run) -> str:
+    """Per layer of the run's last probed checkpoint: C, validation and test accuracy of the fit on the training split
+    (best layer in bold; its refit on training + validation is the row's "probe test %"), and the random-weights
+    model's test accuracy at the same layer (blank without that baseline)."""
+    last, base = run.last, run.probe["baselines"]
+    random = {r["layer"]: r for r in base.get("random_init", {}).get("layers", [])}
+    best = last["best"]["layer"]
+    title = (f"{run.label}, step {last['step']} ({run.shape}, {run.objective}, {run.pooling} pooling): per layer "
+             "(fit on the training split; the best layer's refit on training + validation is in the table above)")
+    lines = [title, "", "| layer | feature | C | validation % | test % | random weights, test % |", "|" + "---|" * 6]
+    for r in last["layers"]:
+        is_best = r["layer"] == best
+        cells = [str(r["layer"]), _pct(r["val_accuracy"]), _pct(r["test_accuracy"])]
+        layer, val, test = (f"**{c}**" for c in cells) if is_best else cells
+        name = r["name"] + (" (best on validation)" if is_best else "")
+        rand = _pct(random[r["layer"]]["test_accuracy"]) if r["layer"] in random else ""
+        lines.append(f"| {layer} | {name} | {_C(r['C'])} | {val} | {test} | {rand} |")
+    return "\n".join(lines)
+
+
 def layer_series(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Figure 2's data: (series, hlines) for `plots.line_chart`, accuracies in percent.
 
@@ -276,7 +302,8 @@ def write_report(runs: Sequence[Run], out: str) -> tuple[dict[str, str], str]:
     table = markdown_table(runs)
     written["table"] = str(outdir / "findings.md")
     (outdir / "findings.md").write_text(
-        "Runs: " + "; ".join(f"{r.label} = {r.workdir}" for r in runs) + "\n\n" + table + "\n")
+        "Runs: " + "; ".join(f"{r.label} = {r.workdir}" for r in runs) + "\n\n" + table + "\n"
+        + "".join("\n" + layer_table(r) + "\n" for r in runs))
     return written, table
 
 

@@ -79,6 +79,21 @@ def test_the_table_row_holds_the_probe_and_fine_tuning_results(run_dir, probe_re
     assert findings.summary(resumed)["pretrain_minutes"] == "80.0 (steps 500-2000)"
 
 
+def test_the_layer_table_holds_every_layers_fit(run_dir, probe_results):
+    _, _, res = probe_results
+    run = findings.load_run("tiny", str(run_dir))
+    rows = findings.layer_table(run).splitlines()[4:]
+    last, random = res["checkpoints"][-1], res["baselines"]["random_init"]["layers"]
+    assert len(rows) == len(last["layers"]) == len(random)
+    for row, r, rand in zip(rows, last["layers"], random, strict=True):
+        cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
+        assert cells[0] == str(r["layer"]) and cells[1].startswith(r["name"])
+        assert float(cells[2]) == pytest.approx(r["C"], rel=5e-3)
+        assert cells[3:] == [f"{100 * r['val_accuracy']:.2f}", f"{100 * r['test_accuracy']:.2f}",
+                             f"{100 * rand['test_accuracy']:.2f}"]
+        assert ("(best on validation)" in cells[1]) == (r["layer"] == last["best"]["layer"]) == ("**" in row)
+
+
 def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "igpt_jax.findings", f"--run=AR tiny={run_dir}",
@@ -92,7 +107,8 @@ def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
             assert img.format == "PNG" and np.asarray(img.convert("L")).std() > 5  # something is drawn
     table = (out / "findings.md").read_text()
     assert "| AR tiny | 2 x 32, 8x8 | ar |" in table and "| again | 2 x 32, 8x8 | ar |" in table
-    assert table.split("\n\n", 1)[1] in proc.stdout
+    assert findings.markdown_table([findings.load_run("AR tiny", str(run_dir))]).splitlines()[2] in proc.stdout
+    assert table.count(": per layer") == 2
 
 
 def test_a_probe_jobs_own_workdir_is_a_row_of_probes_only(probe_results):

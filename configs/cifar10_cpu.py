@@ -10,20 +10,24 @@ While pretraining, every 500 steps, every layer is probed on 2,000 + 1,000 fixed
 Command:   python -m igpt_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu
            (results: workdirs/cifar10_cpu/probe/results.json and workdirs/cifar10_cpu/finetune/results.json)
 Hardware:  any CPU; sized for 2 cores (measured on this project's 2-core machine).
-Time:      about 2 h 10 min in all: pretraining 1 h 13 min (2,000 steps, 7,489 tokens/s); probe job 25.6 min
-           (features of 60,000 images in 6 min per model, pretrained and random-init; scikit-learn L-BFGS fits, before
-           the JAX solver became probe.solver's default: bench/RESULTS.md "Linear probe"); fine-tuning
-           30.7 min (800 steps of 64, 5 passes over the validation split, the test split). Tracking (added later, not
-           in these times): one evaluation cost as much as 26 training steps in a 60-step run of this config (load
-           10-13; 26.5 steps for the second; README "Representation tracking"): about 5.3 % of pretraining every 500.
-Result:    validation loss 3.168 -> 3.053 -> 2.945 nats/token at steps 500/1000/2000; test 2.946 nats/token.
+Time:      about 2 h 10 min in all with nothing beside it: pretraining 1 h 13 min (2,000 steps, 7,489 tokens/s);
+           probe job 25.6 min (features of 60,000 images in 6 min per model, pretrained and random-init;
+           scikit-learn L-BFGS fits, before the JAX solver became probe.solver's default: bench/RESULTS.md "Linear
+           probe"); fine-tuning 30.7 min (800 steps of 64, 5 passes over the validation split, the test split).
+           With tracking and the JAX solver (README "The paper's findings", run beside other work): pretraining
+           2 h 13 min at 4,114 tokens/s, of which 4 tracking evaluations of 37-43 s (2.0 %); probe job 29.3 min;
+           fine-tuning 83.6 min.
+Result:    validation loss 3.168 -> 3.053 -> 2.968 -> 2.945 nats/token at steps 500-2000; test 2.946 nats/token.
+           Tracking (best layer, 1,000 validation images): 38.7 -> 39.4 -> 42.1 -> 43.4 % at steps 500-2000.
            Linear probe, test accuracy (C chosen on validation, refit on all 50,000 labelled images): best layer
-           6 of 8: 49.17 %; concatenated layers 5-7: 54.07 %; raw 16x16 pixels 41.37 %; the same model with
-           random weights 29.62 % (its best layer, 0). Low-data probes of layer 6 (5 balanced subsets): 40 labels
-           20.65 +- 1.85 %, 250 labels 29.08 +- 0.62 %, 4,000 labels 45.14 +- 0.50 %.
+           6 of 8: 49.23 %; concatenated layers 5-7: 54.15 %; raw 16x16 pixels 41.36 %; the same model with
+           random weights 29.58 % (its best layer, 0). Low-data probes of layer 6 (5 balanced subsets): 40 labels
+           20.51 +- 1.91 %, 250 labels 29.08 +- 0.62 %, 4,000 labels 45.05 +- 0.48 %.
            Fine-tuning (L_GEN + L_CLF, head on the final norm, lr 1e-3 constant): validation 9.40 % (zero
            head) -> 43.56 / 51.60 / 52.60 / 56.52 % at steps 200-800; best step 800: test 55.58 %.
            Per-layer table and plot: README.md "Measured", bench/figures/cifar10_cpu_probe_layers.png.
+           Width 64 (--config.model.d_model=64 --config.model.n_head=2): validation loss 3.005, best layer 42.77 %,
+           layers 5-7 concatenated 48.50 %.
            BERT (--config.model.objective=bert, README "The paper's findings"): validation loss 2.640 nats per
            masked token at step 2000; probe (5-mask ensemble) best layer 8 (final norm): 42.36 %, layers 6-8
            concatenated 45.81 %, raw pixels 41.36 %, random weights 31.14 %; steps 501-2000 took 1 h 20 min at

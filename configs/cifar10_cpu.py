@@ -26,6 +26,8 @@ Result:    validation loss 3.168 -> 3.053 -> 2.968 -> 2.945 nats/token at steps 
            Fine-tuning (L_GEN + L_CLF, head on the final norm, lr 1e-3 constant): validation 9.40 % (zero
            head) -> 43.56 / 51.60 / 52.60 / 56.52 % at steps 200-800; best step 800: test 55.58 %.
            Per-layer table and plot: README.md "Measured", bench/figures/cifar10_cpu_probe_layers.png.
+           Quadrant pooling (--config.job=probe --config.probe.pooling=quadrants, README "The paper's findings"):
+           best layer 7: 55.90 %; layers 6-8 concatenated (1,536 features): 59.92 %.
            Width 64 (--config.model.d_model=64 --config.model.n_head=2): validation loss 3.005, best layer 42.77 %,
            layers 5-7 concatenated 48.50 %.
            BERT (--config.model.objective=bert, README "The paper's findings"): validation loss 2.640 nats per

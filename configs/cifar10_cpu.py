@@ -28,7 +28,7 @@ Result:    validation loss 3.168 -> 3.053 -> 2.968 -> 2.945 nats/token at steps 
            Per-layer table and plot: README.md "Measured", bench/figures/cifar10_cpu_probe_layers.png.
            Quadrant pooling (--config.job=probe --config.probe.pooling=quadrants, README "The paper's findings"):
            best layer 7: 55.90 %; layers 6-8 concatenated (1,536 features): 59.92 %.
-           Width 64 (--config.model.d_model=64 --config.model.n_head=2): validation loss 3.005, best layer 42.77 %,
+           Width 64 (--config.model.d_model=64 --config.model.n_head=2): validation loss 3.009, best layer 42.77 %,
            layers 5-7 concatenated 48.50 %.
            BERT (--config.model.objective=bert, README "The paper's findings"): validation loss 2.640 nats per
            masked token at step 2000; probe (5-mask ensemble) best layer 8 (final norm): 42.36 %, layers 6-8

@@ -20,6 +20,17 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A TFDS data_dir holding the embedded 8x8 digits and their 16-colour palette, prepared once per session."""
+    from igpt_jax.data import pipeline as data_pipeline  # noqa: PLC0415
+    from tiny_runs import pretrain_config  # noqa: PLC0415
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    data_pipeline.load_or_fit_palette(pretrain_config(data_dir).data)  # imports the digits, fits the palette
+    return data_dir
+
+
+@pytest.fixture(scope="session")
 def pretrained_digits_run(tmp_path_factory):
     """(data_dir, workdir) of a finished tiny pretraining run (`tiny_runs.downstream_config`), made once."""
     import jax  # noqa: PLC0415

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from igpt_jax import logreg_jax
+from igpt_jax.probing import logreg_jax
 
 
 def parse_args(argv=None) -> argparse.Namespace:

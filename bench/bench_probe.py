@@ -2,7 +2,7 @@ r"""The linear probe's cost on this machine: feature extraction per split, and s
 
 On one pretraining checkpoint (or, without ``--source``, the same architecture with random weights):
   1. input pipeline alone: the time to read and tokenise each split (no model);
-  2. feature extraction per split (`igpt_jax.features.FeatureExtractor`, every layer of ``probe.layers``); the
+  2. feature extraction per split (`igpt_jax.probing.features.FeatureExtractor`, every layer of ``probe.layers``); the
      model's share is the extraction time minus the pipeline's;
   3. the probe of every layer (C chosen on validation, the best layer refitted on train + validation) and of the
      concatenated layers, on the same features, with scikit-learn ('lbfgs') and with the JAX solver ('jax_lbfgs'):
@@ -23,10 +23,11 @@ import time
 import jax
 import numpy as np
 
-from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, sharding
+from igpt_jax import sharding
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import probe as probe_job
+from igpt_jax.probing import features as features_lib
+from igpt_jax.probing import linear_probe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +63,7 @@ def main(argv=None) -> None:
         model_cfg, palette, params, layout = loaded.model_cfg, loaded.palette, loaded.params, loaded.layout
         what = f"checkpoint {loaded.directory}/{loaded.step}"
     else:
-        from igpt_jax.model import ModelConfig  # noqa: PLC0415
+        from igpt_jax.models.igpt import ModelConfig  # noqa: PLC0415
 
         model_cfg = ModelConfig(**config.model.to_dict())
         palette = data_pipeline.load_or_fit_palette(config.data)

@@ -3,10 +3,10 @@ r"""Sampling throughput on this machine: key/value-cached decoding against recom
 The issue's case: 32 images of 32x32 (1024 tokens each) from a 4-layer, width-256, 8-head model with a 512-colour
 vocabulary, float32, unconditional (from SOS), temperature 1.
 
-  * cached:    `igpt_jax.sampling.generate`, one jitted call: a prefill of the SOS position, then a
+  * cached:    `igpt_jax.models.decoding.generate`, one jitted call: a prefill of the SOS position, then a
                `lax.fori_loop` of one-token steps against the key/value cache (the model's own modules in
                decode mode, `IGPT(decode=True)`). Timed over whole images (all 1024 tokens of all 32 images).
-  * recompute: `igpt_jax.sampling.generate_recompute`, the same loop and sampling but the full forward pass over
+  * recompute: `igpt_jax.models.decoding.generate_recompute`, the same loop and sampling but the full forward pass over
                all 1024 positions for every new token (the model's own attention, blockwise causal on CPU).
                Far too slow to finish an image here, so it is timed over ``--recompute_steps`` new tokens and
                reported as tokens per second, which does not depend on where in the sequence it stands.
@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from igpt_jax import sampling
-from igpt_jax.model import ModelConfig, init_params
+from igpt_jax.models import decoding as sampling
+from igpt_jax.models.igpt import ModelConfig, init_params
 
 
 def parse_args(argv=None) -> argparse.Namespace:

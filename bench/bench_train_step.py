@@ -2,7 +2,7 @@ r"""Train-step throughput on CPU: forward + backward + Adam, float32, tokens per
 
 The issue's benchmark case: 4 layers, width 256, 8 heads, sequence 1024 (32x32), vocabulary 512, batch 8.
 For every combination of ``--attention`` x ``--block`` x ``--remat`` x ``--scan_unroll`` it builds the model
-(`igpt_jax.model.init_params`), compiles one jitted, buffer-donating step (`lm_loss` gradients +
+(`igpt_jax.models.igpt.init_params`), compiles one jitted, buffer-donating step (`lm_loss` gradients +
 `optax.adam(lr, b1=0.9, b2=0.95)`), runs ``--warmup`` untimed steps, then ``--repeats`` timings of ``--steps``
 steps each (each step waits for its loss with `block_until_ready`), and prints one table row with the best
 repeat. The machine may be shared: every row also says how much CPU other processes used while it was timed
@@ -160,9 +160,9 @@ def bench_jax(args: argparse.Namespace) -> list[dict]:
     import jax.numpy as jnp
     import optax
 
-    from igpt_jax import attention as attention_lib
-    from igpt_jax.model import ModelConfig, init_params
-    from igpt_jax.objectives import lm_loss
+    from igpt_jax.models import attention as attention_lib
+    from igpt_jax.models.igpt import ModelConfig, init_params
+    from igpt_jax.models.objectives import lm_loss
 
     base = ModelConfig(vocab_size=args.vocab, n_ctx=args.seq, d_model=args.width, n_head=args.heads,
                        n_layer=args.layers, objective=args.objective, dropout=0.0)

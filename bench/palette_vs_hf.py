@@ -2,7 +2,7 @@ r"""Our palette encoding against the Hugging Face `ImageGPTImageProcessor` on re
 
 For each of ``--seeds`` sets of 512 random clusters (uniform in [-1, 1]^3), the first ``--images`` CIFAR-10
 training images (32x32, so the processor's resize to 32x32 changes nothing) are tokenized by the processor
-(``input_ids``) and by `igpt_jax.palette.Palette` (`encode` and the input pipeline's `encode_lut`); the script prints
+(``input_ids``) and by `igpt_jax.data.palette.Palette` (`encode` and the input pipeline's `encode_lut`); the script prints
 how many pixels get a different token. Differences come only from near-ties: the processor computes
 ``|x|^2 - 2 x.c + |c|^2`` in float32, we sum ``(x - c)^2`` per channel.
 
@@ -18,7 +18,7 @@ import numpy as np
 from transformers import ImageGPTImageProcessor
 
 from igpt_jax.data.auto_import import SHARED_DATA
-from igpt_jax.palette import Palette
+from igpt_jax.data.palette import Palette
 
 
 def main() -> None:

@@ -21,10 +21,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import vqvae_run
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.jobs import tokenize, vqvae as vqvae_job
+from igpt_jax.jobs import tokenize
+from igpt_jax.jobs import vqvae as vqvae_job
+from igpt_jax.pretrained import vqvae as vqvae_run
+from igpt_jax.training import checkpoint as ckpt_lib
 
 _WORKDIR = flags.DEFINE_string("vqvae_workdir", None, "Workdir of a finished vqvae job.", required=True)
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir holding cifar10 (and its 16x16 palette).")

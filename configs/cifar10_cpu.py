@@ -5,7 +5,7 @@ images (5,000 held out for validation) from ../shared/data/cifar10.npz, then (`c
 layer, L-BFGS with the regulariser chosen on validation, refit on all 50,000 labelled images, the raw-pixel and
 random-init baselines, low-data budgets) and the fine-tuning job (L_GEN + L_CLF, early stopping on validation).
 While pretraining, every 500 steps, every layer is probed on 2,000 + 1,000 fixed training/validation images
-(`track.*`, igpt_jax/representation_tracking.py): track/* metrics and WORKDIR/tracking.png, accuracy vs loss.
+(`track.*`, igpt_jax/probing/tracking.py): track/* metrics and WORKDIR/tracking.png, accuracy vs loss.
 
 Command:   python -m igpt_jax.main --config=configs/cifar10_cpu.py --workdir=workdirs/cifar10_cpu
            (results: workdirs/cifar10_cpu/probe/results.json and workdirs/cifar10_cpu/finetune/results.json)
@@ -36,7 +36,7 @@ Result:    validation loss 3.168 -> 3.053 -> 2.968 -> 2.945 nats/token at steps 
            5,140 tokens/s, the probe job 40.2 min; fine-tuned (800 steps, 5-mask ensemble): test 48.26 %.
 """
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -27,7 +27,7 @@ Recipe:    the first recipe (600 steps, no augmentation, mean pooling) gave the 
              dataset, and its layers are chosen on 150 validation images (ties go to the lower validation loss).
 """
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

@@ -28,7 +28,8 @@ Time:      1M steps of batch 128; about 2500 V100-days in the paper (OpenAI's po
 Result:    paper: CIFAR-10 linear probe 96.3 %, fine-tune 99.0 %; ImageNet probe 60.3 % (IR 32), 65.2 % (IR 48).
 """
 
-from igpt_jax import config_defaults, sharding
+from igpt_jax import sharding
+from igpt_jax.config import defaults as config_defaults
 
 # Context parallelism: each sequence splits over 'context' (DEFAULT_RULES), the parameters over 'fsdp' x 'context'.
 SEQUENCE_RULES = tuple({**dict(sharding.DEFAULT_RULES), "embed": ("fsdp", "context")}.items())

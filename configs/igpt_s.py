@@ -10,7 +10,7 @@ Time:      1M steps of batch 128 (the paper's schedule) take days even on a pod 
 Result:    paper Table 5 learning rate 0.003 (AR) / 0.01 (BERT). `:runlocal` on 2 CPU cores: see README.md.
 """
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

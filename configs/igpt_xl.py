@@ -32,7 +32,8 @@ Result:    paper: ImageNet linear probe 72.0 % with concatenated features (IR 64
            Learning rate: not published for XL; 0.001 (L's at 32x32) is our choice.
 """
 
-from igpt_jax import config_defaults, sharding
+from igpt_jax import sharding
+from igpt_jax.config import defaults as config_defaults
 
 # Context parallelism: each sequence splits over 'context' (DEFAULT_RULES), the parameters over 'fsdp' x 'context'.
 SEQUENCE_RULES = tuple({**dict(sharding.DEFAULT_RULES), "embed": ("fsdp", "context")}.items())

@@ -21,7 +21,7 @@ Result:    not measured (a full search is longer than this project's shared mach
 import importlib.util
 import os
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def _cifar10_cpu():

@@ -9,7 +9,7 @@ then (`config.then`) fine-tuning (L_GEN + L_CLF, head on the final norm, early s
 the model from ``config.checkpoint.source_workdir``; the architecture, palette and 32x32 resolution come from it.
 
 Command:   # a machine that can reach the Hugging Face Hub (torch + transformers: pip install -e '.[test]'):
-           python -m igpt_jax.convert --hf=openai/imagegpt-small --out=/abs/path/igpt_s_openai
+           python -m igpt_jax.pretrained.convert --hf=openai/imagegpt-small --out=/abs/path/igpt_s_openai
            python -m igpt_jax.main --config=configs/openai_cifar10.py:s --workdir=workdirs/openai_cifar10_s \
                --config.checkpoint.source_workdir=/abs/path/igpt_s_openai
            # offline: copy the Hub repository's files (config.json, model.safetensors or pytorch_model.bin,
@@ -27,7 +27,7 @@ Result:    not measured here: the weights cannot be downloaded on this machine. 
            against the Hugging Face model in tests/test_pretrained_sources.py.
 """
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 HUB_IDS = {"s": "openai/imagegpt-small", "m": "openai/imagegpt-medium", "l": "openai/imagegpt-large"}
 
@@ -45,7 +45,7 @@ def get_config(arg=None):
     # The released models' architecture (what the converted model says; a mismatch is an error naming both).
     config.model = config_defaults.paper_model(size, n_ctx=32 * 32, vocab_size=512,
                                                remat="none" if size == "s" else "full")
-    config.checkpoint.source_workdir = ""  # set on the command line: the folder written by igpt_jax.convert
+    config.checkpoint.source_workdir = ""  # set on the command line: the folder written by igpt_jax.pretrained.convert
 
     config.probe.layers = "all"
     config.probe.solver = "lbfgs"

@@ -27,7 +27,7 @@ Result:    VQ-VAE, CIFAR-10 test split: reconstruction MSE 0.0215 ([-1, 1] units
            instead of pixels".
 """
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def get_config(arg=None):

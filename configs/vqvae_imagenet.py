@@ -22,7 +22,7 @@ Result:    not measured here (no ImageNet on this machine). Paper: linear probe 
 import importlib.util
 import os
 
-from igpt_jax import config_defaults
+from igpt_jax.config import defaults as config_defaults
 
 
 def _igpt_l():

@@ -22,10 +22,13 @@ if __name__ == "__main__":
 
 quiet_start.skip_absent_tpu()  # before anything starts a JAX backend
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from igpt_jax import config_checks  # noqa: E402
+from igpt_jax.config import checks as config_checks  # noqa: E402
+from igpt_jax.config import listing as config_listing  # noqa: E402
+from igpt_jax.errors import ConfigError, MissingSource  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...); not needed with --list.")
@@ -114,7 +117,7 @@ def _load_config():
         config_checks.validate(config)
         if not _LIST.value:
             config_checks.check_data_available(config)
-    except config_checks.ConfigError as err:
+    except ConfigError as err:
         _fail(str(err))
     return config
 
@@ -124,8 +127,6 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments: {argv[1:]} (settings are --config.SECTION.FIELD=VALUE)")
     config = _load_config()
     if _LIST.value:
-        from igpt_jax import config_listing  # noqa: PLC0415
-
         print(config_listing.listing(config, config_name=flags.FLAGS["config"].config_filename), end="")
         return
     if not _WORKDIR.value:
@@ -135,10 +136,8 @@ def main(argv: list[str]) -> None:
     for follow_config, _ in follow_ups:
         try:
             config_checks.validate(follow_config)
-        except config_checks.ConfigError as err:
+        except ConfigError as err:
             _fail(f"follow-up job {follow_config.job!r} (config.then): {err}")
-
-    import jax  # noqa: PLC0415
 
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_QuietLibraries())
@@ -150,7 +149,7 @@ def main(argv: list[str]) -> None:
         try:
             for c in [config] + [c for c, _ in follow_ups]:
                 config_checks.validate(c, num_devices=jax.device_count())
-        except config_checks.ConfigError as err:
+        except ConfigError as err:
             _fail(str(err))
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)  # progress and results from process 0 only
@@ -180,7 +179,7 @@ def run_job(config, workdir: str):
         raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
     try:
         return job.run(config, workdir)
-    except (config_checks.ConfigError, config_checks.MissingSource) as err:
+    except (ConfigError, MissingSource) as err:
         _fail(str(err))
 
 

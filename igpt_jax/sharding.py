@@ -23,7 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 LEGACY_MESH_AXES = ("data", "fsdp", "tensor")  # a 3-entry mesh.shape: context 1

@@ -22,8 +22,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the embedded 8x8 digits and their 16-colour palette, prepared once per session."""
-    from igpt_jax.data import pipeline as data_pipeline  # noqa: PLC0415
     from tiny_runs import pretrain_config  # noqa: PLC0415
+
+    from igpt_jax.data import pipeline as data_pipeline  # noqa: PLC0415
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     data_pipeline.load_or_fit_palette(pretrain_config(data_dir).data)  # imports the digits, fits the palette
@@ -34,9 +35,9 @@ def digits_data_dir(tmp_path_factory):
 def pretrained_digits_run(tmp_path_factory):
     """(data_dir, workdir) of a finished tiny pretraining run (`tiny_runs.downstream_config`), made once."""
     import jax  # noqa: PLC0415
+    from tiny_runs import downstream_config  # noqa: PLC0415
 
     from igpt_jax.jobs import pretrain  # noqa: PLC0415
-    from tiny_runs import downstream_config  # noqa: PLC0415
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = str(tmp_path_factory.mktemp("pretrain"))
@@ -48,9 +49,9 @@ def pretrained_digits_run(tmp_path_factory):
 def probe_results(pretrained_digits_run, tmp_path_factory):
     """(config, workdir, results) of the probe job on the shared run: both checkpoints, concatenation, low data."""
     import jax  # noqa: PLC0415
+    from tiny_runs import PRETRAIN_STEPS, probe_config  # noqa: PLC0415
 
     from igpt_jax.jobs import probe  # noqa: PLC0415
-    from tiny_runs import PRETRAIN_STEPS, probe_config  # noqa: PLC0415
 
     config = probe_config(pretrained_digits_run, checkpoint_steps=(PRETRAIN_STEPS // 2, PRETRAIN_STEPS),
                           concat_layers=2, low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0),
@@ -63,9 +64,9 @@ def probe_results(pretrained_digits_run, tmp_path_factory):
 def finetune_results(pretrained_digits_run, tmp_path_factory):
     """(workdir, results) of the fine-tuning job on the shared run (`tiny_runs.finetune_config`)."""
     import jax  # noqa: PLC0415
+    from tiny_runs import finetune_config  # noqa: PLC0415
 
     from igpt_jax.jobs import finetune  # noqa: PLC0415
-    from tiny_runs import finetune_config  # noqa: PLC0415
 
     workdir = tmp_path_factory.mktemp("finetune")
     return workdir, finetune.run(finetune_config(pretrained_digits_run), str(workdir), devices=jax.devices()[:1])

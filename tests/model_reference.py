@@ -1,6 +1,6 @@
 """An independent float64 numpy implementation of the released iGPT forward pass (../shared/REFERENCE.md).
 
-Written from the reference's description, not from igpt_jax.model, so that the two can be compared.
+Written from the reference's description, not from igpt_jax.models.igpt, so that the two can be compared.
 """
 
 import numpy as np

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from igpt_jax import attention as attention_lib
-from igpt_jax.model import IGPT, ModelConfig, init_params
-from igpt_jax.objectives import lm_loss
+from igpt_jax.models import attention as attention_lib
+from igpt_jax.models.igpt import IGPT, ModelConfig, init_params
+from igpt_jax.models.objectives import lm_loss
 
 ATOL, RTOL = 2e-5, 1e-5
 # LLVM's backend optimisation takes most of XLA:CPU's compile time and these tests are about numerics: compile

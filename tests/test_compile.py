@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("libtpu", reason="the compile job needs libtpu (pip install libtpu) to describe TPU slices")
 
-from igpt_jax import config_checks, config_defaults  # noqa: E402
+from igpt_jax.config import checks as config_checks  # noqa: E402  # noqa: E402
+from igpt_jax.config import defaults as config_defaults  # noqa: E402
 from igpt_jax.jobs import compile as compile_job  # noqa: E402
 
 TOPOLOGY = "v4:2x2x1"  # 4 chips, one JAX device each (megacore), one host

@@ -1,10 +1,12 @@
-"""Which settings a resumed run may change (igpt_jax/config_changes.py), on configs alone."""
+"""Which settings a resumed run may change (igpt_jax/config/changes.py), on configs alone."""
 
 import json
 
 import pytest
 
-from igpt_jax import config_changes, config_checks, config_defaults
+from igpt_jax.config import changes as config_changes
+from igpt_jax.config import checks as config_checks
+from igpt_jax.config import defaults as config_defaults
 
 
 @pytest.mark.parametrize("field, kind", [

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from igpt_jax import config_checks, config_defaults, config_listing
+from igpt_jax.config import checks as config_checks
+from igpt_jax.config import defaults as config_defaults
+from igpt_jax.config import listing as config_listing
 from igpt_jax.data import import_data, testing
+from igpt_jax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +88,7 @@ def test_a_missing_pretrained_source_is_one_line_and_writes_nothing(tmp_path):
     assert "Traceback" not in result.stderr  # before it, only the start-up log lines
     assert result.stderr.splitlines()[-1] == (
         f"error: no checkpoint in {source}/checkpoints and no converted model in {source}: expected a pretraining "
-        "run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.convert (model_config.json, "
+        "run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.pretrained.convert (model_config.json, "
         "palette.json, params/)")
     assert not workdir.exists()
 
@@ -114,16 +117,16 @@ def test_every_default_field_has_a_comment():
 def test_batch_split_and_gradient_accumulation_are_checked_against_the_devices():
     config = config_checks.resolve(_config())
     config.train.batch_size = 12
-    with pytest.raises(config_checks.ConfigError, match=r"^train.batch_size=12 is not divisible by the data-parallel "
+    with pytest.raises(ConfigError, match=r"^train.batch_size=12 is not divisible by the data-parallel "
                                                         r"size 8 \(the mesh axes"):
         config_checks.validate(config, num_devices=8)
     config_checks.validate(config, num_devices=4)
     config.train.grad_accum_steps = 5
-    with pytest.raises(config_checks.ConfigError, match=r"^train.grad_accum_steps=5 must divide train.batch_size=12"):
+    with pytest.raises(ConfigError, match=r"^train.grad_accum_steps=5 must divide train.batch_size=12"):
         config_checks.validate(config, num_devices=1)
     config = config_checks.resolve(_config())
     config.mesh.shape = (-1, 3, 1)
-    with pytest.raises(config_checks.ConfigError, match=r"fixed axes multiply to 3, which does not divide 8"):
+    with pytest.raises(ConfigError, match=r"fixed axes multiply to 3, which does not divide 8"):
         config_checks.validate(config, num_devices=8)
 
 
@@ -181,7 +184,7 @@ def test_explicit_settings_win_and_contradictions_are_one_line(gray_dataset, tmp
     assert config.data.n_colors == 32  # the palette follows an explicit vocabulary
     config = _config("demo")
     config.data.name, config.data.data_dir, config.data.resolution, config.model.n_ctx = name, data_dir, 12, 100
-    with pytest.raises(config_checks.ConfigError, match=r"^data.resolution=12 gives 144 tokens per image, more than "
+    with pytest.raises(ConfigError, match=r"^data.resolution=12 gives 144 tokens per image, more than "
                                                         r"model.n_ctx=100; set model.n_ctx to 0"):
         config_checks.validate(config_checks.resolve(config))
     # Not imported yet: channels and size come from the .npz header of the auto-import source.
@@ -235,7 +238,7 @@ def test_follow_up_job_settings_are_checked_before_pretraining(field, value, mes
     config.then = (job,)
     config_checks.validate(config)  # pretraining alone does not read these settings
     (follow_config, _), = config_checks.follow_up_jobs(config, "/runs/x")
-    with pytest.raises(config_checks.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config_checks.validate(follow_config)
 
 
@@ -252,11 +255,11 @@ def test_quiet_start_leaves_an_explicit_platform_choice_alone(monkeypatch):
 def test_a_dataset_that_is_missing_with_nothing_to_import_is_a_config_error(tmp_path, gray_dataset):
     config = config_checks.resolve(_config())
     config.data.name, config.data.data_dir = "not_here", str(tmp_path)
-    with pytest.raises(config_checks.ConfigError, match=r"^data.name='not_here' is not in .* and there is nothing to "
+    with pytest.raises(ConfigError, match=r"^data.name='not_here' is not in .* and there is nothing to "
                                                         r"import it from; import it with python -m igpt_jax"):
         config_checks.check_data_available(config)
     config.data.name = "Not-Here"
-    with pytest.raises(config_checks.ConfigError, match=r"^data.name='Not-Here': Invalid dataset name"):
+    with pytest.raises(ConfigError, match=r"^data.name='Not-Here': Invalid dataset name"):
         config_checks.check_data_available(config)
     config.data.name, config.data.data_dir = gray_dataset[1], gray_dataset[0]
     config_checks.check_data_available(config)  # imported: fine

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from igpt_jax import config_checks
-from igpt_jax.model import ModelConfig
+from igpt_jax.config import checks as config_checks
+from igpt_jax.models.igpt import ModelConfig
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 

@@ -14,10 +14,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from igpt_jax import convert  # noqa: E402
-from igpt_jax.model import IGPT, ModelConfig, abstract_params  # noqa: E402
-from igpt_jax.palette import Palette  # noqa: E402
 from hf_models import random_hf_model  # noqa: E402
+
+from igpt_jax.data.palette import Palette  # noqa: E402
+from igpt_jax.models.igpt import IGPT, ModelConfig, abstract_params  # noqa: E402
+from igpt_jax.pretrained import convert  # noqa: E402
 
 TOL = 1e-4
 # Tiny but complete: 2 layers, width 64, 4 heads, 64 positions (8x8), the real 512-colour vocabulary.
@@ -222,7 +223,7 @@ def test_orbax_export_round_trip(hf_state, tmp_path):
 
 
 def test_cli_functions_round_trip_through_folders(tmp_path):
-    """What ``python -m igpt_jax.convert`` does, both directions, on a local save_pretrained folder."""
+    """What ``python -m igpt_jax.pretrained.convert`` does, both directions, on a local save_pretrained folder."""
     model = _random_hf_model(5)
     model.save_pretrained(str(tmp_path / "hf_in"))
     clusters = np.random.default_rng(5).uniform(-1, 1, (512, 3)).astype(np.float32)

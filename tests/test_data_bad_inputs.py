@@ -9,7 +9,7 @@ from absl import flags
 from PIL import Image
 
 from igpt_jax.data import augment, import_data, pipeline, testing
-from igpt_jax.palette import Palette
+from igpt_jax.data.palette import Palette
 
 flags.FLAGS.mark_as_parsed()
 tfds.display_progress_bar(False)

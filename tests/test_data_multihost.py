@@ -8,12 +8,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from absl import flags
-
-import jax
 
 from igpt_jax.data import import_data, pipeline, testing
 

@@ -6,12 +6,12 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
+from tiny_runs import write_checkpoint
 
-from igpt_jax import objectives
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import evaluate
-from igpt_jax.model import IGPT, ModelConfig
-from tiny_runs import write_checkpoint
+from igpt_jax.models import objectives
+from igpt_jax.models.igpt import IGPT, ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,11 @@ def test_a_job_reading_a_run_takes_its_tokens_from_the_run_without_overrides(tmp
     """A run trained at 6x6 with 8 colours is evaluated by a config that leaves the data settings to follow the
     data (the shipped configs' AUTO): the job takes resolution, palette size, vocabulary and context from the run
     instead of deriving the digits' 8x8 / 16 colours, and an explicit disagreement is one line naming both."""
-    from igpt_jax import config_checks, config_defaults  # noqa: PLC0415
-    from igpt_jax.jobs import pretrain  # noqa: PLC0415
     from tiny_runs import pretrain_config  # noqa: PLC0415
+
+    from igpt_jax.config import checks as config_checks  # noqa: PLC0415  # noqa: PLC0415
+    from igpt_jax.config import defaults as config_defaults  # noqa: PLC0415
+    from igpt_jax.jobs import pretrain  # noqa: PLC0415
 
     data_dir = str(tmp_path / "tfds")
     run_config = pretrain_config(data_dir, num_steps=2)

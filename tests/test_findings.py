@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt_jax import findings
-from igpt_jax.representation_tracking import HISTORY_FILE, Evaluation
+from igpt_jax.probing.tracking import HISTORY_FILE, Evaluation
+from igpt_jax.reports import findings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +96,7 @@ def test_the_layer_table_holds_every_layers_fit(run_dir, probe_results):
 
 def test_the_command_writes_every_figure_and_the_table(run_dir, tmp_path):
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "igpt_jax.findings", f"--run=AR tiny={run_dir}",
+    proc = subprocess.run([sys.executable, "-m", "igpt_jax.reports.findings", f"--run=AR tiny={run_dir}",
                            f"--run=again={run_dir}", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -134,7 +134,7 @@ def test_a_malformed_run_is_a_one_line_error(spec, message):
 
 
 def test_a_run_without_probe_results_is_one_line_naming_it(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "igpt_jax.findings", f"--run=X={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "igpt_jax.reports.findings", f"--run=X={tmp_path}",
                            f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [

@@ -7,16 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_runs import FINETUNE_EVAL_EVERY as EVAL_EVERY
+from tiny_runs import FINETUNE_STEPS as STEPS
+from tiny_runs import PRETRAIN_STEPS, finetune_config
 
 from igpt_jax import sharding
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import finetune
-from igpt_jax.layout import param_layout, random_params
-from igpt_jax.model import ModelConfig
-
-from tiny_runs import FINETUNE_EVAL_EVERY as EVAL_EVERY
-from tiny_runs import FINETUNE_STEPS as STEPS
-from tiny_runs import PRETRAIN_STEPS, finetune_config
+from igpt_jax.models.igpt import ModelConfig
+from igpt_jax.models.layout import param_layout, random_params
 
 
 @pytest.fixture(scope="session")

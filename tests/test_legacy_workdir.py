@@ -7,9 +7,9 @@ from pathlib import Path
 
 import jax
 import pytest
+from tiny_runs import pretrain_config
 
 from igpt_jax.jobs import evaluate, finetune, pretrain, probe, sample
-from tiny_runs import pretrain_config
 
 LEGACY = Path(__file__).resolve().parent / "fixtures" / "legacy_workdir"
 

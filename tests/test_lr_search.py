@@ -10,10 +10,12 @@ from pathlib import Path
 
 import jax
 import pytest
-
-from igpt_jax import config_checks, lr_ladder
-from igpt_jax.jobs import lr_search
 from tiny_runs import pretrain_config
+
+from igpt_jax.config import checks as config_checks
+from igpt_jax.errors import ConfigError
+from igpt_jax.jobs import lr_search
+from igpt_jax.training import lr_ladder
 
 REPO = Path(__file__).resolve().parents[1]
 LADDER = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
@@ -167,7 +169,7 @@ def test_diverged_trials_count_as_infinite_and_ended_trials_are_read_back(data_d
     assert [t["reused"] for t in again["trials"]] == [True, True, True]
     assert again["table"] == out["table"] and again["picked_lr"] == 3e-3
     config.lr_search.schedule_fraction = 0.25
-    with pytest.raises(config_checks.ConfigError, match=r"lr_0.01 holds a trial run with train.num_steps=4, but this "
+    with pytest.raises(ConfigError, match=r"lr_0.01 holds a trial run with train.num_steps=4, but this "
                                                         r"search's trial has train.num_steps=2"):
         lr_search.run(config, str(tmp_path))
 
@@ -213,7 +215,7 @@ def test_interrupted_search_resumes_and_matches_an_uninterrupted_one(data_dir, t
 def test_bad_search_settings_are_one_line_config_errors(data_dir, field, value, message):
     config = search_config(data_dir)
     config.lr_search[field] = value
-    with pytest.raises(config_checks.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         config_checks.validate(config)
     assert str(err.value) == message
 
@@ -221,7 +223,7 @@ def test_bad_search_settings_are_one_line_config_errors(data_dir, field, value, 
 def test_search_needs_a_validation_loss(data_dir):
     config = search_config(data_dir)
     config.train.eval_every = 0
-    with pytest.raises(config_checks.ConfigError, match=r"^train.eval_every=0: the learning-rate search compares"):
+    with pytest.raises(ConfigError, match=r"^train.eval_every=0: the learning-rate search compares"):
         config_checks.validate(config)
 
 

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator, event_file_loader
 
-from igpt_jax import metric_writers
-from igpt_jax.metric_writers import ProgressLogger, TensorBoardWriter, drop_events_after, format_duration, write_scalars
+from igpt_jax.training import metric_writers
+from igpt_jax.training.metric_writers import (
+    ProgressLogger,
+    TensorBoardWriter,
+    drop_events_after,
+    format_duration,
+    write_scalars,
+)
 
 SCALARS = [
     (0, {"train/loss": 5.5451, "train/lr": 0.0}),

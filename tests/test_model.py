@@ -3,12 +3,19 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import model_reference
 import numpy as np
 import pytest
 
-import model_reference
-from igpt_jax import objectives
-from igpt_jax.model import IGPT, Block, ModelConfig, count_params, init_params, pool_grid
+from igpt_jax.models import objectives
+from igpt_jax.models.igpt import (
+    IGPT,
+    Block,
+    ModelConfig,
+    count_params,
+    init_params,
+    pool_grid,
+)
 
 TINY = ModelConfig(vocab_size=16, n_ctx=32, d_model=32, n_head=4, n_layer=3, remat="none", attention="dense")
 

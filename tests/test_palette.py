@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from igpt_jax.palette import Palette, to_unit
+from igpt_jax.data.palette import Palette, to_unit
 
 
 def brute_force_ids(pixels: np.ndarray, centres: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from igpt_jax import plots
+from igpt_jax.reports import plots
 
 
 def _pixels_of(img: np.ndarray, colour: str) -> int:

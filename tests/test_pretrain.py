@@ -16,12 +16,15 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_defaults, optim, sharding, train
-from igpt_jax.jobs import pretrain
-from igpt_jax.model import ModelConfig
 from tiny_runs import pretrain_config as tiny_config
+
+from igpt_jax import sharding
+from igpt_jax.config import defaults as config_defaults
+from igpt_jax.jobs import pretrain
+from igpt_jax.models.igpt import ModelConfig
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training import optim
+from igpt_jax.training import step as train
 
 REPO = Path(__file__).resolve().parents[1]
 

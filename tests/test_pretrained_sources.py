@@ -22,11 +22,14 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from igpt_jax import config_defaults, convert, pretrained  # noqa: E402
-from igpt_jax import features as features_lib  # noqa: E402
+from hf_models import random_hf_model  # noqa: E402
+
+from igpt_jax.config import defaults as config_defaults  # noqa: E402  # noqa: E402
 from igpt_jax.data import auto_import  # noqa: E402
 from igpt_jax.jobs import evaluate, pretrain, probe, sample  # noqa: E402
-from hf_models import random_hf_model  # noqa: E402
+from igpt_jax.pretrained import convert  # noqa: E402
+from igpt_jax.pretrained import sources as pretrained  # noqa: E402
+from igpt_jax.probing import features as features_lib  # noqa: E402
 
 CIFAR = auto_import.SHARED_DATA / "cifar10.npz"
 N_TRAIN, N_TEST = 200, 100
@@ -81,7 +84,7 @@ def hf_folder(tmp_path_factory):
 def converted(hf_folder, tmp_path_factory):
     """DIR written by the convert command from the HF folder."""
     out = str(tmp_path_factory.mktemp("converted") / "igpt")
-    subprocess.run([sys.executable, "-m", "igpt_jax.convert", f"--hf={hf_folder[0]}", f"--out={out}"], check=True,
+    subprocess.run([sys.executable, "-m", "igpt_jax.pretrained.convert", f"--hf={hf_folder[0]}", f"--out={out}"], check=True,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
     return out
 

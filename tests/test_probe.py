@@ -9,14 +9,16 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
+from tiny_runs import PRETRAIN_STEPS, downstream_config, probe_config
 
-from igpt_jax import linear_probe, pretrained, sharding
-from igpt_jax import features as features_lib
+from igpt_jax import sharding
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import probe
-from igpt_jax.layout import param_layout, random_params
-from igpt_jax.model import IGPT, ModelConfig
-from tiny_runs import PRETRAIN_STEPS, downstream_config, probe_config
+from igpt_jax.models.igpt import IGPT, ModelConfig
+from igpt_jax.models.layout import param_layout, random_params
+from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.probing import features as features_lib
+from igpt_jax.probing import linear_probe
 
 tiny_config = downstream_config
 

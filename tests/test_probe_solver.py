@@ -6,7 +6,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from igpt_jax import linear_probe, logreg_jax
+from igpt_jax.probing import linear_probe, logreg_jax
 
 
 @pytest.fixture(scope="module")

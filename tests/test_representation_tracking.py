@@ -10,12 +10,17 @@ import pytest
 from etils import epath
 from PIL import Image
 from tensorboard.backend.event_processing import event_file_loader
-
-from igpt_jax import config_checks, linear_probe, pretrained, representation_tracking, sharding
-from igpt_jax import features as features_lib
-from igpt_jax.jobs import pretrain, probe
-from igpt_jax.layout import param_layout
 from tiny_runs import pretrain_config
+
+from igpt_jax import sharding
+from igpt_jax.config import checks as config_checks
+from igpt_jax.errors import ConfigError
+from igpt_jax.jobs import pretrain, probe
+from igpt_jax.models.layout import param_layout
+from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.probing import features as features_lib
+from igpt_jax.probing import linear_probe
+from igpt_jax.probing import tracking as representation_tracking
 
 STEPS, EVERY, KILLED_AFTER = 6, 2, 4  # tracked at 2, 4, 6; checkpoints at 3 and 6; killed after tracking step 4
 TRAIN_EXAMPLES, VAL_EXAMPLES = 256, 150  # digits: 1,350 training and 150 validation images
@@ -200,7 +205,7 @@ def test_sharded_parameters_give_the_same_figures(tracked, tmp_path):
 def test_bad_tracking_settings_are_one_line_config_errors(change, message):
     config = tracking_config("/nonexistent")
     config.track.update(change)
-    with pytest.raises(config_checks.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         config_checks.validate(config)
 
 
@@ -209,7 +214,7 @@ def test_bad_tracking_settings_are_one_line_config_errors(change, message):
 def test_tracking_without_labels_or_validation_images_is_refused(data_change, why):
     config = tracking_config("/nonexistent")
     config.data.update(data_change)
-    with pytest.raises(config_checks.ConfigError, match=rf"^track\.every=2 needs labelled .*data\.{why}"):
+    with pytest.raises(ConfigError, match=rf"^track\.every=2 needs labelled .*data\.{why}"):
         config_checks.validate(config)
     config.track.every = 0
     config_checks.validate(config)  # off: the same data is fine
@@ -219,7 +224,7 @@ def test_a_subset_larger_than_the_data_fails_before_any_work(tracked, tmp_path):
     config = tracked[0].copy_and_resolve_references()
     config.track.val_examples = 151
     workdir = tmp_path / "never"
-    with pytest.raises(config_checks.ConfigError,
+    with pytest.raises(ConfigError,
                        match=r"^track\.val_examples=151 is more than the 150 images of the validation split"):
         pretrain.run(config, str(workdir), devices=jax.devices()[:1])
     assert not workdir.exists()

@@ -12,12 +12,14 @@ import numpy as np
 import optax
 import pytest
 from PIL import Image
-
-from igpt_jax import model as model_lib
-from igpt_jax import objectives, sampling, sharding
-from igpt_jax.jobs import sample
-from igpt_jax.model import IGPT, ModelConfig, init_params
 from tiny_runs import write_checkpoint
+
+from igpt_jax import sharding
+from igpt_jax.jobs import sample
+from igpt_jax.models import decoding as sampling
+from igpt_jax.models import igpt as model_lib
+from igpt_jax.models import objectives
+from igpt_jax.models.igpt import IGPT, ModelConfig, init_params
 
 CFG = ModelConfig(vocab_size=16, n_ctx=32, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense")
 SETTINGS = dict(temperature=0.8, top_k=5)

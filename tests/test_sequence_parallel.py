@@ -9,8 +9,14 @@ import jax
 import numpy as np
 import pytest
 
-from igpt_jax import config_checks, config_defaults, features, optim, sampling, sharding, train
-from igpt_jax.model import IGPT, ModelConfig, init_params
+from igpt_jax import sharding
+from igpt_jax.config import checks as config_checks
+from igpt_jax.config import defaults as config_defaults
+from igpt_jax.models import decoding as sampling
+from igpt_jax.models.igpt import IGPT, ModelConfig, init_params
+from igpt_jax.probing import features
+from igpt_jax.training import optim
+from igpt_jax.training import step as train
 
 CONTEXT_MESH = (2, 1, 4, 1)  # data 2, fsdp 1, context 4, tensor 1: each sequence over 4 of the 8 devices
 RULES = sharding.DEFAULT_RULES  # 'activation_length' -> 'context', 'activation_kv_length' unsharded

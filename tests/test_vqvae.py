@@ -9,11 +9,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from igpt_jax import config_defaults, sampling, vqvae_run
-from igpt_jax import vqvae as vq
+from igpt_jax.config import defaults as config_defaults
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import pretrain, probe, sample, tokenize
 from igpt_jax.jobs import vqvae as vqvae_job
+from igpt_jax.models import vqvae as vq
+from igpt_jax.pretrained import vqvae as vqvae_run
+from igpt_jax.reports import images
 
 VOCAB = 32
 ONE = jax.devices()[:1]  # the conftest session has 8 fake CPU devices
@@ -237,7 +239,7 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     config.job = "sample"
     config.sample.update(mode="unconditional", num_samples=4, batch_size=4)
     sampled = sample.run(config, str(tmp_path / "sample"), devices=ONE)
-    scale = sampling.default_scale(8)
+    scale = images.default_scale(8)
     assert sampled["grid"].shape == (2 * (8 * scale + 2) + 2, 2 * (8 * scale + 2) + 2, 1)
     decoder = vqvae_run.CodeDecoder.from_codes_dataset(config.data)
     np.testing.assert_array_equal(decoder.decode(got["tokens"].reshape(8, 4, 4)), vqvae_run.to_uint8(recon))

@@ -7,10 +7,13 @@ functions, never each other.
 import jax
 import ml_collections
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_defaults, optim, sharding, train
+from igpt_jax import sharding
+from igpt_jax.config import defaults as config_defaults
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.model import ModelConfig
+from igpt_jax.models.igpt import ModelConfig
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training import optim
+from igpt_jax.training import step as train
 
 PRETRAIN_STEPS = 40  # the shared pretraining run: checkpoints at steps 20 and 40
 

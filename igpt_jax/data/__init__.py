@@ -5,7 +5,11 @@ Modules (import them directly; this package imports nothing, so configs stay lig
   builders     TFDS builders (catalog-compatible cifar10, fashion_mnist, imagenet2012; digits; generic).
   import_data  CLI and import_dataset(): .npz archives and image folders -> array_record datasets.
   augment      per-example resize and the paper's CIFAR / ImageNet augmentations (numpy + Pillow).
+  palette      the k-means colour palette: fit, encode pixels to tokens, decode.
   pipeline     make_iterator(), load_or_fit_palette(), make_global_batch(), Orbax iterator args.
+  codes        datasets of VQ-VAE code grids.
   verify       record-by-record check of an imported dataset against its .npz archive.
   testing      small synthetic datasets for tests and benchmarks.
+
+May import: the leaves (errors, workdir, sharding).
 """

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from typing import Any
 
 import ml_collections
+import numpy as np
+from etils import epath
+
+from igpt_jax.data import builders
 
 # Per-dataset presets: (resolution, channels, n_colors, augment, val_fraction).
 # Paper 3.1: 4% of ImageNet train and 10% of CIFAR train held out for validation.
@@ -129,12 +134,9 @@ def stored_image_shape(name: str, data_dir: str, import_source: str | None) -> t
     ``data_dir/name``; the header of ``x_train`` in a .npz import source; 3 channels for an image folder (the
     importer's default). None when none of these exists.
     """
-    from igpt_jax.data import builders  # pylint: disable=g-import-not-at-top  (heavy: TFDS)
-
     spec = builders.catalog_spec(name)
     if spec is not None:
         return tuple(spec.image_shape)
-    from etils import epath  # pylint: disable=g-import-not-at-top
 
     root = epath.Path(data_dir) / name
     if root.is_dir():
@@ -161,9 +163,7 @@ def _shape_from_features_json(text: str) -> tuple[Any, Any, Any] | None:
 
 def _npz_image_shape(path: Any) -> tuple[Any, Any, Any] | None:
     """x_train's image shape from the .npy header inside a .npz (the arrays are not read)."""
-    import zipfile  # pylint: disable=g-import-not-at-top
 
-    import numpy as np  # pylint: disable=g-import-not-at-top
 
     try:
         with path.open('rb') as f, zipfile.ZipFile(f) as archive, archive.open('x_train.npy') as member:

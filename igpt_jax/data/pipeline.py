@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from igpt_jax.data import augment, builders
 from igpt_jax.data.auto_import import ensure_dataset  # noqa: F401  (part of this API)
 from igpt_jax.data.config import resolve_data_dir  # noqa: F401  (part of this API)
-from igpt_jax.palette import Palette, _pack
+from igpt_jax.data.palette import Palette, _pack
 
 SPLITS = ('train', 'validation', 'test')
 TOKENS = ('palette', 'raw', 'codes')

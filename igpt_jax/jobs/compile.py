@@ -47,11 +47,14 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from igpt_jax import attention as attention_lib
-from igpt_jax import optim, sharding, train
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import workpath_of
-from igpt_jax.model import ModelConfig, count_params
+from igpt_jax.models import attention as attention_lib
+from igpt_jax.models.igpt import ModelConfig, count_params
+from igpt_jax.training import optim
+from igpt_jax.training import step as train
+from igpt_jax.workdir import workpath_of
 
 GIB = 1024**3
 
@@ -452,10 +455,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         report, _ = compile_train_step(config, devices)
     except CompileError as err:
         failed = {**err.report, "fits": False, "error": str(err)}
-        (workpath / "compile_report.json").write_text(json.dumps(failed, indent=2))
+        (workpath / workdir_files.COMPILE_REPORT).write_text(json.dumps(failed, indent=2))
         print(f"The train step does NOT compile for {config.compile.topology}: {err}", flush=True)
         raise
-    (workpath / "compile_report.json").write_text(json.dumps(report, indent=2))
+    (workpath / workdir_files.COMPILE_REPORT).write_text(json.dumps(report, indent=2))
     print(format_report(report), flush=True)
     print(f"Report: {workpath / 'compile_report.json'}", flush=True)
     if not report["fits"]:

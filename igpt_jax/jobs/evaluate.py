@@ -9,7 +9,7 @@ the exact mean over all tokens: nats per token and bits per token (nats / ln 2).
 palette it is the same quantity as minGPT's test loss in ../shared/REFERENCE.md (2.0378 nats/token for a 12-layer,
 width-256 model after 16 epochs). Writes ``eval_{split}.json`` to the job's workdir.
 
-The source is a pretraining run or a converted model (`igpt_jax.pretrained`, which also states which settings come
+The source is a pretraining run or a converted model (`igpt_jax.pretrained.sources`, which also states which settings come
 from the source and which from the job).
 """
 
@@ -23,10 +23,13 @@ import jax
 import ml_collections
 from absl import logging
 
-from igpt_jax import pretrained, sharding, train
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import workpath_of
-from igpt_jax.validation import evaluate as evaluate_split
+from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.training import step as train
+from igpt_jax.training.validation import evaluate as evaluate_split
+from igpt_jax.workdir import workpath_of
 
 # minGPT's CIFAR-10 image demo (../shared/REFERENCE.md): best test loss, nats per token, 512-colour palette.
 MINGPT_CIFAR10_NATS = 2.0378
@@ -81,5 +84,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     if jax.process_index() == 0:
         workpath = workpath_of(workdir)
         workpath.mkdir(parents=True, exist_ok=True)
-        (workpath / f"eval_{split}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (workpath / workdir_files.eval_results(split)).write_text(json.dumps(result, indent=2) + "\n")
     return result

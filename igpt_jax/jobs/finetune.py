@@ -1,7 +1,7 @@
 """The fine-tuning job (``config.job = 'finetune'``, paper 2.3, 3.4, 4.5).
 
 Initialises the model from a pretrained model (``config.checkpoint.source_workdir`` / ``step``: a pretraining run or
-a converted model, read by `igpt_jax.pretrained`; or randomly,
+a converted model, read by `igpt_jax.pretrained.sources`; or randomly,
 ``finetune.init = 'random'``, the from-scratch baseline), attaches a zero-initialised, bias-free linear head to the
 sequence mean of the final norm's output (or of block ``finetune.head_layer``'s ``ln_1`` output), and trains
 L_GEN + L_CLF (or L_CLF alone) with Adam as in pretraining (``config.train``'s b1, b2, eps, clipping) at a constant
@@ -35,21 +35,27 @@ import optax
 from absl import logging
 from etils import epath
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, objectives, optim, pretrained, sharding
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import Segments, jsonable, total_seconds, workpath_of
-from igpt_jax.layout import Layout, layout_of, param_layout
-from igpt_jax.model import IGPT, ModelConfig, ModelOutput, init_params
-from igpt_jax.palette import Palette
-from igpt_jax.run_log import PreemptionWatcher, RunLog
+from igpt_jax.data.palette import Palette
+from igpt_jax.models import objectives
+from igpt_jax.models.igpt import IGPT, ModelConfig, ModelOutput, init_params
+from igpt_jax.models.layout import Layout, layout_of, param_layout
+from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.probing import features as features_lib
+from igpt_jax.probing import linear_probe
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training import optim
+from igpt_jax.training.run_log import PreemptionWatcher, RunLog
+from igpt_jax.training.segments import Segments, total_seconds
+from igpt_jax.workdir import jsonable, workpath_of
 
 OBJECTIVES = ("gen+clf", "clf")
 INITS = ("pretrained", "random")
-RESULTS = "results.json"
+RESULTS = workdir_files.RESULTS
 # Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
-VAL_HISTORY = "val_history.json"
+VAL_HISTORY = workdir_files.VAL_HISTORY
 
 
 @flax.struct.dataclass
@@ -107,7 +113,7 @@ def classifier_logits(params: Any, out: ModelOutput, head_layer: int) -> jax.Arr
 def finetune_step(state: FinetuneState, batch: dict[str, jax.Array], *, model_cfg: ModelConfig,
                   tx: optax.GradientTransformation, schedule: optax.Schedule, base_rng: jax.Array, head_layer: int,
                   use_gen: bool) -> tuple[FinetuneState, dict[str, jax.Array]]:
-    """One optimizer step on L_CLF (+ L_GEN): pure, like `igpt_jax.train.train_step`.
+    """One optimizer step on L_CLF (+ L_GEN): pure, like `igpt_jax.training.step.train_step`.
 
     Returns:
       (new state, metrics: loss, clf_loss, gen_loss, train_accuracy, learning_rate, grad_norm).
@@ -337,7 +343,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     saved_config.checkpoint.step = -1 if source_step is None else source_step
     saved_config.finetune.source_checkpoint = source_name
     save_kwargs = dict(config=saved_config, palette=palette.centres)
-    best_ckpt = ckpt_lib.Checkpointer(str(workpath / "best"), every_steps=1, max_to_keep=1, async_save=False)
+    best_ckpt = ckpt_lib.Checkpointer(str(workpath / workdir_files.FINETUNE_BEST), every_steps=1, max_to_keep=1, async_save=False)
     closers.append(best_ckpt.close)
 
     start_step = int(jax.device_get(state.step))

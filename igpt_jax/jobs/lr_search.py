@@ -8,7 +8,7 @@ Each trial is an ordinary pretraining run of the same model on the same data, in
 ``lr_0.003/``): the config's run with ``train.lr`` set to the trial's rate and its schedule shrunk by
 ``lr_search.schedule_fraction`` (``train.num_steps``, the warmup and the checkpoint period; the cosine decays to 0
 at the trial's last step; representation tracking off). The trials go from the largest rate down and stop at the
-first local minimum of their final validation loss (the rule: `igpt_jax.lr_ladder`); a trial whose loss turns
+first local minimum of their final validation loss (the rule: `igpt_jax.training.lr_ladder`); a trial whose loss turns
 NaN/Inf counts as +inf.
 
 An interrupted search resumes: a trial that ended (finished or diverged) left ``lr_search_trial.json`` in its
@@ -37,12 +37,15 @@ import jax
 import ml_collections
 from absl import logging
 
-from igpt_jax import config_changes, config_checks, lr_ladder
+from igpt_jax import workdir as workdir_files
+from igpt_jax.config import changes as config_changes
+from igpt_jax.config import checks as config_checks
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import jsonable, workpath_of
+from igpt_jax.errors import ConfigError
+from igpt_jax.training import lr_ladder
+from igpt_jax.workdir import jsonable, workpath_of
 
-TRIAL_FILE = "lr_search_trial.json"  # in each trial's workdir: its result (or, while interrupted, its time so far)
-RESULT_FILE = "lr_search.json"
+TRIAL_FILE, RESULT_FILE = workdir_files.LR_SEARCH_TRIAL, workdir_files.LR_SEARCH_RESULT
 ENDED = ("finished", "diverged")  # a trial with one of these statuses is read back, not rerun
 
 
@@ -110,23 +113,23 @@ def _write_record(trial_dir: str, record: dict[str, Any]) -> None:
 
 def _check_same_settings(trial_dir: str, trial_cfg: ml_collections.ConfigDict) -> None:
     """A trial read back must have been run with this search's model, data and schedule."""
-    stored = json.loads((workpath_of(trial_dir) / "config.json").read_text())
+    stored = json.loads((workpath_of(trial_dir) / workdir_files.CONFIG_JSON).read_text())
     for field, old, new in config_changes.changes(stored, trial_cfg):
         if config_changes.kind_of(field) != "free":
-            raise config_checks.ConfigError(
+            raise ConfigError(
                 f"{trial_dir} holds a trial run with {field}={old!r}, but this search's trial has {field}={new!r} "
                 "(a changed config or lr_search.schedule_fraction): use a new workdir or the earlier settings")
 
 
 def _final_val_loss(trial_dir: str, steps: int) -> float:
     """The validation loss a finished run logged at its last step (its pretraining run had already ended)."""
-    path = workpath_of(trial_dir) / "metrics.jsonl"
+    path = workpath_of(trial_dir) / workdir_files.METRICS
     if path.exists():
         for line in reversed(path.read_text().splitlines()):
             record = json.loads(line) if line.strip() else {}
             if record.get("step") == steps and "val_loss" in record:
                 return float(record["val_loss"])
-    raise config_checks.ConfigError(
+    raise ConfigError(
         f"{trial_dir} is finished but its validation loss at step {steps} is not in its metrics.jsonl (written for "
         "local workdirs only): delete that directory to rerun the trial")
 
@@ -201,7 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
       stop_at: (trial index, step): act as if preempted at that step of that trial (tests and drills).
 
     Returns:
-      {'picked_lr' (None: none), 'stop' (an `igpt_jax.lr_ladder` reason), 'note', 'trials' (dicts), 'table',
+      {'picked_lr' (None: none), 'stop' (an `igpt_jax.training.lr_ladder` reason), 'note', 'trials' (dicts), 'table',
       'command'}; or {'preempted': True, 'trials'} when a trial was stopped by a signal.
     """
     lrs = [float(x) for x in config.lr_search.lrs]
@@ -220,8 +223,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         workpath = workpath_of(workdir)
         workpath.mkdir(parents=True, exist_ok=True)
         (workpath / RESULT_FILE).write_text(json.dumps(jsonable(result), indent=2) + "\n")
-        (workpath / "lr_search.txt").write_text(text)
-        lr_ladder.plot(str(workpath / "lr_search.png"), outcome)
+        (workpath / workdir_files.LR_SEARCH_TABLE).write_text(text)
+        lr_ladder.plot(str(workpath / workdir_files.LR_SEARCH_PLOT), outcome)
     print(f"Learning-rate search ({len(outcome.trials)} of {len(lrs)} trials, {workdir}):\n{text}", end="", flush=True)
     if command:
         print(f"Full run at the picked learning rate:\n  {command}", flush=True)

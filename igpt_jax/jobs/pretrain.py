@@ -4,11 +4,11 @@ Resumes from the workdir's newest readable checkpoint (state, data position; an 
 ``checkpoints_unreadable/`` and the one before it used), says so and exits 0 when the run is already finished, stops
 with the step on a NaN/Inf loss (the last good checkpoint stays), and on SIGTERM (preemption) or SIGINT (Ctrl-C)
 saves the current step and exits cleanly. A resumed run may not change its architecture or data, needs
-``checkpoint.allow_changes`` to change optimizer or schedule settings (`igpt_jax.config_changes`), and writes
+``checkpoint.allow_changes`` to change optimizer or schedule settings (`igpt_jax.config.changes`), and writes
 ``config.json`` once its settings are accepted. Metrics reach disk before each checkpoint is saved; what a killed run
-logged after its last checkpoint is dropped on resume (`igpt_jax.run_log.RunLog`). With ``track.every`` > 0 every layer
-is probed on a fixed labelled subset every that many steps (`igpt_jax.representation_tracking`). Each invocation's
-wall time is kept in ``segments.json`` (`igpt_jax.job_outputs.Segments`), so the whole run's time survives resumes.
+logged after its last checkpoint is dropped on resume (`igpt_jax.training.run_log.RunLog`). With ``track.every`` > 0 every layer
+is probed on a fixed labelled subset every that many steps (`igpt_jax.probing.tracking`). Each invocation's
+wall time is kept in ``segments.json`` (`igpt_jax.training.segments.Segments`), so the whole run's time survives resumes.
 """
 
 from __future__ import annotations
@@ -21,13 +21,18 @@ import jax
 import ml_collections
 from absl import logging
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_changes, optim, representation_tracking, sharding, train
+from igpt_jax import sharding
+from igpt_jax.config import changes as config_changes
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import Segments, total_seconds, workpath_of
-from igpt_jax.model import ModelConfig, count_params
-from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
-from igpt_jax.validation import evaluate
+from igpt_jax.models.igpt import ModelConfig, count_params
+from igpt_jax.probing import tracking as representation_tracking
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training import optim
+from igpt_jax.training import step as train
+from igpt_jax.training.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
+from igpt_jax.training.segments import Segments, total_seconds
+from igpt_jax.training.validation import evaluate
+from igpt_jax.workdir import workpath_of
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None

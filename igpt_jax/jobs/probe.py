@@ -1,7 +1,7 @@
 """The linear-probe job (``config.job = 'probe'``): a pretraining checkpoint's features, one probe per layer.
 
 For each checkpoint step (``config.checkpoint.step``, or every step of ``config.probe.checkpoint_steps``):
-  1. restore only the parameters onto the mesh (`igpt_jax.pretrained`: a run's checkpoint or a converted model);
+  1. restore only the parameters onto the mesh (`igpt_jax.pretrained.sources`: a run's checkpoint or a converted model);
   2. extract every requested layer's sequence-mean feature (``probe.pooling``: or its quadrants' means) for the
      train, validation and test splits, one pass per split (BERT models: masked inputs; validation and test under
      ``probe.bert_ensemble`` masks);
@@ -12,7 +12,7 @@ Baselines in the same job, with the same splits and solver: raw pixels (the pale
 model sees them) and the same architecture with random weights (all layers, best chosen on validation).
 
 Progress: every split's features and every fitted probe are saved in ``{workdir}/progress/`` as they finish
-(`igpt_jax.probe_progress`; ``probe.resume``), so a stopped job (SIGTERM, SIGKILL) resumes from what it finished and
+(`igpt_jax.probing.progress`; ``probe.resume``), so a stopped job (SIGTERM, SIGKILL) resumes from what it finished and
 a rerun with other solver settings reuses the features.
 
 Outputs in the workdir (process 0): ``results.json`` (everything, with the exact config and checkpoint steps),
@@ -31,14 +31,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import features as features_lib
-from igpt_jax import linear_probe, pretrained, probe_progress, sharding
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import jsonable, workpath_of
-from igpt_jax.layout import param_layout, random_params
+from igpt_jax.models.layout import param_layout, random_params
+from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.probing import features as features_lib
+from igpt_jax.probing import linear_probe
+from igpt_jax.probing import progress as probe_progress
+from igpt_jax.reports import plots
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.workdir import jsonable, workpath_of
 
-RESULTS, LAYERS_PLOT, LOSS_PLOT = "results.json", "probe_layers.png", "probe_vs_val_loss.png"
+RESULTS, LAYERS_PLOT, LOSS_PLOT = workdir_files.RESULTS, workdir_files.PROBE_LAYERS_PLOT, workdir_files.PROBE_LOSS_PLOT
 
 
 def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0,
@@ -348,8 +353,6 @@ def format_table(results: dict[str, Any]) -> str:
 
 def plot_layers(results: dict[str, Any], path: str) -> None:
     """Figure 2: test accuracy of each layer's probe, one line per checkpoint, the baselines as lines."""
-    from igpt_jax import plots  # noqa: PLC0415
-
     series = []
     for c in results["checkpoints"]:
         series.append({"x": [r["layer"] for r in c["layers"]], "y": [100 * r["test_accuracy"] for r in c["layers"]],
@@ -370,8 +373,6 @@ def plot_layers(results: dict[str, Any], path: str) -> None:
 
 def plot_vs_loss(results: dict[str, Any], path: str) -> None:
     """Figure 3: best-layer probe accuracy against validation loss, one point per checkpoint."""
-    from igpt_jax import plots  # noqa: PLC0415
-
     cks = results["checkpoints"]
     plots.line_chart(
         path, series=[{"x": [c["val_loss"] for c in cks], "y": [100 * c["best"]["test_accuracy"] for c in cks],

@@ -19,7 +19,7 @@ Outputs in the workdir (process 0):
                  [num_images, res*res], sample_info.json.
   unconditional: samples.png (a square-ish grid), samples.npy int32 [num_samples, res*res], sample_info.json.
 
-Generation is `igpt_jax.sampling.generate` jitted on the job's mesh (batch over the data axes): one prefill of the
+Generation is `igpt_jax.models.decoding.generate` jitted on the job's mesh (batch over the data axes): one prefill of the
 given rows, then a `lax.fori_loop` of one-token cached steps. Batch i of the job uses the key
 ``fold_in(key(seed), i)``, so the same seed and batch size give the same images.
 
@@ -40,10 +40,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from igpt_jax import sampling, sharding
-from igpt_jax.pretrained import Pretrained, load_on_mesh
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import workpath_of
+from igpt_jax.models import decoding
+from igpt_jax.pretrained.sources import Pretrained, load_on_mesh
+from igpt_jax.pretrained.vqvae import CodeDecoder
+from igpt_jax.reports import images
+from igpt_jax.workdir import workpath_of
 
 MODES = ("complete", "unconditional")
 
@@ -69,7 +73,7 @@ def check_sample_config(sample_cfg: ml_collections.ConfigDict, loaded: Pretraine
     """Fails fast, naming the setting, before anything is read or compiled."""
     if sample_cfg.mode not in MODES:
         raise ValueError(f"sample.mode={sample_cfg.mode!r}, expected one of {MODES}")
-    sampling.check_sampling_args(loaded.model_cfg, prefix_length=0, length=loaded.data_cfg.resolution**2,
+    decoding.check_sampling_args(loaded.model_cfg, prefix_length=0, length=loaded.data_cfg.resolution**2,
                                  temperature=float(sample_cfg.temperature), top_k=int(sample_cfg.top_k))
     for name in ("batch_size",) + (("num_samples",) if sample_cfg.mode == "unconditional"
                                    else ("num_images", "samples_per_image")):
@@ -122,7 +126,7 @@ def generate_rows(loaded: Pretrained, prefixes: np.ndarray, sample_cfg: ml_colle
     batch = max(dp, math.ceil(batch / dp) * dp)  # whole rows per data-parallel shard
     padded = math.ceil(rows / batch) * batch
     prefixes = np.concatenate([prefixes, np.repeat(prefixes[:1], padded - rows, axis=0)]) if padded > rows else prefixes
-    fn = sampling.make_generate_fn(model_cfg, mesh, rules, loaded.layout.shardings, length=length,
+    fn = decoding.make_generate_fn(model_cfg, mesh, rules, loaded.layout.shardings, length=length,
                                    temperature=float(sample_cfg.temperature), top_k=int(sample_cfg.top_k))
     batch_sharding = sharding.batch_sharding(mesh, rules)
     base = jax.random.key(int(sample_cfg.seed))
@@ -145,11 +149,9 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     # Codes (data.tokens='codes') are shown through the VQ-VAE's decoder; a code row is `factor` image rows.
     panels_decoder, factor = loaded.palette, 1
     if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
-        from igpt_jax.vqvae_run import CodeDecoder  # noqa: PLC0415
-
         panels_decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
         factor = panels_decoder.cfg.factor
-    scale = sampling.default_scale(res * factor) if scale is None else int(scale)
+    scale = images.default_scale(res * factor) if scale is None else int(scale)
     workpath = workpath_of(workdir)
     primary = jax.process_index() == 0
     info: dict[str, Any] = {
@@ -164,30 +166,30 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
         prefixes = np.repeat(originals[:, :given * res], per_image, axis=0)  # [n * S, given * res]
         tokens, timing = generate_rows(loaded, prefixes, sample_cfg)
         samples = tokens.reshape(len(originals), per_image, res * res)
-        grid = sampling.image_grid(
-            sampling.completion_panels(panels_decoder, originals, samples, resolution=res,
+        grid = images.image_grid(
+            images.completion_panels(panels_decoder, originals, samples, resolution=res,
                                        given_rows=given * factor),
             scale=scale)
         info.update(split=str(sample_cfg.split), images=len(originals), given_rows=given, samples_per_image=per_image)
         files = {"grid": workpath / "completions.png", "tokens": workpath / "completions.npy",
                  "originals": workpath / "originals.npy"}
         if primary:
-            sampling.save_npy(files["tokens"], samples)
-            sampling.save_npy(files["originals"], originals)
+            images.save_npy(files["tokens"], samples)
+            images.save_npy(files["originals"], originals)
         result: dict[str, Any] = {"samples": samples, "originals": originals}
     else:
         n = int(sample_cfg.num_samples)
         tokens, timing = generate_rows(loaded, np.zeros((n, 0), np.int32), sample_cfg)
-        grid = sampling.image_grid(sampling.sample_panels(panels_decoder, tokens, resolution=res), scale=scale)
+        grid = images.image_grid(images.sample_panels(panels_decoder, tokens, resolution=res), scale=scale)
         info.update(num_samples=n)
         files = {"grid": workpath / "samples.png", "tokens": workpath / "samples.npy"}
         if primary:
-            sampling.save_npy(files["tokens"], tokens)
+            images.save_npy(files["tokens"], tokens)
         result = {"samples": tokens}
     info.update(timing, grid_shape=list(grid.shape), files={k: str(v) for k, v in files.items()})
     if primary:
-        sampling.save_png(files["grid"], grid)
-        (workpath / "sample_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        images.save_png(files["grid"], grid)
+        (workpath / workdir_files.SAMPLE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Sampling ({sample_cfg.mode}): wrote {files['grid']} ({grid.shape[1]}x{grid.shape[0]} pixels) and "
           f"{files['tokens']}; {timing['tokens_per_s']:,.0f} tokens/s (batch {timing['batch_size']}, "
           f"{timing['seconds']:.1f}s including compilation). {loaded.info.describe().capitalize()}.", flush=True)

@@ -23,11 +23,11 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from igpt_jax import checkpoint as ckpt_lib
 from igpt_jax import sharding
 from igpt_jax.data import codes as codes_lib
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax import vqvae_run
+from igpt_jax.pretrained import vqvae as vqvae_run
+from igpt_jax.training import checkpoint as ckpt_lib
 
 
 def check_config(config: ml_collections.ConfigDict) -> int:

@@ -3,11 +3,11 @@
 Input: ``config.vqvae.data`` (a data config read with ``tokens='raw'``: images in [-1, 1], the augmentation of its
 ``augment``), sharded over the mesh's batch axes like pretraining; the parameters and the codebook are replicated
 (the model has under 200K parameters). Each step: Adam (``vqvae.lr``, paper 1e-4) on reconstruction / data variance
-+ 0.02 x commitment, then the EMA codebook update and the revival of dead codes (igpt_jax/vqvae.py).
++ 0.02 x commitment, then the EMA codebook update and the revival of dead codes (igpt_jax/models/vqvae.py).
 
 Like pretraining: Orbax checkpoints with the data position (resumes exactly; an unreadable newest step is moved
 aside and the previous one restored; a resume that would change the VQ-VAE's architecture, images or schedule is
-refused or recorded as igpt_jax/config_changes.py says), a finished run says so, SIGTERM saves and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
+refused or recorded as igpt_jax/config/changes.py says), a finished run says so, SIGTERM saves and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
 codes_used, revived). At the end: reconstruction MSE (and RMSE in grey levels) and codebook usage on the test split
 -> ``vqvae_results.json``, and ``reconstructions.png`` (test images above their reconstructions).
 """
@@ -27,17 +27,27 @@ from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from igpt_jax import checkpoint as ckpt_lib
-from igpt_jax import config_changes, sampling, sharding
-from igpt_jax import vqvae as vq
+from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
+from igpt_jax.config import changes as config_changes
 from igpt_jax.data import pipeline as data_pipeline
-from igpt_jax.job_outputs import workpath_of
-from igpt_jax.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
-from igpt_jax.vqvae_run import (abstract_state, check_checkpoint_codebook, create_state, make_optimizer, model_config,
-                                reconstruct_fn, source_data_config, to_uint8)
+from igpt_jax.models import vqvae as vq
+from igpt_jax.pretrained.vqvae import (
+    abstract_state,
+    check_checkpoint_codebook,
+    create_state,
+    make_optimizer,
+    model_config,
+    reconstruct_fn,
+    source_data_config,
+    to_uint8,
+)
+from igpt_jax.reports import images
+from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
+from igpt_jax.workdir import workpath_of
 
-RESULTS_FILE = "vqvae_results.json"
-GRID_FILE = "reconstructions.png"
+RESULTS_FILE, GRID_FILE = workdir_files.VQVAE_RESULTS, workdir_files.VQVAE_GRID
 
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], key: jax.Array, *, cfg: vq.VQVAEConfig,
@@ -138,7 +148,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         accepted[:] = config_changes.check_resume(stored, config, step=step, workdir=workdir,
                                                   allow_changes=bool(config.checkpoint.allow_changes))
 
-    try:  # the newest readable step; unreadable ones are moved aside (igpt_jax.checkpoint)
+    try:  # the newest readable step; unreadable ones are moved aside (igpt_jax.training.checkpoint)
         restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
             abstract_state(vq_cfg, tx, res, mesh), data_iterator=train_iter, check_config=check_config)
     except BaseException:  # a refused config change: nothing was written
@@ -218,8 +228,8 @@ def finish(config, vq_cfg: vq.VQVAEConfig, state, data_cfg, workpath: epath.Path
         (workpath / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
         if n_grid:
             panels = np.stack([test["originals"], test["reconstructions"]])  # [2, n, R, R, C]
-            sampling.save_png(workpath / GRID_FILE,
-                              sampling.image_grid(panels, scale=sampling.default_scale(data_cfg.resolution)))
+            images.save_png(workpath / GRID_FILE,
+                              images.image_grid(panels, scale=images.default_scale(data_cfg.resolution)))
     message = (f"VQ-VAE test reconstruction: MSE {summary['mse']:.5f} ([-1, 1] units), RMSE "
                f"{summary['rmse_grey_levels']:.2f} grey levels; {summary['codes_used']} of {vq_cfg.vocab_size} codes "
                f"used (perplexity {summary['perplexity']:.1f}); {workpath / RESULTS_FILE}")

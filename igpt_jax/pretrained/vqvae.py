@@ -1,0 +1,119 @@
+"""A VQ-VAE run's pieces that several jobs share: its config from a job config, its state and how to restore it,
+encoding and decoding with it (the vqvae job trains it, tokenize encodes with it, sample decodes codes with it)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from igpt_jax import sharding
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.errors import ConfigError
+from igpt_jax.models import vqvae as vq
+from igpt_jax.training import checkpoint as ckpt_lib
+
+
+def source_data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The image dataset the VQ-VAE reads (``config.vqvae.data``) with ``tokens='raw'``."""
+    data_cfg = ml_collections.ConfigDict(config.vqvae.data.to_dict())
+    data_cfg.tokens = "raw"
+    return data_cfg
+
+
+def model_config(config: ml_collections.ConfigDict) -> vq.VQVAEConfig:
+    """`VQVAEConfig` of ``config.vqvae``, checked against the data (channels, divisible resolution)."""
+    cfg = vq.VQVAEConfig.from_config({**config.vqvae.to_dict(), "channels": config.vqvae.data.channels})
+    cfg.grid(int(config.vqvae.data.resolution))  # raises for a resolution the encoder cannot divide
+    return cfg
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    return optax.adam(float(config.vqvae.lr))
+
+
+def create_state(cfg: vq.VQVAEConfig, tx: optax.GradientTransformation, resolution: int, key: jax.Array,
+                 data_variance: jax.Array) -> dict[str, Any]:
+    """params, Adam state, codebook (EMA statistics), step and the data variance the loss divides by."""
+    params_key, codebook_key = jax.random.split(key)
+    params = vq.init_params(cfg, params_key, resolution)
+    return {"params": params, "opt_state": tx.init(params), "codebook": vq.init_codebook(cfg, codebook_key),
+            "step": jnp.zeros((), jnp.int32), "data_variance": jnp.asarray(data_variance, jnp.float32)}
+
+
+def abstract_state(cfg: vq.VQVAEConfig, tx: optax.GradientTransformation, resolution: int, mesh) -> Any:
+    """The state's shapes with replicated shardings (for restoring)."""
+    shapes = jax.eval_shape(lambda: create_state(cfg, tx, resolution, jax.random.key(0), 1.0))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
+
+
+def reconstruct_fn(cfg: vq.VQVAEConfig):
+    """jitted (params, embeddings, images) -> (codes [b, g, g], reconstructions [b, R, R, C])."""
+    model = vq.VQVAE(cfg)
+
+    @jax.jit
+    def fn(params, embeddings, images):
+        z = model.apply({"params": params}, images, method=vq.VQVAE.encode)
+        codes, zq = vq.quantize(z, embeddings)
+        return codes, model.apply({"params": params}, zq, method=vq.VQVAE.decode)
+
+    return fn
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[-1, 1] floats -> uint8, as the palette decodes its centres (rint(127.5 (x + 1)))."""
+    return np.clip(np.rint(127.5 * (np.asarray(images, np.float64) + 1.0)), 0, 255).astype(np.uint8)
+
+
+def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq.VQVAEConfig, *,
+                              stored: ml_collections.ConfigDict | None = None) -> None:
+    """The checkpoint's VQ-VAE must be the config's (`stored`: the step's config, when already read).
+
+    Raises:
+      ConfigError: naming the setting, the checkpoint's value and the config's.
+    """
+    saved = (ckpt.restore_config(step) if stored is None else stored).get("vqvae", {})
+    for key in ("vocab_size", "downsample", "residual_layers"):
+        if key in saved and int(saved[key]) != int(getattr(vq_cfg, key)):
+            raise ConfigError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
+                             f"says vqvae.{key}={getattr(vq_cfg, key)}")
+
+
+class CodeDecoder:
+    """Decodes code grids to images through a trained VQ-VAE's decoder; `decode` has the palette's signature, so
+    the sample job's panels can use it in place of the palette (data.tokens='codes')."""
+
+    def __init__(self, vq_cfg: vq.VQVAEConfig, params: Any, embeddings: Any):
+        self.cfg, self.params, self.embeddings = vq_cfg, params, jnp.asarray(embeddings)
+        model = vq.VQVAE(vq_cfg)
+        self._decode = jax.jit(lambda p, e, ids: model.apply({"params": p}, e[ids], method=vq.VQVAE.decode))
+
+    @classmethod
+    def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
+        """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
+        meta = data_pipeline.check_codes_dataset(data_cfg)
+        ckpt = ckpt_lib.Checkpointer(str(epath.Path(meta["vqvae_checkpoint"]).parent), create=False)
+        try:
+            step = int(meta["vqvae_step"])
+            saved = ckpt.restore_config(step)
+            vq_cfg = model_config(saved)
+            mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+            tx = optax.adam(float(saved.vqvae.lr))
+            state = ckpt.restore(step, abstract_state(vq_cfg, tx, int(saved.vqvae.data.resolution), mesh))
+        finally:
+            ckpt.close()
+        return cls(vq_cfg, jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings))
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """int [..., g, g] -> uint8 [..., g*f, g*f, C]."""
+        ids = np.asarray(ids)
+        flat = ids.reshape(-1, *ids.shape[-2:])
+        images = to_uint8(jax.device_get(self._decode(self.params, self.embeddings, jnp.asarray(flat, jnp.int32))))
+        return images.reshape(*ids.shape[:-2], *images.shape[1:])

@@ -1,0 +1,221 @@
+"""Batched, sharded feature extraction from a pretrained model (loaded with `igpt_jax.pretrained.sources`).
+
+`FeatureExtractor` runs the model once per split over the evaluation iterator (in order, padded last batch) and
+returns every requested layer's sequence-mean feature at once: entry l < L is the mean of block l's ``ln_1`` output
+(the paper's probe feature, 2.4), entry L the mean of ``ln_f``'s output (the fine-tuning feature); with
+``pooling='quadrants'`` each is the concatenated means of the token grid's four quadrants instead. BERT models see
+masked inputs as in training; each example's mask is a function of (seed, mask number, record index), so features do
+not depend on the batch size or the number of processes, and several masks are extracted in the same pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from igpt_jax import sharding
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data.palette import Palette
+from igpt_jax.models import objectives
+from igpt_jax.models.igpt import IGPT, ModelConfig
+from igpt_jax.models.layout import Layout
+
+# ------------------------------------------------------------------------------------------------ extraction
+
+
+def bert_masks(key: jax.Array, index: jax.Array, length: int, rate: float) -> jax.Array:
+    """One BERT mask per example, a function of (key, record index) only: bool [batch, length]."""
+    index = jnp.maximum(index, 0)  # padding rows (-1) get any valid mask
+    return jax.vmap(lambda i: objectives.sample_bert_mask(jax.random.fold_in(key, i), (length,), rate))(index)
+
+
+def mask_key(seed: int, mask: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), mask)
+
+
+# How a layer's per-position features become one vector (``config.probe.pooling``): the `IGPT` feature_grid.
+POOLINGS = {"mean": 1, "quadrants": 2}
+
+
+def pooling_grid(pooling: str, length: int | None = None) -> int:
+    """The model's ``feature_grid`` for a ``probe.pooling`` name.
+
+    Raises:
+      ValueError: for an unknown name, or a grid that does not divide the square token grid of ``length`` tokens.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"probe.pooling={pooling!r}: expected one of {sorted(POOLINGS)}")
+    grid = POOLINGS[pooling]
+    if length is not None and grid > 1:
+        side = math.isqrt(length)
+        if side * side != length or side % grid:
+            raise ValueError(f"probe.pooling={pooling!r} needs a square token grid whose side {grid} divides; the "
+                             f"model has {length} tokens per image")
+    return grid
+
+
+def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int, feature_grid: int = 1):
+    """The pure extraction step: (params, batch) -> features [masks, batch, layers, d * feature_grid^2], NLL sum
+    and count (under the first mask), and the batch's label, mask, index and tokens."""
+    layers = jnp.asarray(list(layers), jnp.int32)
+
+    def fn(params, batch):
+        tokens = batch["tokens"]
+        feats, out = [], {}
+        for m in range(num_masks if model_cfg.objective == "bert" else 1):
+            mask = None
+            if model_cfg.objective == "bert":
+                mask = bert_masks(mask_key(seed, m), batch["index"], tokens.shape[1], model_cfg.bert_mask_rate)
+            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=m == 0,
+                                        feature_grid=feature_grid)
+            feats.append(res.layer_features[:, layers])
+            if m == 0:
+                nll = objectives.token_nll(res.logits, tokens)
+                weights = objectives.loss_weights(tokens, mask, batch["mask"])
+                out["nll_sum"], out["count"] = jnp.sum(nll * weights), jnp.sum(weights)
+        out["features"] = jnp.stack(feats)
+        for k in ("label", "mask", "index", "tokens"):
+            out[k] = batch[k]
+        return out
+
+    return fn
+
+
+@dataclasses.dataclass
+class SplitFeatures:
+    """A split's features, in record order, padding removed."""
+
+    features: np.ndarray  # float32 [masks, n, layers, d]
+    labels: np.ndarray  # int32 [n]
+    index: np.ndarray  # int32 [n]: the record index in the TFDS split
+    tokens: np.ndarray  # int32 [n, length]
+    loss: float  # mean NLL in nats per scored token (BERT: of the first mask's hidden tokens)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+class FeatureExtractor:
+    """Extracts the features of whole splits with one jitted, sharded forward pass per batch.
+
+    Args:
+      model_cfg: the model.
+      layout: its parameters' layout on the mesh.
+      mesh, rules: the mesh and the logical-axis rules.
+      data_cfg: ``config.data``.
+      palette: the checkpoint's palette.
+      layers: layer ids (0..n_layer; n_layer = the final norm).
+      batch_size: the GLOBAL batch (split over processes and the data-parallel axes).
+      seed: seed of the BERT masks.
+      pooling: ``probe.pooling``: 'mean' (the paper's sequence mean) or 'quadrants' (the mean of each quadrant of
+        the token grid, concatenated: 4 x d features per layer).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, layout: Layout, mesh: Mesh, rules, data_cfg, palette: Palette,
+                 layers: Sequence[int], *, batch_size: int, seed: int = 0, pooling: str = "mean"):
+        self.model_cfg, self.layout, self.mesh, self.rules = model_cfg, layout, mesh, rules
+        self.data_cfg, self.palette, self.layers, self.seed = data_cfg, palette, list(layers), seed
+        self.feature_grid = pooling_grid(pooling, model_cfg.n_ctx)
+        sharding.check_batch_divides(batch_size, mesh, rules, what="probe batch size")
+        self.batch_size = batch_size
+        self._fns: dict[int, Any] = {}
+
+    def _fn(self, num_masks: int):
+        if num_masks not in self._fns:
+            fn = features_fn(self.model_cfg, self.layers, num_masks=num_masks, seed=self.seed,
+                             feature_grid=self.feature_grid)
+            self._fns[num_masks] = jax.jit(
+                fn, in_shardings=(self.layout.shardings, sharding.batch_sharding(self.mesh, self.rules)),
+                out_shardings=sharding.replicated(self.mesh))
+        return self._fns[num_masks]
+
+    def extract(self, params: Any, split: str, *, num_masks: int = 1, max_examples: int = 0) -> SplitFeatures:
+        """Features of every example of `split` (or its first `max_examples` in record order)."""
+        num_masks = num_masks if self.model_cfg.objective == "bert" else 1
+        rows = data_pipeline.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
+        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
+                                         palette=self.palette, rows=rows)
+        fn = self._fn(num_masks)
+        keys = ("features", "label", "mask", "index", "tokens")
+        chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        nll_sum = count = 0.0
+        seen = 0
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            for local in it:
+                batch = data_pipeline.make_global_batch(
+                    {k: local[k] for k in ("tokens", "label", "mask", "index")}, self.mesh,
+                    sharding.batch_axes(self.rules), rows)
+                out = jax.device_get(fn(params, batch))
+                for k in keys:
+                    chunks[k].append(np.asarray(out[k]))
+                nll_sum += float(out["nll_sum"])
+                count += float(out["count"])
+                seen += int(np.sum(out["mask"]))
+                if max_examples and seen >= max_examples:
+                    break
+        mask = np.concatenate(chunks["mask"])
+        index = np.concatenate(chunks["index"])[mask]
+        order = np.argsort(index, kind="stable")
+        if max_examples:
+            order = order[:max_examples]
+        feats = np.concatenate(chunks["features"], axis=1)[:, mask][:, order]
+        return SplitFeatures(
+            features=feats.astype(np.float32), labels=np.concatenate(chunks["label"])[mask][order].astype(np.int32),
+            index=index[order].astype(np.int32), tokens=np.concatenate(chunks["tokens"])[mask][order],
+            loss=nll_sum / max(count, 1.0))
+
+
+def pixel_features(tokens: np.ndarray, palette: Palette) -> np.ndarray:
+    """The raw-pixel baseline's features: each token's palette colour in [-1, 1], flattened: [n, length * C]."""
+    return palette.centres[np.asarray(tokens)].reshape(len(tokens), -1).astype(np.float32)
+
+
+def resolve_layers(spec: Any, n_layer: int) -> list[int]:
+    """``'all'`` -> 0..n_layer; ``'2,5,-1'`` (or a sequence) -> those ids, negative counted from n_layer + 1.
+
+    Raises:
+      ValueError: for an id outside [0, n_layer] (n_layer is the final norm).
+    """
+    if isinstance(spec, str):
+        if spec.strip().lower() in ("", "all"):
+            return list(range(n_layer + 1))
+        try:
+            ids = [int(p) for p in spec.replace(" ", "").split(",") if p]
+        except ValueError as err:
+            raise ValueError(f"probe.layers={spec!r}: expected 'all' or comma-separated layer ids") from err
+    else:
+        ids = [int(p) for p in spec]
+    out = []
+    for i in ids:
+        j = i + n_layer + 1 if i < 0 else i
+        if not 0 <= j <= n_layer:
+            raise ValueError(f"probe.layers: layer {i} is outside [0, {n_layer}] (the model has {n_layer} blocks; "
+                             f"{n_layer} is the final norm)")
+        if j not in out:
+            out.append(j)
+    return sorted(out)
+
+
+def layer_name(layer: int, n_layer: int) -> str:
+    return "final norm (ln_f)" if layer == n_layer else f"block {layer} ln_1"
+
+
+def approx_feature_bytes(n: int, layers: int, d: int, masks: int = 1) -> int:
+    return int(n) * layers * d * masks * 4
+
+
+def human_bytes(n: int) -> str:
+    if n <= 0:
+        return "0 B"
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = min(int(math.log(n, 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]}"

@@ -1,0 +1,13 @@
+"""What every training job shares.
+
+  optim           Adam/AdamW with warmup and cosine or constant schedules
+  step            the pure pretraining train step, its state, layout and jitted forms; the evaluation step
+  checkpoint      Orbax checkpoints: save, resume from the newest readable step, read a step's config and palette
+  run_log         metrics (progress line, TensorBoard, ``metrics.jsonl``) and the preemption watcher (SIGTERM/SIGINT)
+  metric_writers  the progress line and TensorBoard event files
+  segments        each invocation's steps and wall time (``segments.json``)
+  validation      exact held-out NLL over a whole split
+  lr_ladder       the learning-rate search's ladder and its stopping rule
+
+May import: the leaves, data, models, reports and config.
+"""

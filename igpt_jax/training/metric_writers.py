@@ -1,0 +1,333 @@
+"""Metric sinks for training: TensorBoard event files (tensorboardX) and a one-line progress logger.
+
+`TensorBoardWriter` writes scalar events with tensorboardX's event writer (its protobufs, CRC32C and record framing;
+no TensorFlow), synchronously, so that `flush()` puts every scalar written so far on disk (the pretraining job flushes
+at each checkpoint). Each writer starts its own event file; `drop_events_after(logdir, step)` rewrites the event
+files of a directory without the events after a step, which a resumed run calls so that TensorBoard sees every
+step once (the steps a killed run logged after its last checkpoint are redone by the resumed run).
+
+Storage: local paths are appended to. ``gs://`` paths go through `etils.epath` (what Orbax uses): object stores
+cannot append, so the file's bytes are kept in memory and the object is rewritten on every flush (it only grows, so
+TensorBoard's incremental reader sees ordinary appends). tensorboardX's own ``s3://`` writer (needs boto3) is kept.
+Reading event files back (`drop_events_after`) uses TensorBoard's reader.
+
+Only process 0 of a multi-host job should create a writer (the caller's concern).
+
+`ProgressLogger` formats a human-readable line per logging step:
+
+    step  120/1000 | loss 3.2143 | lr 1.20e-03 | grad_norm 0.532 | 5,321 tok/s | ETA 4m12s
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from etils import epath
+
+
+def _import_tensorboardx_without_torch() -> None:
+    """tensorboardX's package import pulls in torch whenever it is installed (2-3 s and hundreds of MB per job here,
+    for its PyTorch helpers); scalars need none of it, so torch is hidden while tensorboardX loads."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        import tensorboardX  # noqa: F401, PLC0415
+    finally:
+        if hide:
+            del sys.modules["torch"]
+
+
+_import_tensorboardx_without_torch()
+
+from tensorboardX import record_writer  # noqa: E402
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402
+from tensorboardX.proto import event_pb2, summary_pb2  # noqa: E402
+
+__all__ = [
+    "TensorBoardWriter",
+    "ProgressLogger",
+    "drop_events_after",
+    "format_duration",
+    "write_scalars",
+]
+
+EVENT_FILE_MARK = "tfevents"  # TensorBoard reads the files of a directory whose names contain this
+
+
+class _EpathRecordFile:
+    """A file object for tensorboardX's record writer on an object store: rewrites the whole object on flush."""
+
+    def __init__(self, path: str):
+        self._path = epath.Path(path)
+        self._buffer = io.BytesIO()
+        self._dirty = True
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_bytes(self._buffer.getvalue())
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _EpathRecordFileFactory:
+    def open(self, path: str) -> _EpathRecordFile:
+        return _EpathRecordFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass  # object stores have no directories
+
+
+# gs:// through etils.epath instead of tensorboardX's google-cloud-storage writer (not a dependency here).
+record_writer.register_writer_factory("gs", _EpathRecordFileFactory())
+
+_FILE_COUNTER = itertools.count()
+
+
+class TensorBoardWriter:
+    """Writes scalar summaries to a new TensorBoard event file in `logdir` (local path or ``gs://...``).
+
+    Args:
+      logdir: directory for the event file; created if missing.
+      flush_secs: `scalars()` flushes by itself when this long has passed since the last flush. `flush()` and
+        `close()` always flush.
+    """
+
+    def __init__(self, logdir: str | os.PathLike, *, flush_secs: float = 120.0):
+        self.logdir = str(logdir)  # str() of a pathlib / epath path ('gs://...' stays a URL)
+        record_writer.directory_check(self.logdir)
+        # tensorboardX names files events.out.tfevents.<time>.<host><suffix>; the pid and a counter keep two writers
+        # started in the same second (a quick resume) from writing the same file.
+        suffix = f".{os.getpid()}.{next(_FILE_COUNTER)}"
+        self._events = EventsWriter(os.path.join(self.logdir, "events") if "://" not in self.logdir
+                                    else self.logdir.rstrip("/") + "/events", suffix)
+        self._flush_secs = flush_secs
+        self._closed = False
+        self._last_flush = time.monotonic()
+
+    @property
+    def path(self) -> str:
+        """The event file being written."""
+        return self._events._file_name  # noqa: SLF001 (tensorboardX keeps the name only there)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Writes one event holding every `tag -> value` (converted with `float()`: numpy / JAX scalars are fine)."""
+        if self._closed:
+            raise ValueError("TensorBoardWriter is closed")
+        if not values:
+            return
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=str(tag), simple_value=float(v)) for tag, v in values.items()])
+        self._events.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+        if time.monotonic() - self._last_flush >= self._flush_secs:
+            self.flush()
+
+    def flush(self) -> None:
+        """Puts every event written so far on disk (local files are also fsync'ed)."""
+        if self._closed:
+            return
+        self._events.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._events.close()
+        self._closed = True
+
+    def __enter__(self) -> TensorBoardWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def drop_events_after(logdir: str, step: int) -> int:
+    """Rewrites the event files in `logdir` without the events of steps after `step`; returns how many it dropped.
+
+    A run resumed from the checkpoint of `step` calls this before writing, so that the steps it redoes appear once.
+    Each file is rewritten next to itself and renamed over (local paths), so a kill leaves the old or the new file.
+    """
+    directory = epath.Path(logdir)
+    if not directory.exists():
+        return 0
+    from tensorboard.backend.event_processing import event_file_loader  # noqa: PLC0415
+    dropped = 0
+    for path in sorted(p for p in directory.iterdir() if EVENT_FILE_MARK in p.name):
+        records = list(event_file_loader.RawEventFileLoader(str(path)).Load())
+        kept = [r for r in records if not _after(r, step)]
+        if len(kept) == len(records):
+            continue
+        dropped += len(records) - len(kept)
+        local = "://" not in str(path)
+        target = str(path.parent / f".rewrite-{path.name.replace(EVENT_FILE_MARK, 'events')}") if local else str(path)
+        writer = record_writer.RecordWriter(target)
+        for r in kept:
+            writer.write(r)
+        writer.flush()
+        writer.close()
+        if local:
+            os.replace(target, str(path))
+    return dropped
+
+
+def _after(record: bytes, step: int) -> bool:
+    event = event_pb2.Event.FromString(record)
+    return event.HasField("summary") and event.step > step
+
+
+class _ScalarWriter(Protocol):
+    def scalars(self, step: int, values: Mapping[str, float]) -> None: ...
+
+
+def write_scalars(writers: Iterable[_ScalarWriter], step: int, values: Mapping[str, float]) -> None:
+    """Sends the same scalars to several writers (any object with `.scalars(step, values)`)."""
+    for writer in writers:
+        writer.scalars(step, values)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Human-readable progress.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """'12s', '4m12s', '1h02m', '2d03h'; 'n/a' for NaN/inf; negative durations clamp to '0s'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    total = max(0, int(round(seconds)))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        return f"{total // 60}m{total % 60:02d}s"
+    if total < 86400:
+        return f"{total // 3600}h{total % 3600 // 60:02d}m"
+    return f"{total // 86400}d{total % 86400 // 3600:02d}h"
+
+
+# Known metrics: (key, label, format spec), in display order. Other keys follow in the order given, with '.4g'.
+_KNOWN_METRICS = (
+    ("loss", "loss", ".4f"),
+    ("lr", "lr", ".2e"),
+    ("learning_rate", "lr", ".2e"),
+    ("grad_norm", "grad_norm", ".3f"),
+)
+
+
+def _format_value(value: Any, spec: str) -> str:
+    try:
+        return format(float(value), spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+class ProgressLogger:
+    """Logs `step  120/1000 | loss 3.2143 | lr 1.20e-03 | grad_norm 0.532 | 5,321 tok/s | ETA 4m12s`.
+
+    Throughput is measured by wall clock between `log()` calls, over the last `window` intervals (the first
+    `log()` after the start has no interval yet and prints `tok/s n/a`, which also keeps compilation time out of
+    the rate). ETA = remaining steps / that recent step rate.
+
+    Args:
+      total_steps: the step the run ends at.
+      start_step: the step training (re)starts from (a restored checkpoint's step).
+      tokens_per_step: global tokens per optimizer step (global batch * sequence length).
+      log_fn: where lines go (`logging.info` by default; `print` works).
+      clock: seconds as a float; `time.monotonic` by default (tests inject a fake).
+      window: number of recent intervals the rate is averaged over.
+    """
+
+    def __init__(self, total_steps: int, *, start_step: int = 0, tokens_per_step: int,
+                 log_fn: Callable[[str], Any] = logging.info, clock: Callable[[], float] = time.monotonic,
+                 window: int = 10):
+        self.total_steps = int(total_steps)
+        self.start_step = int(start_step)
+        self.tokens_per_step = int(tokens_per_step)
+        self._log_fn = log_fn
+        self._clock = clock
+        self._start_time = clock()
+        self._points: deque[tuple[int, float]] = deque(maxlen=max(1, window) + 1)
+        self._first_point: tuple[int, float] | None = None
+        self._last_point: tuple[int, float] | None = None
+        self._width = len(str(self.total_steps))
+
+    def steps_per_sec(self) -> float | None:
+        """Recent optimizer steps per second, or None before two `log()` calls."""
+        if len(self._points) < 2:
+            return None
+        (step0, t0), (step1, t1) = self._points[0], self._points[-1]
+        if t1 <= t0 or step1 <= step0:
+            return None
+        return (step1 - step0) / (t1 - t0)
+
+    def tokens_per_sec(self) -> float | None:
+        rate = self.steps_per_sec()
+        return None if rate is None else rate * self.tokens_per_step
+
+    def eta_seconds(self, step: int) -> float | None:
+        rate = self.steps_per_sec()
+        if step >= self.total_steps:
+            return 0.0
+        return None if rate is None else (self.total_steps - step) / rate
+
+    def format_line(self, step: int, metrics: Mapping[str, Any]) -> str:
+        parts = [f"step {int(step):>{self._width}d}/{self.total_steps}"]
+        shown = set()
+        for key, label, spec in _KNOWN_METRICS:
+            if key in metrics and label not in shown:
+                parts.append(f"{label} {_format_value(metrics[key], spec)}")
+                shown.add(label)
+        skip = {key for key, _, _ in _KNOWN_METRICS} | {"step"}  # A 'step' entry repeats the step column.
+        for key, value in metrics.items():
+            if key not in skip:
+                parts.append(f"{key} {_format_value(value, '.4g')}")
+        tok_rate = self.tokens_per_sec()
+        parts.append("tok/s n/a" if tok_rate is None else f"{tok_rate:,.0f} tok/s")
+        eta = self.eta_seconds(step)
+        parts.append(f"ETA {'n/a' if eta is None else format_duration(eta)}")
+        return " | ".join(parts)
+
+    def log(self, step: int, metrics: Mapping[str, Any] | None = None) -> str:
+        """Records a (step, time) point, emits the line through `log_fn` and returns it."""
+        point = (int(step), self._clock())
+        self._points.append(point)
+        if self._first_point is None:
+            self._first_point = point
+        self._last_point = point
+        line = self.format_line(step, metrics or {})
+        self._log_fn(line)
+        return line
+
+    def mean_tokens_per_sec(self) -> float | None:
+        """Tokens/s from the first to the last `log()` call (so excluding start-up and compilation)."""
+        if self._first_point is None or self._last_point is None:
+            return None
+        (step0, t0), (step1, t1) = self._first_point, self._last_point
+        if t1 <= t0 or step1 <= step0:
+            return None
+        return (step1 - step0) * self.tokens_per_step / (t1 - t0)
+
+    def summary(self) -> str:
+        """E.g. `done 880 steps (120 -> 1000) in 4m12s | mean 5,321 tok/s`. Returned, not logged: the caller decides."""
+        last_step = self._last_point[0] if self._last_point else self.start_step
+        elapsed = self._clock() - self._start_time
+        mean = self.mean_tokens_per_sec()
+        return (
+            f"done {last_step - self.start_step} steps ({self.start_step} -> {last_step}) in "
+            f"{format_duration(elapsed)} | mean {'n/a' if mean is None else f'{mean:,.0f}'} tok/s"
+        )

@@ -1,19 +1,17 @@
 """What a resumed run may change: its settings against those stored in the checkpoint it resumes from.
 
-* Architecture (``model.*``) and data (``data.*``) settings cannot change within a run: the parameters and the
-  token stream would no longer be those of the checkpoint. Settings that only say where or how fast things run are
-  free: ``model.{attention, attention_block, remat, scan_unroll}`` and ``data.{data_dir, palette_path,
-  import_source, auto_import, num_workers, read_threads, prefetch_buffer_size}``.
-* Optimizer and schedule settings (``train.{batch_size, num_steps, lr, warmup_steps, schedule, b1, b2, eps,
-  weight_decay, grad_clip_norm}``, ``model.{dropout, dtype}`` and ``seed``) change the run from the resumed step on:
-  they need ``checkpoint.allow_changes=True``.
-* Everything else (logging, evaluation, checkpointing, mesh, later jobs) is free.
+A field's role (declared once in `igpt_jax.config.settings`; ``--list`` shows it) decides:
 
-The VQ-VAE job (``job='vqvae'``) has its own architecture, data and schedule under ``vqvae``: its codebook and
-blocks (``vqvae.{vocab_size, downsample, residual_layers}``) and its images (``vqvae.data.*``, with the same free
-fields as ``data``) are fixed, its optimizer and codebook-update settings (``vqvae.{batch_size, num_steps, lr, decay,
-epsilon, commitment, dead_fraction, revive_noise, data_variance}`` and ``seed``) need the flag, and the
-transformer's sections (``model``, ``data``, ``train``), which only later jobs read, are free.
+* ``architecture``, ``tokens`` and ``data``: fixed. The parameters and the token stream would no longer be those of
+  the checkpoint (``model.d_model``, ``data.resolution``, ``data.name``, ...).
+* ``schedule``: optimizer and schedule settings (``train.lr``, ``train.num_steps``, ``model.dropout``, ``seed``, ...)
+  change the run from the resumed step on: they need ``checkpoint.allow_changes=True``.
+* ``runtime`` and ``job``: free (where or how fast things run, logging, evaluation, checkpointing, mesh, later jobs).
+
+A section's roles are those of one training run: the transformer's (``model``, ``data``, ``train``), the fine-tuned
+classifier's (``finetune``) or the VQ-VAE's (``vqvae``, ``vqvae.data``); resuming a run of another job, they are
+free. So the VQ-VAE job's codebook and blocks and its images are fixed, its optimizer and codebook-update settings
+need the flag, and the transformer's sections, which only later jobs read, are free.
 
 Every change that is made is appended to ``{workdir}/config_history.jsonl`` (step, field, old, new, time), and
 ``config.json`` holds the settings in force.
@@ -30,19 +28,13 @@ from absl import logging
 from etils import epath
 
 from igpt_jax import workdir as workdir_files
+from igpt_jax.config import settings
 from igpt_jax.errors import ConfigError
 
 HISTORY_FILE = workdir_files.CONFIG_HISTORY
-FREE_MODEL = frozenset({"attention", "attention_block", "remat", "scan_unroll"})
-FREE_DATA = frozenset({"data_dir", "palette_path", "import_source", "auto_import", "num_workers", "read_threads",
-                       "prefetch_buffer_size"})
-SCHEDULE = frozenset({"train." + k for k in ("batch_size", "num_steps", "lr", "warmup_steps", "schedule", "b1", "b2",
-                                             "eps", "weight_decay", "grad_clip_norm")}
-                     | {"model.dropout", "model.dtype", "seed"})
-
-VQVAE_FIXED = frozenset("vqvae." + k for k in ("vocab_size", "downsample", "residual_layers"))
-VQVAE_SCHEDULE = frozenset({"vqvae." + k for k in ("batch_size", "num_steps", "lr", "decay", "epsilon", "commitment",
-                                                   "dead_fraction", "revive_noise", "data_variance")} | {"seed"})
+# What a resumed run may do with a field of each role.
+KIND_OF_ROLE = {settings.ARCHITECTURE: "fixed", settings.TOKENS: "fixed", settings.DATA: "fixed",
+                settings.SCHEDULE: "schedule", settings.RUNTIME: "free", settings.JOB: "free"}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,23 +53,15 @@ def _plain(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
 
 
 def kind_of(field: str, job: str = "pretrain") -> str:
-    """'fixed' (architecture, data), 'schedule' (needs the flag) or 'free', for a run of `job`."""
-    if job == "vqvae":
-        if field in VQVAE_SCHEDULE:
-            return "schedule"
-        if field in VQVAE_FIXED:
-            return "fixed"
-        if field.startswith("vqvae.data."):
-            return "free" if field.removeprefix("vqvae.data.") in FREE_DATA else "fixed"
+    """'fixed', 'schedule' (needs the flag) or 'free', for a run of `job`, from the field's declared role.
+
+    A field of a section whose run `job` does not train is free; a field that is not declared is free, and one
+    declared without a role fixed (tests/test_settings.py fails for it).
+    """
+    setting = settings.get(field)
+    if setting is None or setting.run not in settings.runs_of(job):
         return "free"
-    group, _, name = field.partition(".")
-    if field in SCHEDULE:
-        return "schedule"
-    if group == "model":
-        return "free" if name in FREE_MODEL else "fixed"
-    if group == "data":
-        return "free" if name in FREE_DATA else "fixed"
-    return "free"
+    return KIND_OF_ROLE.get(setting.role, "fixed")
 
 
 def changes(stored: ml_collections.ConfigDict | dict, current: ml_collections.ConfigDict | dict

@@ -18,7 +18,7 @@ from typing import Any
 import ml_collections
 
 from igpt_jax import sharding
-from igpt_jax.config import defaults as config_defaults
+from igpt_jax.config import settings
 from igpt_jax.data import augment, auto_import, builders
 from igpt_jax.data import config as data_config
 from igpt_jax.errors import ConfigError
@@ -43,8 +43,8 @@ JOBS: dict[str, tuple[str, str]] = {
 CHECKPOINT_JOBS = ("probe", "finetune", "sample", "evaluate")
 # Jobs whose workdir the jobs after them in `config.then` read: the VQ-VAE for tokenize, the model for the rest.
 SOURCE_JOBS = ("pretrain", "vqvae")
-# Data settings that a pretrained model's source decides for the jobs that read it (igpt_jax/pretrained/sources.py).
-SOURCE_DATA_FIELDS = ("resolution", "channels", "n_colors")
+# Data settings that a pretrained model's source decides for the jobs that read it (the role 'tokens').
+SOURCE_DATA_FIELDS = settings.names("data", settings.TOKENS)
 # Jobs `config.then` may hold.
 FOLLOW_UP_JOBS = CHECKPOINT_JOBS + ("tokenize", "pretrain")
 
@@ -72,19 +72,19 @@ def resolve(config: ml_collections.ConfigDict, *, read_data: bool = True) -> ml_
     # context; igpt_jax/pretrained/sources.py): what is left AUTO here stays AUTO for the source to fill.
     from_source = _reads_pretrained(config)
     with config.unlocked():
-        if data.n_colors == data_config.AUTO["n_colors"] and model.vocab_size != config_defaults.AUTO:
+        vocabulary_set = not settings.is_auto("model.vocab_size", model.vocab_size)
+        if settings.is_auto("data.n_colors", data.n_colors) and vocabulary_set:
             data.n_colors = model.vocab_size  # the palette follows an explicit vocabulary
-        if any(data[k] == v for k, v in data_config.AUTO.items()):
+        if any(settings.is_auto(f"data.{name}", value) for name, value in data.items()):
             shape = _stored_shape(data) if read_data and not from_source else None
             for key, value in data_config.derive_data_settings(data, shape).items():
                 if not (from_source and key in SOURCE_DATA_FIELDS):
                     data[key] = value
         if from_source:
             return config
-        if model.vocab_size == config_defaults.AUTO:
-            model.vocab_size = int(data.n_colors)
-        if model.n_ctx == config_defaults.AUTO:
-            model.n_ctx = int(data.resolution) ** 2
+        for name, auto in settings.autos("model").items():
+            if settings.is_auto(f"model.{name}", model[name]):
+                model[name] = auto.derive(config)
     return config
 
 
@@ -176,7 +176,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_jobs(config)
     job = config.job
     _check_data(config.data, from_source=_reads_pretrained(config))
-    reads_model_from_config = job in ("pretrain", "compile", "lr_search") or (job == "finetune" and config.finetune.init == "random")
+    reads_model_from_config = job in ("pretrain", "compile", "lr_search") or (
+        job == "finetune" and config.finetune.init == "random")
     if reads_model_from_config:
         _check_model(config)
     mesh_sizes = _mesh_sizes(config.mesh, num_devices)
@@ -241,7 +242,7 @@ def _check_data(data: ml_collections.ConfigDict, *, from_source: bool = False) -
     _one_of(data, "data", "augment", augment.STYLES)
     if not 0.0 <= data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={data.val_fraction} must lie in [0, 1)")
-    if from_source and any(data[k] == data_config.AUTO[k] for k in SOURCE_DATA_FIELDS):
+    if from_source and any(settings.is_auto(f"data.{k}", data[k]) for k in SOURCE_DATA_FIELDS):
         return
     if data.channels not in (1, 3):
         raise ConfigError(f"data.channels={data.channels!r} must be 1 (grayscale) or 3 (RGB)")
@@ -259,15 +260,23 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         model = ModelConfig.from_config(config.model)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    data = config.data
-    if model.vocab_size != data.n_colors:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} differs from data.n_colors={data.n_colors}: the "
-                          "model's vocabulary is the palette; set one of them (the other follows) or both equal")
-    if data.resolution**2 > model.n_ctx:
-        raise ConfigError(f"data.resolution={data.resolution} gives {data.resolution**2} tokens per image, more than "
-                          f"model.n_ctx={model.n_ctx}; set model.n_ctx to 0 (it follows the resolution) or at least "
-                          f"{data.resolution**2}")
+    check_tokens_fit_model(model.vocab_size, model.n_ctx, n_colors=config.data.n_colors,
+                           resolution=config.data.resolution)
 
+
+def check_tokens_fit_model(vocab_size: int, n_ctx: int, *, n_colors: int, resolution: int) -> None:
+    """The model's vocabulary is the palette, and an image's tokens fit in its context.
+
+    Raises:
+      ConfigError: naming both fields and how to make them agree.
+    """
+    if vocab_size != n_colors:
+        raise ConfigError(f"model.vocab_size={vocab_size} differs from data.n_colors={n_colors}: the "
+                          "model's vocabulary is the palette; set one of them (the other follows) or both equal")
+    if resolution**2 > n_ctx:
+        raise ConfigError(f"data.resolution={resolution} gives {resolution**2} tokens per image, more than "
+                          f"model.n_ctx={n_ctx}; set model.n_ctx to 0 (it follows the resolution) or at least "
+                          f"{resolution**2}")
 
 def _mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int | None) -> dict[str, int | None]:
     """Mesh axis -> size (None: a -1 axis whose size is not known yet)."""
@@ -326,13 +335,23 @@ def _check_training(config: ml_collections.ConfigDict, dp: int | None) -> None:
     if not (0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0):
         raise ConfigError(f"train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1)")
     _check_batch("train.batch_size", t.batch_size, dp)
-    if t.batch_size % t.grad_accum_steps or (dp and (t.batch_size // t.grad_accum_steps) % dp):
-        raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} must divide train.batch_size={t.batch_size} "
-                          "into micro-batches" + (f" divisible by the data-parallel size {dp}" if dp else ""))
+    check_grad_accum(t.batch_size, t.grad_accum_steps, dp)
     if t.eval_every:
         _check_batch("train.eval_batch_size", t.eval_batch_size or t.batch_size, dp)
     c = config.checkpoint
     _positive(c, "checkpoint", ("every_steps", "max_to_keep"))
+
+
+def check_grad_accum(batch_size: int, grad_accum_steps: int, dp: int | None) -> None:
+    """Gradient accumulation splits the global batch into equal micro-batches, each divisible by the data-parallel
+    size `dp` (None: not known yet).
+
+    Raises:
+      ConfigError: naming both fields (and the data-parallel size).
+    """
+    if grad_accum_steps < 1 or batch_size % grad_accum_steps or (dp and (batch_size // grad_accum_steps) % dp):
+        raise ConfigError(f"train.grad_accum_steps={grad_accum_steps} must divide train.batch_size={batch_size} "
+                          "into micro-batches" + (f" divisible by the data-parallel size {dp}" if dp else ""))
 
 
 def _check_lr_search(config: ml_collections.ConfigDict) -> None:

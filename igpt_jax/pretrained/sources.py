@@ -7,16 +7,18 @@ several steps of one run). ``config.checkpoint.source_workdir`` (empty: the job'
     picks the step, -1 the latest). Only the parameters are read (an Orbax partial restore), never the optimizer
     state.
   * a converted model: ``DIR/model_config.json`` (our `ModelConfig`), ``DIR/palette.json`` (the colours) and
-    ``DIR/params/`` (the parameter tree), written by ``python -m igpt_jax.pretrained.convert`` (e.g. from OpenAI's released
-    iGPT-S/M/L); it has no steps.
+    ``DIR/params/`` (the parameter tree), written by ``python -m igpt_jax.pretrained.convert`` (e.g. from OpenAI's
+    released iGPT-S/M/L); it has no steps.
 
 The rule for settings (one rule, every job):
-  * From the SOURCE: the architecture (`ARCHITECTURE_FIELDS` of ``config.model``: vocabulary, context, width,
-    heads, layers, MLP ratio, objective, BERT mask rate, norm epsilon, parameter dtype), the palette, and the data
-    settings that define the tokens it was trained on (`DATA_FIELDS`: ``data.resolution``, ``data.channels``,
-    ``data.n_colors``; a converted model's resolution is sqrt(n_ctx), its channels and colours its palette's).
-  * From the JOB: how the model is run (`RUNTIME_FIELDS`: attention implementation and block, dtype, remat, scan
-    unroll, dropout), the dataset (name, data_dir, splits, augmentation, ...), batch sizes and the mesh.
+  * From the SOURCE: the architecture (`ARCHITECTURE_FIELDS`: the ``config.model`` fields whose declared role is
+    'architecture': vocabulary, context, width, heads, layers, MLP ratio, objective, BERT mask rate, norm epsilon,
+    parameter dtype), the palette, and the data settings that define the tokens it was trained on (`DATA_FIELDS`:
+    role 'tokens', ``data.resolution``, ``data.channels``, ``data.n_colors``; a converted model's resolution is
+    sqrt(n_ctx), its channels and colours its palette's). Roles are declared in igpt_jax/config/settings.py.
+  * From the JOB: how the model is run (`RUNTIME_FIELDS`: every other model field: attention implementation and
+    blocks, dtype, remat, scan unroll, dropout), the dataset (name, data_dir, splits, augmentation, ...), batch sizes
+    and the mesh.
   * A job value of a source field must equal the source's or be unset (None, or AUTO = 0 for the vocabulary,
     context and the data fields, as the shipped configs leave them): a job needs no overrides of what the source
     says, and a disagreement is a one-line ValueError naming the field, both values and the source.
@@ -42,26 +44,36 @@ from jax.sharding import Mesh
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
+from igpt_jax.config import settings
 from igpt_jax.data.palette import Palette
 from igpt_jax.errors import ConfigError, MissingSource
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import Layout, param_layout
 from igpt_jax.training import checkpoint as ckpt_lib
 
-# Fields that define the trained function: from the source.
-ARCHITECTURE_FIELDS = ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "mlp_ratio", "objective",
-                       "bert_mask_rate", "norm_eps", "param_dtype")
-# Fields that only change how the function is computed: from the job.
-RUNTIME_FIELDS = ("attention", "attention_block", "remat", "dtype", "scan_unroll", "dropout")
-# Data settings that define the tokens the model was trained on: from the source.
-DATA_FIELDS = ("resolution", "channels", "n_colors")
+# The rule, read from the declaration of every field (igpt_jax/config/settings.py): model fields whose role is
+# 'architecture' define the trained function and come from the source; the others ('runtime': how it is computed;
+# 'schedule': dropout, compute dtype) are the job's. Data fields whose role is 'tokens' come from the source.
 
-# Fields a config may leave at AUTO (0): they follow the data for pretraining, and come from the source here.
-AUTO, AUTO_FIELDS = 0, ("vocab_size", "n_ctx") + DATA_FIELDS
+
+def source_fields(section: str) -> tuple[str, ...]:
+    """The fields of `section` ('model', 'data') that a pretrained model's source decides."""
+    return settings.names(section, settings.ARCHITECTURE, settings.TOKENS)
+
+
+def job_model_fields() -> tuple[str, ...]:
+    """The model fields that the job decides (how the source's function is computed)."""
+    return settings.names("model", settings.RUNTIME, settings.SCHEDULE)
+
+
+ARCHITECTURE_FIELDS = source_fields("model")
+RUNTIME_FIELDS = job_model_fields()
+DATA_FIELDS = source_fields("data")
 
 RUN, CONVERTED = "run", "converted"
 # A converted model's files.
-CONFIG_FILE, PALETTE_FILE, PARAMS_DIR = workdir_files.CONVERTED_CONFIG, workdir_files.CONVERTED_PALETTE, workdir_files.CONVERTED_PARAMS
+CONFIG_FILE, PALETTE_FILE = workdir_files.CONVERTED_CONFIG, workdir_files.CONVERTED_PALETTE
+PARAMS_DIR = workdir_files.CONVERTED_PARAMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +141,8 @@ def _not_a_source(path: str) -> str:
     hf = " (it looks like a Hugging Face folder: convert it first with python -m igpt_jax.pretrained.convert " \
          f"--hf={path} --out=DIR)" if _exists(os.path.join(path, "config.json")) else ""
     return (f"no checkpoint in {ckpt_lib.checkpoint_dir(path)} and no converted model in {path}{hf}: expected a "
-            f"pretraining run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.pretrained.convert "
-            f"({CONFIG_FILE}, {PALETTE_FILE}, {PARAMS_DIR}/)")
+            "pretraining run's workdir (checkpoints/<step>) or a folder written by python -m "
+            f"igpt_jax.pretrained.convert ({CONFIG_FILE}, {PALETTE_FILE}, {PARAMS_DIR}/)")
 
 
 class Source:
@@ -148,7 +160,8 @@ class Source:
             for name in (PALETTE_FILE, PARAMS_DIR):
                 if not _exists(os.path.join(self.path, name)):
                     raise MissingSource(f"converted model {self.path} has no {name}: expected {CONFIG_FILE}, "
-                                        f"{PALETTE_FILE} and {PARAMS_DIR}/ (rerun python -m igpt_jax.pretrained.convert)")
+                                        f"{PALETTE_FILE} and {PARAMS_DIR}/ (rerun python -m "
+                                        "igpt_jax.pretrained.convert)")
         else:
             self.kind = RUN
             if not _exists(str(ckpt_lib.checkpoint_dir(self.path))):
@@ -214,8 +227,8 @@ class Source:
         """`DATA_FIELDS` the model was trained on: a run's config.data; a converted model's context and palette."""
         if self._ckpt is not None:
             data = self._ckpt.restore_config(step).get("data") or {}
-            if all(name in data for name in DATA_FIELDS):
-                return {name: int(data[name]) for name in DATA_FIELDS}
+            if all(name in data for name in source_fields("data")):
+                return {name: int(data[name]) for name in source_fields("data")}
         model_cfg, palette = self.model_config(step), self.palette(step)
         side = math.isqrt(model_cfg.n_ctx)
         if side * side != model_cfg.n_ctx:
@@ -312,13 +325,14 @@ def load_on_mesh(config: ml_collections.ConfigDict, workdir: str, *, devices=Non
 # ---------------------------------------------------------------------------------------------------- the rule
 
 
-def _items(cfg: Any) -> dict[str, Any]:
-    """The fields of a config section that the job sets: None and AUTO (0, "follows the data") are unset."""
+def _items(cfg: Any, section: str) -> dict[str, Any]:
+    """The fields of a config section ('model', 'data') that the job sets: None, and AUTO in a source field, are
+    unset."""
     if cfg is None:
         return {}
     items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
-    return {k: v for k, v in items.items() if not (v is None or (isinstance(v, int) and not isinstance(v, bool)
-                                                                and v == AUTO and k in AUTO_FIELDS))}
+    return {k: v for k, v in items.items()
+            if not (v is None or (k in source_fields(section) and settings.is_auto(f"{section}.{k}", v)))}
 
 
 def model_config_for_job(job_model: Any, source_model: ModelConfig, *, where: str) -> ModelConfig:
@@ -328,13 +342,13 @@ def model_config_for_job(job_model: Any, source_model: ModelConfig, *, where: st
       ValueError: the job sets an architecture field (not None) to another value than the source's; one line naming
         each such field, both values and the source.
     """
-    job = _items(job_model)
-    diffs = [f"model.{name}={job[name]!r} but the source has {getattr(source_model, name)!r}"
-             for name in ARCHITECTURE_FIELDS if job.get(name) is not None and job[name] != getattr(source_model, name)]
+    job = _items(job_model, "model")
+    diffs = [f"model.{name}={job[name]!r} but the source has {getattr(source_model, name)!r}" for name in
+             source_fields("model") if job.get(name) is not None and job[name] != getattr(source_model, name)]
     if diffs:
         raise ConfigError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
                          + " (architecture comes from the source: leave these unset or equal to it)")
-    runtime = {name: job[name] for name in RUNTIME_FIELDS if job.get(name) is not None}
+    runtime = {name: job[name] for name in job_model_fields() if job.get(name) is not None}
     return source_model.replace(**runtime)
 
 
@@ -346,7 +360,7 @@ def data_config_for_job(job_data: Any, source_data: dict[str, int], model_cfg: M
       ValueError: a job resolution whose tokens exceed the model's context, or a job value of a `DATA_FIELDS`
         field (not None) that differs from the source's; one line naming both values and the source.
     """
-    job = _items(job_data)
+    job = _items(job_data, "data")
     data_cfg = ml_collections.ConfigDict(job_data.to_dict() if hasattr(job_data, "to_dict") else job)
     res = job.get("resolution")
     if res is not None and int(res) ** 2 > model_cfg.n_ctx:
@@ -354,10 +368,10 @@ def data_config_for_job(job_data: Any, source_data: dict[str, int], model_cfg: M
         raise ConfigError(f"data.resolution={res} gives {int(res) ** 2} tokens per image, more than the context "
                          f"n_ctx={model_cfg.n_ctx} of {where}: expected data.resolution <= {largest}")
     diffs = [f"data.{name}={job[name]!r} but the source was trained with {source_data[name]!r}"
-             for name in DATA_FIELDS if job.get(name) is not None and int(job[name]) != source_data[name]]
+             for name in source_fields("data") if job.get(name) is not None and int(job[name]) != source_data[name]]
     if diffs:
         raise ConfigError(f"the job's config disagrees with {where}: " + "; ".join(diffs)
                          + " (these come from the source: leave them unset or equal to it)")
-    for name in DATA_FIELDS:
+    for name in source_fields("data"):
         data_cfg[name] = source_data[name]
     return data_cfg

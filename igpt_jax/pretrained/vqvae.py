@@ -14,6 +14,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import sharding
+from igpt_jax.config import settings
 from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.errors import ConfigError
 from igpt_jax.models import vqvae as vq
@@ -80,7 +81,7 @@ def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq
       ConfigError: naming the setting, the checkpoint's value and the config's.
     """
     saved = (ckpt.restore_config(step) if stored is None else stored).get("vqvae", {})
-    for key in ("vocab_size", "downsample", "residual_layers"):
+    for key in settings.names("vqvae", settings.ARCHITECTURE):  # codebook size and blocks
         if key in saved and int(saved[key]) != int(getattr(vq_cfg, key)):
             raise ConfigError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has vqvae.{key}={saved[key]} but the config "
                              f"says vqvae.{key}={getattr(vq_cfg, key)}")

@@ -278,6 +278,7 @@ def check_tokens_fit_model(vocab_size: int, n_ctx: int, *, n_colors: int, resolu
                           f"model.n_ctx={n_ctx}; set model.n_ctx to 0 (it follows the resolution) or at least "
                           f"{resolution**2}")
 
+
 def _mesh_sizes(mesh: ml_collections.ConfigDict, num_devices: int | None) -> dict[str, int | None]:
     """Mesh axis -> size (None: a -1 axis whose size is not known yet)."""
     try:

@@ -132,6 +132,7 @@ class OwnedSection:
         return [Setting(f"{self.path}.{name}", defaults[name], self.roles.get(name), meanings.get(name, ""),
                         self.autos.get(name), self.run) for name in order]
 
+
 # The model: `ModelConfig`'s fields. An architecture field comes from a pretrained source and is fixed on resume;
 # every other model field is the job's (igpt_jax/pretrained/sources.py: RUNTIME_FIELDS).
 MODEL_ROLES: dict[str, str] = {
@@ -172,81 +173,6 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-# ------------------------------------------------------------------------------------------------ owners' meanings
-def source_comments(function: Any, root: str, prefix: str = "") -> dict[str, str]:
-    """{dotted field: comment} for the assignments ``root.a.b = ...`` in `function`'s source.
-
-    A field's comment is the ``# ...`` at the end of its assignment, or the ``# ...`` lines right above it.
-
-    Args:
-      function: a function whose body builds a ConfigDict in a local variable named `root`.
-      root: that variable's name ('c', 'cfg').
-      prefix: prepended to every field path (e.g. 'data.').
-    """
-    source = textwrap.dedent(inspect.getsource(function))
-    lines = source.splitlines()
-    trailing: dict[int, str] = {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT:
-            line = lines[token.start[0] - 1]
-            if line[: token.start[1]].strip():
-                trailing[token.start[0]] = token.string.lstrip("#").strip()
-    out: dict[str, str] = {}
-    for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
-            continue
-        path = _attribute_path(node.targets[0], root)
-        if path is None:
-            continue
-        comment = trailing.get(node.lineno) or trailing.get(node.end_lineno)
-        if not comment:
-            above = []
-            i = node.lineno - 2
-            while i >= 0 and lines[i].strip().startswith("#"):
-                above.insert(0, lines[i].strip().lstrip("#").strip())
-                i -= 1
-            comment = " ".join(above)
-        if comment:
-            out[prefix + path] = comment
-    return out
-
-
-def _attribute_path(target: ast.expr, root: str) -> str | None:
-    parts = []
-    while isinstance(target, ast.Attribute):
-        parts.insert(0, target.attr)
-        target = target.value
-    if isinstance(target, ast.Name) and target.id == root and parts:
-        return ".".join(parts)
-    return None
-
-
-def docstring_attributes(cls: type, prefix: str = "") -> dict[str, str]:
-    """{prefix + name: description} from the "Attributes:" section of a Google-style class docstring."""
-    doc = inspect.getdoc(cls) or ""
-    section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
-    out: dict[str, str] = {}
-    name = None
-    for line in section.splitlines():
-        match = re.match(r"^\s{2}(\w+): (.*)$", line)
-        if match:
-            name = match[1]
-            out[prefix + name] = match[2].strip()
-        elif name and line.startswith("    ") and line.strip():
-            out[prefix + name] += " " + line.strip()
-        elif line.strip() and not line.startswith(" "):
-            break
-    return out
-
-
-def _model_meanings() -> dict[str, str]:
-    return docstring_attributes(ModelConfig)
-
-
-def _data_meanings() -> dict[str, str]:
-    return source_comments(data_config.default_data_config, "cfg")
-
-
 SECTIONS: tuple[Section | OwnedSection, ...] = (
     Section("", EVERY_RUN, "The run.", (
         Setting("job", "pretrain", JOB,
@@ -259,13 +185,14 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
     OwnedSection(
         "model", IGPT, "The model (fields and meanings: igpt_jax/models/igpt.py ModelConfig). vocab_size 0: "
         "data.n_colors; n_ctx 0: data.resolution**2.",
-        build=lambda: model_config(d_model=64, n_head=4, n_layer=2, remat="none"), meanings=_model_meanings,
-        roles=MODEL_ROLES, autos=MODEL_AUTOS),
+        build=lambda: model_config(d_model=64, n_head=4, n_layer=2, remat="none"),
+        meanings=lambda: docstring_attributes(ModelConfig), roles=MODEL_ROLES, autos=MODEL_AUTOS),
     OwnedSection(
         "data", IGPT, "The data (igpt_jax/data/config.py); resolution, channels, n_colors, augment and val_fraction "
         "at 0 / 'auto' / -1 follow data.name and the stored data.",
-        build=lambda: data_config.default_data_config("digits", auto=True), meanings=_data_meanings,
-        roles=DATA_ROLES, autos=DATA_AUTOS),
+        build=lambda: data_config.default_data_config("digits", auto=True),
+        meanings=lambda: source_comments(data_config.default_data_config, "cfg"), roles=DATA_ROLES,
+        autos=DATA_AUTOS),
     Section("train", IGPT, "Pretraining (jobs pretrain and lr_search; compile compiles its step).", (
         Setting("batch_size", 128, SCHEDULE, "global, over all processes and devices"),
         Setting("num_steps", 1000, SCHEDULE, "optimizer steps in all (a resumed run continues to this many)"),
@@ -411,7 +338,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
     )),
     OwnedSection(
         "vqvae.data", VQVAE, "the images it encodes (read as raw pixels in [-1, 1])",
-        build=data_config.default_data_config, meanings=_data_meanings, roles=DATA_ROLES, autos=DATA_AUTOS),
+        build=data_config.default_data_config,
+        meanings=lambda: source_comments(data_config.default_data_config, "cfg"), roles=DATA_ROLES,
+        autos=DATA_AUTOS),
     Section("vqvae", VQVAE, "The VQ-VAE of paper A.2 (job 'vqvae', igpt_jax/jobs/vqvae.py) and the codes it writes "
                             "(job 'tokenize').", (
         Setting("vocab_size", 512, ARCHITECTURE, "codebook size (paper: 4,096)"),
@@ -439,6 +368,73 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
 )
 
 
+# ------------------------------------------------------------------------------------------------ owners' meanings
+def source_comments(function: Any, root: str, prefix: str = "") -> dict[str, str]:
+    """{dotted field: comment} for the assignments ``root.a.b = ...`` in `function`'s source.
+
+    A field's comment is the ``# ...`` at the end of its assignment, or the ``# ...`` lines right above it.
+
+    Args:
+      function: a function whose body builds a ConfigDict in a local variable named `root`.
+      root: that variable's name ('c', 'cfg').
+      prefix: prepended to every field path (e.g. 'data.').
+    """
+    source = textwrap.dedent(inspect.getsource(function))
+    lines = source.splitlines()
+    trailing: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            line = lines[token.start[0] - 1]
+            if line[: token.start[1]].strip():
+                trailing[token.start[0]] = token.string.lstrip("#").strip()
+    out: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        path = _attribute_path(node.targets[0], root)
+        if path is None:
+            continue
+        comment = trailing.get(node.lineno) or trailing.get(node.end_lineno)
+        if not comment:
+            above = []
+            i = node.lineno - 2
+            while i >= 0 and lines[i].strip().startswith("#"):
+                above.insert(0, lines[i].strip().lstrip("#").strip())
+                i -= 1
+            comment = " ".join(above)
+        if comment:
+            out[prefix + path] = comment
+    return out
+
+
+def _attribute_path(target: ast.expr, root: str) -> str | None:
+    parts = []
+    while isinstance(target, ast.Attribute):
+        parts.insert(0, target.attr)
+        target = target.value
+    if isinstance(target, ast.Name) and target.id == root and parts:
+        return ".".join(parts)
+    return None
+
+
+def docstring_attributes(cls: type, prefix: str = "") -> dict[str, str]:
+    """{prefix + name: description} from the "Attributes:" section of a Google-style class docstring."""
+    doc = inspect.getdoc(cls) or ""
+    section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    out: dict[str, str] = {}
+    name = None
+    for line in section.splitlines():
+        match = re.match(r"^\s{2}(\w+): (.*)$", line)
+        if match:
+            name = match[1]
+            out[prefix + name] = match[2].strip()
+        elif name and line.startswith("    ") and line.strip():
+            out[prefix + name] += " " + line.strip()
+        elif line.strip() and not line.startswith(" "):
+            break
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ reading it
 def build_config() -> ml_collections.ConfigDict:
     """A new ConfigDict of every declared field at its default, in declaration order (`base_config`)."""
@@ -460,6 +456,7 @@ def build_config() -> ml_collections.ConfigDict:
         for setting in section.fields:
             node[setting.path] = setting.default
     return config
+
 
 def declare(sections: tuple[Section | OwnedSection, ...]) -> dict[str, Setting]:
     """{dotted path: Setting} of every field of `sections` (`SETTINGS` is `SECTIONS`')."""

@@ -1,7 +1,11 @@
-"""Test session set-up: 8 fake CPU devices for sharding tests, absl flags parsed for Grain workers, and the shared
-fixtures (a tiny pretraining run made once per session, and its probe and fine-tuning jobs)."""
+"""Test session set-up: 8 fake CPU devices for sharding tests, a persistent compilation cache for the whole session,
+absl flags parsed for Grain workers, and the shared fixtures (the digits dataset prepared once, a tiny pretraining run
+made once per session, and its probe and fine-tuning jobs)."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the session. CPU only: with libtpu installed (for the AOT compile
 # tests, which describe TPU topologies without a TPU backend) JAX would otherwise probe for a TPU in every process.
@@ -9,6 +13,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+# One persistent compilation cache for the session, inherited by every subprocess the tests start (the CLI, signal
+# and multi-process tests): a program compiled once (the tiny models' train steps recur in dozens of tests and
+# processes) is loaded from disk afterwards. Identical programs give identical executables, so bit-exact comparisons
+# are unaffected. A developer may point JAX_COMPILATION_CACHE_DIR at a lasting folder to reuse it across runs.
+if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _cache_dir = tempfile.mkdtemp(prefix="igpt_jax_test_compilation_cache_")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from absl import flags  # noqa: E402
 
@@ -32,17 +47,16 @@ def digits_data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pretrained_digits_run(tmp_path_factory):
+def pretrained_digits_run(digits_data_dir, tmp_path_factory):
     """(data_dir, workdir) of a finished tiny pretraining run (`tiny_runs.downstream_config`), made once."""
     import jax  # noqa: PLC0415
     from tiny_runs import downstream_config  # noqa: PLC0415
 
     from igpt_jax.jobs import pretrain  # noqa: PLC0415
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = str(tmp_path_factory.mktemp("pretrain"))
-    pretrain.run(downstream_config(data_dir), workdir, devices=jax.devices()[:1])
-    return data_dir, workdir
+    pretrain.run(downstream_config(digits_data_dir), workdir, devices=jax.devices()[:1])
+    return digits_data_dir, workdir
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from igpt_jax.models.igpt import IGPT, ModelConfig
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory)
+def run_dir(tmp_path_factory, digits_data_dir):
+    return write_checkpoint(tmp_path_factory, digits_data_dir)
 
 
 def reference_nll(config, params, palette, split):

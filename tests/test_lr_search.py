@@ -83,27 +83,10 @@ def test_an_interrupted_trial_stops_the_search_without_a_pick():
 
 
 # ------------------------------------------------------------------------------------------------ the job
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-@pytest.fixture
-def compilation_cache(tmp_path):
-    """A persistent compilation cache for one test, so that a trial run again loads its programs instead of
-    compiling them (the same programs give the same numbers)."""
-    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path / "compilation_cache"), 0, 0)):
-        jax.config.update(name, value)
-    cc.reset_cache()  # the cache is looked up once per process: look again
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+@pytest.fixture(scope="session")
+def data_dir(digits_data_dir):
+    """The session's digits data_dir (tests/conftest.py)."""
+    return digits_data_dir
 
 
 def search_config(data_dir, lrs=(1e-2, 3e-3)):
@@ -174,7 +157,7 @@ def test_diverged_trials_count_as_infinite_and_ended_trials_are_read_back(data_d
         lr_search.run(config, str(tmp_path))
 
 
-def test_interrupted_search_resumes_and_matches_an_uninterrupted_one(data_dir, tmp_path, compilation_cache):
+def test_interrupted_search_resumes_and_matches_an_uninterrupted_one(data_dir, tmp_path):
     """Real tiny pretraining trials: a search stopped in its second trial (as by SIGTERM) and run again reads the
     first trial back, resumes the second from its checkpoint, and ends with the uninterrupted search's table."""
     config = search_config(data_dir)

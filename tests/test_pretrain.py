@@ -30,8 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(digits_data_dir):
+    """The session's digits data_dir (tests/conftest.py)."""
+    return digits_data_dir
 
 
 def restore_params(workdir: str, config, step: int | None = None):

@@ -193,9 +193,9 @@ def test_bad_sampling_settings_are_named():
 
 # ------------------------------------------------------------------------------------------------ the job
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, digits_data_dir):
     """A checkpoint (state, config, palette) as pretraining writes it, at step 2, on the embedded digits."""
-    config, workdir, _, _ = write_checkpoint(tmp_path_factory, step=2)
+    config, workdir, _, _ = write_checkpoint(tmp_path_factory, digits_data_dir, step=2)
     return config, workdir
 
 

@@ -21,9 +21,10 @@ VOCAB = 32
 ONE = jax.devices()[:1]  # the conftest session has 8 fake CPU devices
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+@pytest.fixture(scope="session")
+def data_dir(digits_data_dir):
+    """The session's digits data_dir (tests/conftest.py)."""
+    return digits_data_dir
 
 
 def vqvae_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:

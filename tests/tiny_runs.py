@@ -78,13 +78,13 @@ def finetune_config(run, **overrides) -> ml_collections.ConfigDict:
     return config
 
 
-def write_checkpoint(tmp_path_factory, step: int = 5):
+def write_checkpoint(tmp_path_factory, data_dir: str, step: int = 5):
     """A checkpoint as pretraining writes it (state, config, palette) of a random model whose logits are not flat.
 
     Returns:
       (the run's config, its workdir, the parameters, the palette).
     """
-    config = pretrain_config(str(tmp_path_factory.mktemp("tfds")))
+    config = pretrain_config(data_dir)
     workdir = str(tmp_path_factory.mktemp("run"))
     model_cfg = ModelConfig.from_config(config.model)
     tx = optim.make_optimizer(config.train, optim.learning_rate_schedule(1e-3, warmup_steps=0, total_steps=1))

@@ -378,7 +378,8 @@ def test_two_processes_sharing_examples_match_one_process(data_dir, tmp_path):
 
 
 def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_accumulator")
+    tensor_util = pytest.importorskip("tensorboard.util.tensor_util")
     palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     steps = 30
     cmd = _main_command(tmp_path, data_dir, f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=4")
@@ -399,11 +400,12 @@ def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("*tfevents*"))) == 3  # one event file per segment
     for purge in (False, True):
         acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=purge,
-                                                 size_guidance={event_accumulator.SCALARS: 0})
+                                                 size_guidance={event_accumulator.TENSORS: 0})
         acc.Reload()
-        scalars = acc.Scalars("train/loss")
+        scalars = acc.Tensors("train/loss")
         assert [e.step for e in scalars] == list(range(1, steps + 1))
-        assert [e.value for e in scalars] == [float(np.float32(r["loss"])) for r in records]
+        assert [tensor_util.make_ndarray(e.tensor_proto).item() for e in scalars] == [
+            float(np.float32(r["loss"])) for r in records]
 
 
 def test_the_leftover_errors_of_an_abandoned_restore_are_dropped_and_nothing_else():

@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     import numpy as np  # pylint: disable=g-import-not-at-top
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    from igpt_jax.data import augment, pipeline  # pylint: disable=g-import-not-at-top
+    from igpt_jax.data import augment, auto_import, iterators, palette_cache, records  # pylint: disable=g-import-not-at-top
     from igpt_jax.data.config import default_data_config  # pylint: disable=g-import-not-at-top
 
     tfds.display_progress_bar(False)
@@ -58,23 +58,23 @@ def main(argv: list[str]) -> None:
     cfg.data_dir = _DATA_DIR.value
     bs = _BATCH.value
     t0 = time.perf_counter()
-    pipeline.ensure_dataset(cfg)
+    auto_import.ensure_dataset(cfg)
     t_data = time.perf_counter() - t0
-    path = pipeline.default_palette_path(cfg)
+    path = palette_cache.default_palette_path(cfg)
     existed = os.path.exists(path)
     t0 = time.perf_counter()
-    palette = pipeline.load_or_fit_palette(cfg)
+    palette = palette_cache.load_or_fit_palette(cfg)
     t_palette = time.perf_counter() - t0
     t0 = time.perf_counter()
     palette.lookup_table()
     t_lut = time.perf_counter() - t0
 
-    reader = pipeline._records(cfg, 'test', 0, 1000)  # pylint: disable=protected-access
+    reader = records.image_records(cfg, 'test', 0, 1000)
     images = np.stack([augment.resize(reader[i]['image'], 32) for i in range(1000)])
     err = palette.reconstruction_error(images)
     err8 = palette.reconstruction_error(images, units='uint8')
 
-    print(f'\nCIFAR-10 ({pipeline.num_examples(cfg, "train")} train records), {os.cpu_count()} CPUs, '
+    print(f'\nCIFAR-10 ({records.num_examples(cfg, "train")} train records), {os.cpu_count()} CPUs, '
           f'batch {bs}, {cfg.resolution}x{cfg.resolution}, {palette.k} colours, augment={cfg.augment}')
     print(f'dataset ready in {t_data:.1f}s; palette {"loaded" if existed else "fitted"} in {t_palette:.1f}s '
           f'({path}); lookup table {t_lut:.1f}s')
@@ -88,13 +88,13 @@ def main(argv: list[str]) -> None:
             c = cfg.copy_and_resolve_references()
             c.read_threads, c.num_workers = threads, workers
             c.prefetch_buffer_size = max(2, 2 * threads)
-            make = lambda c=c: pipeline.make_iterator(c, 'train', batch_size=bs, train=True, seed=0, palette=palette)
+            make = lambda c=c: iterators.make_iterator(c, 'train', batch_size=bs, train=True, seed=0, palette=palette)
             dt = _time_iterator(make, _STEPS.value, _WARMUP.value, _REPEATS.value)
             print(f'| train (shuffle+augment) | {threads} | {workers} | {bs / dt:,.0f} | '
                   f'{bs * tokens_per_image / dt:,.0f} | {dt * 1e3:.1f} |', flush=True)
     c = cfg.copy_and_resolve_references()
     c.read_threads, c.prefetch_buffer_size = 4, 8
-    make = lambda: pipeline.make_iterator(c, 'test', batch_size=bs, train=False, palette=palette)
+    make = lambda: iterators.make_iterator(c, 'test', batch_size=bs, train=False, palette=palette)
     dt = _time_iterator(make, min(_STEPS.value, 10000 // bs - _WARMUP.value), _WARMUP.value, _REPEATS.value)
     print(f'| eval (in order, no augment) | 4 | 0 | {bs / dt:,.0f} | {bs * tokens_per_image / dt:,.0f} | '
           f'{dt * 1e3:.1f} |')

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from igpt_jax import sharding
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, palette_cache, records
 from igpt_jax.jobs import probe as probe_job
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
@@ -66,7 +66,7 @@ def main(argv=None) -> None:
         from igpt_jax.models.igpt import ModelConfig  # noqa: PLC0415
 
         model_cfg = ModelConfig(**config.model.to_dict())
-        palette = data_pipeline.load_or_fit_palette(config.data)
+        palette = palette_cache.load_or_fit_palette(config.data)
         layout = features_lib.param_layout(model_cfg, mesh, rules)
         params = features_lib.random_params(model_cfg, layout, mesh, rules, jax.random.key(0))
         what = "random weights"
@@ -78,12 +78,12 @@ def main(argv=None) -> None:
           f"image, batch {batch}, {jax.device_count()} device(s)")
 
     rows, splits = [], {}
-    for split in data_pipeline.SPLITS:
+    for split in records.SPLITS:
         limit = args.max_train if split == "train" else args.max_eval
         t0 = time.time()
         seen = 0
-        for local in data_pipeline.make_iterator(config.data, split, batch_size=batch, train=False, seed=0,
-                                                 palette=palette):
+        for local in iterators.make_iterator(config.data, split, batch_size=batch, train=False, seed=0,
+                                             palette=palette):
             seen += int(np.sum(local["mask"]))
             if limit and seen >= limit:
                 break
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     for split, n, t_input, t_total, tps in rows:
         print(f"| {split} | {n} | {t_input:.1f} | {t_total:.1f} | {max(t_total - t_input, 0):.1f} | {tps:,.0f} |")
 
-    num_classes = data_pipeline.num_classes(config.data)
+    num_classes = records.num_classes(config.data)
     results = {}
     for solver in args.solvers.split(","):
         pcfg = config.probe.copy_and_resolve_references()

@@ -4,7 +4,7 @@
     python bench/pod_input_layout.py --configs=configs/igpt_xl.py --pods=v4-1024
 
 For each layout it describes the slice with libtpu (as the compile job does), builds the pretraining job's mesh on
-it, and asks `igpt_jax.data.pipeline.rows_by_process` which rows of the global batch each host's devices hold:
+it, and asks `igpt_jax.data.multihost.rows_by_process` which rows of the global batch each host's devices hold:
 the rows that host's input pipeline reads. It prints the hosts, the rows per host, how many hosts load each row
 (more than one where a model axis spans hosts, e.g. XL's batch of 64 on 128 v4 hosts), and process 0's rows.
 Needs libtpu (`pip install -e '.[tpu]'`); runs on a CPU machine.
@@ -41,7 +41,7 @@ def main() -> None:
 
     flags.FLAGS.mark_as_parsed()
     from igpt_jax import sharding
-    from igpt_jax.data import pipeline
+    from igpt_jax.data import multihost
     from igpt_jax.jobs import compile as compile_job
 
     print(f"{'config':<10} {'pod':<9} {'topology':<11} {'mesh (data, fsdp, context, tensor)':<35} {'batch':>5} {'hosts':>5} "
@@ -56,7 +56,7 @@ def main() -> None:
             rules = sharding.rules_from_config(config.mesh.rules)
             mesh = sharding.make_mesh(config.mesh.shape, devices)
             batch = int(config.train.batch_size)
-            rows = pipeline.rows_by_process(batch, mesh, sharding.batch_axes(rules))
+            rows = multihost.rows_by_process(batch, mesh, sharding.batch_axes(rules))
             per_row = collections.Counter(r.rows for r in rows.values())
             sizes = sorted({r.size for r in rows.values()})
             sharers = sorted(set(per_row.values()))

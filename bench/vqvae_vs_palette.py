@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, palette_cache
 from igpt_jax.jobs import tokenize
 from igpt_jax.jobs import vqvae as vqvae_job
 from igpt_jax.pretrained import vqvae as vqvae_run
@@ -34,7 +34,7 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data_dir holding cifar10
 def _test_images(data_cfg, resolution: int) -> np.ndarray:
     cfg = data_cfg.copy_and_resolve_references()
     cfg.resolution, cfg.tokens = resolution, "raw"
-    it = data_pipeline.make_iterator(cfg, "test", batch_size=500, train=False, shard_index=0, shard_count=1)
+    it = iterators.make_iterator(cfg, "test", batch_size=500, train=False, shard_index=0, shard_count=1)
     return np.concatenate([vqvae_run.to_uint8(b["image"][b["mask"]]) for b in it])  # uint8 [n, r, r, 3]
 
 
@@ -52,7 +52,7 @@ def main(argv):
     small = _test_images(data_cfg, 16)
     pal_cfg = data_cfg.copy_and_resolve_references()
     pal_cfg.resolution, pal_cfg.n_colors, pal_cfg.tokens = 16, 512, "palette"
-    palette = data_pipeline.load_or_fit_palette(pal_cfg)
+    palette = palette_cache.load_or_fit_palette(pal_cfg)
     own = palette.reconstruction_error(small, units="uint8")
     decoded = palette.decode(palette.encode_lut(small)).repeat(2, axis=1).repeat(2, axis=2)  # [n, 32, 32, 3]
     vs_full = float(np.mean(np.square(full.astype(np.float64) - decoded)))

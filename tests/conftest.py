@@ -39,10 +39,10 @@ def digits_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the embedded 8x8 digits and their 16-colour palette, prepared once per session."""
     from tiny_runs import pretrain_config  # noqa: PLC0415
 
-    from igpt_jax.data import pipeline as data_pipeline  # noqa: PLC0415
+    from igpt_jax.data import palette_cache  # noqa: PLC0415
 
     data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data_pipeline.load_or_fit_palette(pretrain_config(data_dir).data)  # imports the digits, fits the palette
+    palette_cache.load_or_fit_palette(pretrain_config(data_dir).data)  # imports the digits, fits the palette
     return data_dir
 
 

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from igpt_jax.data import augment, import_data, pipeline, testing
+from igpt_jax.data import augment, import_data, iterators, palette_cache, records, testing
 from igpt_jax.data.palette import Palette
 
 flags.FLAGS.mark_as_parsed()
@@ -56,7 +56,7 @@ def messy(tmp_path_factory):
     (root / 'test' / 'b' / 'truncated.png').write_bytes(good[:len(good) // 2])  # header intact, data cut
     import_data.import_dataset(str(root), 'messy', str(tmp / 'tfds'))
     cfg = testing.small_config('messy', tmp / 'tfds', resolution=16, channels=3, n_colors=8)
-    palette = pipeline.load_or_fit_palette(cfg)
+    palette = palette_cache.load_or_fit_palette(cfg)
     return cfg, palette, originals
 
 
@@ -70,21 +70,21 @@ def _record_of(cfg, split, file_id):
 def test_modes_are_converted_and_sizes_resized(messy):
     cfg, palette, originals = messy
     _, ids = _record_of(cfg, 'train', 'train/a/rgb.png')
-    batches = list(pipeline.make_iterator(cfg, 'train', batch_size=4, train=False, palette=palette))
+    batches = list(iterators.make_iterator(cfg, 'train', batch_size=4, train=False, palette=palette))
     tokens = np.concatenate([b['tokens'] for b in batches])
     assert tokens.shape == (16, 256)
     for r, file_id in enumerate(ids):  # JPEGs included: `originals` holds the decoded file
         expected = palette.encode(augment.resize(originals[file_id], 16)).reshape(-1)
         np.testing.assert_array_equal(tokens[r], expected, err_msg=file_id)
     # Training (augmented) also handles every mode and size.
-    it = pipeline.make_iterator(cfg, 'train', batch_size=16, train=True, palette=palette)
+    it = iterators.make_iterator(cfg, 'train', batch_size=16, train=True, palette=palette)
     assert next(it)['tokens'].shape == (16, 256)
 
 
 def test_grayscale_dataset_converts_rgb_images(messy, tmp_path):
     cfg = messy[0].copy_and_resolve_references()
     cfg.channels, cfg.n_colors, cfg.palette_path = 1, 8, str(tmp_path / 'gray_palette.npy')
-    batches = list(pipeline.make_iterator(cfg, 'train', batch_size=16, train=False))
+    batches = list(iterators.make_iterator(cfg, 'train', batch_size=16, train=False))
     assert batches[0]['tokens'].shape == (16, 256)
     assert Palette.load(tmp_path / 'gray_palette.npy').channels == 1
 
@@ -93,8 +93,8 @@ def test_grayscale_dataset_converts_rgb_images(messy, tmp_path):
 def test_undecodable_record_names_dataset_split_and_index(messy, train):
     cfg, palette, _ = messy
     record, _ = _record_of(cfg, 'test', 'test/b/truncated.png')
-    it = pipeline.make_iterator(cfg, 'test', batch_size=17, train=train, palette=palette)
-    with pytest.raises(pipeline.DataError,
+    it = iterators.make_iterator(cfg, 'test', batch_size=17, train=train, palette=palette)
+    with pytest.raises(records.DataError,
                        match=rf"dataset 'messy', split 'test', record {record}: cannot decode the image"):
         next(it)
 
@@ -104,8 +104,8 @@ def test_undecodable_record_in_validation_names_the_tfds_split(messy):
     cfg.train_split, cfg.test_split = 'test', 'test'  # put the broken split behind 'validation'
     cfg.val_fraction = 0.99
     record, _ = _record_of(cfg, 'test', 'test/b/truncated.png')
-    it = pipeline.make_iterator(cfg, 'validation', batch_size=17, train=False, palette=messy[1])
-    with pytest.raises(pipeline.DataError, match=rf"split 'validation' \(TFDS split 'test'\), record {record}:"):
+    it = iterators.make_iterator(cfg, 'validation', batch_size=17, train=False, palette=messy[1])
+    with pytest.raises(records.DataError, match=rf"split 'validation' \(TFDS split 'test'\), record {record}:"):
         next(it)
 
 
@@ -119,18 +119,18 @@ def labelled(tmp_path_factory):
     np.savez(tmp / 'l.npz', **arrays)
     import_data.import_dataset(str(tmp / 'l.npz'), 'labelled', str(tmp / 'tfds'))
     cfg = testing.small_config('labelled', tmp / 'tfds', resolution=8, channels=3, n_colors=4)
-    return cfg, pipeline.load_or_fit_palette(cfg)
+    return cfg, palette_cache.load_or_fit_palette(cfg)
 
 
 def test_unlabeled_example_is_an_error_unless_allowed(labelled):
     cfg, palette = labelled
     record, _ = _record_of(cfg, 'test', 'test_00003')
-    with pytest.raises(pipeline.DataError,
+    with pytest.raises(records.DataError,
                        match=rf"dataset 'labelled', split 'test', record {record}: label -1 is outside \[0, 10\)"):
-        list(pipeline.make_iterator(cfg, 'test', batch_size=6, train=False, palette=palette))
+        list(iterators.make_iterator(cfg, 'test', batch_size=6, train=False, palette=palette))
     cfg = cfg.copy_and_resolve_references()
     cfg.allow_unlabeled = True
-    (batch,) = list(pipeline.make_iterator(cfg, 'test', batch_size=6, train=False, palette=palette))
+    (batch,) = list(iterators.make_iterator(cfg, 'test', batch_size=6, train=False, palette=palette))
     assert batch['label'][record] == -1 and batch['mask'].all()
 
 
@@ -148,14 +148,14 @@ def test_label_out_of_range_of_the_dataset_metadata(labelled, tmp_path):
     (dst / 'label.labels.txt').write_text('\n'.join(str(i) for i in range(5)) + '\n')
     cfg = cfg.copy_and_resolve_references()
     cfg.data_dir = str(tmp_path / 'tfds')
-    assert pipeline.num_classes(cfg) == 5
+    assert records.num_classes(cfg) == 5
     src_ds = tfds.data_source('labelled', split='train', data_dir=cfg.data_dir, download=False,
                               decoders={'image': tfds.decode.SkipDecoding()})
     first_bad = next(r for r, ex in enumerate(src_ds) if int(ex['label']) >= 5)
     label = int(src_ds[first_bad]['label'])
-    with pytest.raises(pipeline.DataError,
-                       match=rf"dataset 'labelled', split 'train', record {first_bad}: label {label} is outside \[0, 5\)"):
-        list(pipeline.make_iterator(cfg, 'train', batch_size=12, train=False, palette=palette))
+    where = f"dataset 'labelled', split 'train', record {first_bad}"
+    with pytest.raises(records.DataError, match=rf"{where}: label {label} is outside \[0, 5\)"):
+        list(iterators.make_iterator(cfg, 'train', batch_size=12, train=False, palette=palette))
 
 
 def test_palette_shape_mismatch(labelled, tmp_path):
@@ -165,9 +165,9 @@ def test_palette_shape_mismatch(labelled, tmp_path):
     Palette(np.zeros((6, 3), np.float32)).save(cfg.palette_path)
     with pytest.raises(ValueError, match=r"dataset 'labelled', palette .*p.npy: palette has shape \(6, 3\), "
                                          r'but the config expects \(4, 3\)'):
-        pipeline.load_or_fit_palette(cfg)
+        palette_cache.load_or_fit_palette(cfg)
     with pytest.raises(ValueError, match=r"dataset 'labelled'.*expects \(4, 3\)"):
-        pipeline.make_iterator(cfg, 'test', batch_size=2, train=False)
+        iterators.make_iterator(cfg, 'test', batch_size=2, train=False)
     with pytest.raises(ValueError, match=r"dataset 'labelled'.*shape \(4, 1\).*expects \(4, 3\)"):
-        pipeline.make_iterator(cfg, 'test', batch_size=2, train=False,
-                               palette=Palette(np.zeros((4, 1), np.float32)))
+        iterators.make_iterator(cfg, 'test', batch_size=2, train=False,
+                                palette=Palette(np.zeros((4, 1), np.float32)))

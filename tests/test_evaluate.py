@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from tiny_runs import write_checkpoint
 
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, records
 from igpt_jax.jobs import evaluate
 from igpt_jax.models import objectives
 from igpt_jax.models.igpt import IGPT, ModelConfig
@@ -21,7 +21,7 @@ def run_dir(tmp_path_factory, digits_data_dir):
 
 def reference_nll(config, params, palette, split):
     """Mean NLL over every image of the split in one unpadded batch, from the model directly."""
-    it = data_pipeline.make_iterator(config.data, split, batch_size=4096, train=False, palette=palette)
+    it = iterators.make_iterator(config.data, split, batch_size=4096, train=False, palette=palette)
     batch = next(it)
     tokens = jnp.asarray(batch["tokens"][batch["mask"]])
     cfg = ModelConfig.from_config(config.model)
@@ -35,7 +35,7 @@ def test_evaluate_is_exact_over_the_whole_split_for_any_batch_size(run_dir, tmp_
     config.job = "evaluate"
     config.checkpoint.source_workdir = source
     expected, n_images = reference_nll(config, params, palette, "test")
-    n_test = data_pipeline.num_examples(config.data, "test")
+    n_test = records.num_examples(config.data, "test")
     assert n_images == n_test and n_test % 16  # the last batch of 16 is padded
     results = []
     for batch_size in (16, 64):
@@ -59,7 +59,7 @@ def test_evaluate_on_a_2x2x2_mesh_equals_one_device(run_dir, tmp_path):
     single = evaluate.run(config, str(tmp_path / "one"), devices=jax.devices()[:1])
     config.mesh.shape = (2, 2, 2)
     sharded = evaluate.run(config, str(tmp_path / "eight"), devices=jax.devices()[:8])
-    assert sharded["tokens"] == single["tokens"] == data_pipeline.num_examples(config.data, "validation") * 64
+    assert sharded["tokens"] == single["tokens"] == records.num_examples(config.data, "validation") * 64
     assert sharded["nll"] == pytest.approx(single["nll"], abs=1e-5)
     expected, _ = reference_nll(config, params, palette, "validation")
     assert single["nll"] == pytest.approx(expected, abs=1e-5)

@@ -12,7 +12,7 @@ from tiny_runs import FINETUNE_STEPS as STEPS
 from tiny_runs import PRETRAIN_STEPS, finetune_config
 
 from igpt_jax import sharding
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, records
 from igpt_jax.jobs import finetune
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import param_layout, random_params
@@ -32,7 +32,7 @@ def test_finetuning_improves_validation_accuracy_over_the_zero_head(run, full_ru
     workdir, res = full_run
     # The zero head predicts class 0 everywhere: its accuracy is class 0's share of the validation split.
     config = finetune_config(run)
-    labels = np.concatenate([b["label"][b["mask"]] for b in data_pipeline.make_iterator(
+    labels = np.concatenate([b["label"][b["mask"]] for b in iterators.make_iterator(
         config.data, "validation", batch_size=150, train=False)])
     assert res["initial_val_accuracy"] == pytest.approx(np.mean(labels == 0))
     assert [h["step"] for h in res["val_history"]] == [0, 20, 40]
@@ -98,7 +98,7 @@ def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatc
         finetune.run(config, str(tmp_path / "c"), devices=jax.devices()[:1])
     # Resuming a run whose head was made for another number of classes.
     workdir, _ = full_run
-    monkeypatch.setattr(data_pipeline, "num_classes", lambda data_cfg: 7)
+    monkeypatch.setattr(records, "num_classes", lambda data_cfg: 7)
     with pytest.raises(ValueError, match=r"checkpoints/40 has a head for 10 classes but dataset 'digits' has 7"):
         finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
 

@@ -1,14 +1,17 @@
-"""TensorBoard event files (tensorboardX), read back with TensorBoard's own reader, and the progress line."""
+"""TensorBoard event files (TensorBoard's writer), read back as `tensorboard --logdir` reads them, and the progress
+line."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator, event_file_loader
+from tensorboard.backend.event_processing import event_file_loader, plugin_event_accumulator
+from tensorboard.util import tensor_util
 
-from igpt_jax.training import metric_writers
 from igpt_jax.training.metric_writers import (
     ProgressLogger,
     TensorBoardWriter,
@@ -45,23 +48,28 @@ def _steps_in_file(path: str) -> list[int | None]:
 
 
 def _accumulate(logdir, purge_orphaned_data: bool = False):
-    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={event_accumulator.SCALARS: 0},
-                                             purge_orphaned_data=purge_orphaned_data)
+    """TensorBoard's own reader (what its scalar dashboard reads), keeping every event."""
+    acc = plugin_event_accumulator.EventAccumulator(str(logdir), size_guidance={plugin_event_accumulator.TENSORS: 0},
+                                                    purge_orphaned_data=purge_orphaned_data)
     acc.Reload()
     return acc
 
 
+def _scalars(acc, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, tensor_util.make_ndarray(e.tensor_proto).item()) for e in acc.Tensors(tag)]
+
+
 def test_tensorboard_reads_scalars(tmp_path):
-    writer = _write(tmp_path)
-    assert _event_files(tmp_path) == [writer.path]
+    _write(tmp_path)
+    assert len(_event_files(tmp_path)) == 1
     acc = _accumulate(tmp_path)
-    assert sorted(acc.Tags()["scalars"]) == ["eval/loss", "train/loss", "train/lr"]
+    assert sorted(acc.Tags()["tensors"]) == ["eval/loss", "train/loss", "train/lr"]
     expected: dict[str, list[tuple[int, float]]] = {}
     for step, values in SCALARS:
         for tag, value in values.items():
             expected.setdefault(tag, []).append((step, _f32(value)))
     for tag, pairs in expected.items():
-        assert [(e.step, e.value) for e in acc.Scalars(tag)] == pairs
+        assert _scalars(acc, tag) == pairs
     assert acc.file_version == 2.0
 
 
@@ -71,7 +79,8 @@ def test_flush_puts_every_scalar_on_disk_and_close_is_final(tmp_path):
         writer.scalars(step, {"a": float(step)})
     writer.scalars(4, {})  # nothing written
     writer.flush()
-    assert _steps_in_file(writer.path) == [None, 1, 2, 3]  # the file-version header, then the steps, not closed
+    (path,) = _event_files(tmp_path)
+    assert _steps_in_file(path) == [None, 1, 2, 3]  # the file-version header, then the steps, not closed
     writer.close()
     writer.close()  # idempotent
     writer.flush()  # no-op after close
@@ -85,9 +94,9 @@ def test_two_writers_started_together_write_two_files(tmp_path):
     b.scalars(2, {"x": 2.0})
     a.close()
     b.close()
-    assert a.path != b.path and len(_event_files(tmp_path)) == 2
+    assert len(_event_files(tmp_path)) == 2
     # Both files are read (in file-name order, which for writers started in the same second is arbitrary).
-    assert sorted((e.step, e.value) for e in _accumulate(tmp_path).Scalars("x")) == [(1, 1.0), (2, 2.0)]
+    assert sorted(_scalars(_accumulate(tmp_path), "x")) == [(1, 1.0), (2, 2.0)]
 
 
 def test_drop_events_after_keeps_each_step_once_across_segments(tmp_path):
@@ -97,23 +106,33 @@ def test_drop_events_after_keeps_each_step_once_across_segments(tmp_path):
     assert drop_events_after(str(tmp_path), 4) == 0  # nothing left to drop
     _write(tmp_path, [(s, {"loss": 100.0 - s}) for s in range(5, 10)])
     for purge in (False, True):  # with and without TensorBoard's purging of "orphaned" steps
-        got = [(e.step, e.value) for e in _accumulate(tmp_path, purge).Scalars("loss")]
+        got = _scalars(_accumulate(tmp_path, purge), "loss")
         assert got == [(s, 10.0 - s) for s in range(1, 5)] + [(s, 100.0 - s) for s in range(5, 10)]
     assert not [n for n in os.listdir(tmp_path) if "rewrite" in n]
     assert drop_events_after(str(tmp_path / "missing"), 0) == 0
 
 
-def test_gs_paths_go_through_epath_and_the_object_grows_by_appending(tmp_path):
-    assert isinstance(metric_writers.record_writer.REGISTERED_FACTORIES["gs"], metric_writers._EpathRecordFileFactory)
-    # The object-store file, exercised on a local path: each flush rewrites the object with everything so far.
-    path = str(tmp_path / "events.out.tfevents.1.host")
-    f = metric_writers._EpathRecordFile(path)
-    f.write(b"abc")
-    f.flush()
-    assert open(path, "rb").read() == b"abc"
-    f.write(b"de")
-    f.close()
-    assert open(path, "rb").read() == b"abcde"
+def test_copy_on_flush_puts_the_whole_file_in_logdir_at_each_flush(tmp_path):
+    # What a gs:// logdir gets (objects cannot be appended to), exercised on a local path.
+    logdir = tmp_path / "remote"
+    writer = TensorBoardWriter(str(logdir), flush_secs=1e9, copy_on_flush=True)
+    (path,) = _event_files(logdir)  # the version header is there from the start
+    writer.scalars(1, {"a": 1.0})
+    assert _steps_in_file(path) == [None]  # written locally, not copied yet
+    writer.flush()
+    assert _steps_in_file(path) == [None, 1]
+    writer.scalars(2, {"a": 2.0})
+    writer.close()
+    assert _steps_in_file(path) == [None, 1, 2] and _event_files(logdir) == [path]
+    assert drop_events_after(str(logdir), 1) == 1 and _steps_in_file(path) == [None, 1]
+
+
+def test_the_writer_imports_neither_torch_nor_tensorboardx():
+    code = ("import sys; import igpt_jax.training.metric_writers; "
+            "print(sorted(m for m in ('torch', 'tensorboardX', 'tensorflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"
 
 
 def test_write_scalars_fans_out():

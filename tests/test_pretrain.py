@@ -20,6 +20,7 @@ from tiny_runs import pretrain_config as tiny_config
 
 from igpt_jax import sharding
 from igpt_jax.config import defaults as config_defaults
+from igpt_jax.data import palette_cache
 from igpt_jax.jobs import pretrain
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.training import checkpoint as ckpt_lib
@@ -295,7 +296,7 @@ def _metrics(workdir: Path) -> list[float]:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)  # preemption, Ctrl-C
 def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path, sig):
     # Import the data once in this process so the subprocess starts training quickly.
-    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     cmd = _main_command(tmp_path, data_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000")
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     _wait_for_line(proc, "3/100000 |")
@@ -310,7 +311,7 @@ def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_clea
 
 
 def test_sigkill_during_saves_resumes_from_the_last_complete_checkpoint(data_dir, tmp_path):
-    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     steps = 40
     common = [f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=1",
               "--config.checkpoint.max_to_keep=2"]
@@ -341,7 +342,7 @@ def _free_port() -> int:
 
 def _one_and_two_process_losses(data_dir, tmp_path, common: list[str]) -> tuple[list[float], list[float]]:
     """Runs the demo with `common` flags in one process with 8 devices and in two processes with 4 each."""
-    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     single = subprocess.run(_main_command(tmp_path / "one", data_dir, *common), cwd=REPO, env=_env(8),
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -378,8 +379,9 @@ def test_two_processes_sharing_examples_match_one_process(data_dir, tmp_path):
 
 
 def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    pretrain.data_pipeline.load_or_fit_palette(tiny_config(data_dir).data)
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_accumulator")
+    tensor_util = pytest.importorskip("tensorboard.util.tensor_util")
+    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     steps = 30
     cmd = _main_command(tmp_path, data_dir, f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=4")
     kills = []
@@ -399,11 +401,12 @@ def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
     assert len(list((tmp_path / "tensorboard").glob("*tfevents*"))) == 3  # one event file per segment
     for purge in (False, True):
         acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"), purge_orphaned_data=purge,
-                                                 size_guidance={event_accumulator.SCALARS: 0})
+                                                 size_guidance={event_accumulator.TENSORS: 0})
         acc.Reload()
-        scalars = acc.Scalars("train/loss")
+        scalars = acc.Tensors("train/loss")
         assert [e.step for e in scalars] == list(range(1, steps + 1))
-        assert [e.value for e in scalars] == [float(np.float32(r["loss"])) for r in records]
+        assert [tensor_util.make_ndarray(e.tensor_proto).item() for e in scalars] == [
+            float(np.float32(r["loss"])) for r in records]
 
 
 def test_the_leftover_errors_of_an_abandoned_restore_are_dropped_and_nothing_else():

@@ -12,7 +12,7 @@ from threadpoolctl import threadpool_limits
 from tiny_runs import PRETRAIN_STEPS, downstream_config, probe_config
 
 from igpt_jax import sharding
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, palette_cache, records
 from igpt_jax.jobs import probe
 from igpt_jax.models.igpt import IGPT, ModelConfig
 from igpt_jax.models.layout import param_layout, random_params
@@ -44,8 +44,8 @@ def test_probe_features_equal_the_models_forward_pass(run):
                                               loaded.palette, [0, 1, 2], batch_size=64)
     got = extractor.extract(loaded.params, "validation")
     # Independently: the whole split in one batch, straight through the model.
-    batch = next(data_pipeline.make_iterator(config.data, "validation", batch_size=200, train=False,
-                                             palette=loaded.palette))
+    batch = next(iterators.make_iterator(config.data, "validation", batch_size=200, train=False,
+                                         palette=loaded.palette))
     keep = batch["mask"]
     forward = jax.jit(lambda p, t: IGPT(loaded.model_cfg).apply({"params": p}, t, features=True, logits=False))
     out = forward(jax.device_get(loaded.params), batch["tokens"][keep])
@@ -71,8 +71,8 @@ def test_quadrant_pooled_features_are_the_models_and_need_a_divisible_square_gri
     loaded = pretrained.load(config, "unused", mesh, rules)
     got = features_lib.FeatureExtractor(loaded.model_cfg, loaded.layout, mesh, rules, config.data, loaded.palette,
                                         [1, 2], batch_size=64, pooling="quadrants").extract(loaded.params, "test")
-    batch = next(data_pipeline.make_iterator(config.data, "test", batch_size=400, train=False,
-                                             palette=loaded.palette))
+    batch = next(iterators.make_iterator(config.data, "test", batch_size=400, train=False,
+                                         palette=loaded.palette))
     out = IGPT(loaded.model_cfg).apply({"params": jax.device_get(loaded.params)}, batch["tokens"][batch["mask"]],
                                        features=True, logits=False, feature_grid=2)
     assert got.features.shape == (1, got.n, 2, 4 * 32)
@@ -93,7 +93,7 @@ def test_bert_features_are_the_models_under_masks_that_depend_on_the_example_onl
     mesh, rules = one_device_mesh(), sharding.DEFAULT_RULES
     layout = param_layout(cfg, mesh, rules)
     params = random_params(cfg, layout, mesh, rules, jax.random.key(0))
-    palette = data_pipeline.load_or_fit_palette(config.data)
+    palette = palette_cache.load_or_fit_palette(config.data)
     got = features_lib.FeatureExtractor(cfg, layout, mesh, rules, config.data, palette, [1, 2],
                                         batch_size=30).extract(params, "validation", num_masks=2)
     assert got.features.shape == (2, 150, 2, 32)
@@ -213,8 +213,8 @@ def test_raw_pixel_baseline_equals_a_direct_scikit_learn_fit(run, probe_results)
     with pretrained.open_source(config, "unused") as source:
         palette = source.palette(res["step"])
     data = {}
-    for split in data_pipeline.SPLITS:
-        batch = next(data_pipeline.make_iterator(config.data, split, batch_size=2000, train=False, palette=palette))
+    for split in records.SPLITS:
+        batch = next(iterators.make_iterator(config.data, split, batch_size=2000, train=False, palette=palette))
         keep = batch["mask"]
         data[split] = (palette.centres[batch["tokens"][keep]].reshape(keep.sum(), -1), batch["label"][keep])
 
@@ -224,7 +224,7 @@ def test_raw_pixel_baseline_equals_a_direct_scikit_learn_fit(run, probe_results)
         mean, std = mean.astype(np.float32), std.astype(np.float32)
         return [(x.astype(np.float32) - mean) / std for x in xs]
 
-    (xtr, ytr), (xva, yva), (xte, yte) = (data[s] for s in data_pipeline.SPLITS)
+    (xtr, ytr), (xva, yva), (xte, yte) = (data[s] for s in records.SPLITS)
     with threadpool_limits(1):  # threaded BLAS on a 1500 x 64 problem is only slower
         str_, sva = standardize(xtr, xtr, xva)
         val_acc = {C: LogisticRegression(C=C, max_iter=1000).fit(str_, ytr).score(sva, yva)
@@ -278,8 +278,8 @@ def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_resu
     monkeypatch.setattr(probe, "probe_splits", real_probe_splits)
     monkeypatch.setattr(features_lib.FeatureExtractor, "extract", counting_extract)
     resumed = probe.run(config, str(stopped), devices=devices)
-    assert extracted == list(data_pipeline.SPLITS)  # the random-weights baseline's splits only
-    assert resumed["reused"] == [f"features-step{PRETRAIN_STEPS}-{s}" for s in data_pipeline.SPLITS]
+    assert extracted == list(records.SPLITS)  # the random-weights baseline's splits only
+    assert resumed["reused"] == [f"features-step{PRETRAIN_STEPS}-{s}" for s in records.SPLITS]
     assert _comparable(stopped) == _comparable(tmp_path / "uninterrupted")
     # The job's time counts the reused features' time, as it was when they were extracted.
     saved_seconds = [float(np.load(stopped / "progress" / name)["seconds"]) for name in saved]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from igpt_jax.config import defaults as config_defaults
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators
 from igpt_jax.jobs import pretrain, probe, sample, tokenize
 from igpt_jax.jobs import vqvae as vqvae_job
 from igpt_jax.models import vqvae as vq
@@ -135,8 +135,8 @@ def test_vqvae_trained_reconstructs_better_than_the_mean_image(trained, data_dir
     workdir, config, result = trained
     test = result["test"]
     # The mean image's MSE on the test split (the best constant reconstruction).
-    it = data_pipeline.make_iterator(vqvae_run.source_data_config(config), "test", batch_size=128, train=False,
-                                     shard_index=0, shard_count=1)
+    it = iterators.make_iterator(vqvae_run.source_data_config(config), "test", batch_size=128, train=False,
+                                 shard_index=0, shard_count=1)
     images = np.concatenate([b["image"][b["mask"]] for b in it]).astype(np.float64)
     mean_mse = float(np.mean((images - images.mean(0)) ** 2))
     assert test["mse"] < 0.6 * mean_mse, (test["mse"], mean_mse)
@@ -219,12 +219,12 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
 
     # The stored codes are the VQ-VAE's codes of the source images, in the source's order.
     params, emb, _, _ = tokenize.load_vqvae(config, "")
-    src = data_pipeline.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
-                                      shard_index=0, shard_count=1)
+    src = iterators.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
+                                  shard_index=0, shard_count=1)
     first = next(src)
     want, recon = vqvae_run.reconstruct_fn(vqvae_run.model_config(config))(params, emb, first["image"])
-    got = next(data_pipeline.make_iterator(config.data, "test", batch_size=8, train=False, shard_index=0,
-                                           shard_count=1))
+    got = next(iterators.make_iterator(config.data, "test", batch_size=8, train=False, shard_index=0,
+                                       shard_count=1))
     np.testing.assert_array_equal(got["tokens"], np.asarray(want).reshape(8, -1))
     np.testing.assert_array_equal(got["label"], first["label"])
     again = tokenize.run(config, str(tmp_path / "tokenize"))

@@ -9,7 +9,7 @@ import ml_collections
 
 from igpt_jax import sharding
 from igpt_jax.config import defaults as config_defaults
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import palette_cache
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.training import optim
@@ -93,7 +93,7 @@ def write_checkpoint(tmp_path_factory, data_dir: str, step: int = 5):
     state = train.create_state(model_cfg, tx, layout, mesh, sharding.DEFAULT_RULES, jax.random.key(0))
     wtet = 0.3 * jax.random.normal(jax.random.key(1), state.params["wtet"].shape)
     state = state.replace(params={**state.params, "wtet": wtet})
-    palette = data_pipeline.load_or_fit_palette(config.data)
+    palette = palette_cache.load_or_fit_palette(config.data)
     ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
     ckpt.save(step, state, config=config, palette=palette.centres, force=True)
     ckpt.close()

@@ -1,6 +1,6 @@
 """Datasets on first use: find a prepared TFDS dataset, or import it (digits, or ``{name}.npz`` found nearby).
 
-This is the only place where reading data may trigger an import; `igpt_jax.data.pipeline` calls `ensure_dataset`
+This is the only place where reading data may trigger an import; `igpt_jax.data.records` calls `ensure_dataset`
 before it opens a dataset, and `igpt_jax.data.import_data` (which writes datasets) does not depend on either.
 """
 

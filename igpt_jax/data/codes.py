@@ -5,6 +5,9 @@ shuffle), so the validation cut (the last ``val_fraction`` of train) holds the s
 Features: ``codes`` uint16 [g, g] (the code grid, row-major = the token sequence), ``label`` (the source's class
 names) and ``id`` (the source record's index in its split). Its metadata (``metadata.json`` next to the records)
 says how it was made: vocab_size, grid, the source dataset and resolution, the VQ-VAE run and step.
+
+Reading one (`check_codes_dataset`) checks that metadata against the config; `code_palette` is the stand-in palette
+that jobs keep with a model trained on codes.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from igpt_jax.data import builders
+from igpt_jax.data import builders, records
+from igpt_jax.data.palette import Palette
 
 
 class CodesDatasetBuilder(builders.ImageDatasetBuilder, skip_registration=True):
@@ -75,3 +80,31 @@ def _with_metadata(metadata: dict[str, Any]) -> type[CodesDatasetBuilder]:
         def __init__(self, **kwargs: Any):
             super().__init__(metadata=metadata, **kwargs)
     return _Builder
+
+
+def code_palette(k: int) -> Palette:
+    """The stand-in palette of a dataset of codes: code i -> grey level i / (k - 1) in [-1, 1]. Jobs that keep a
+    palette with the model (checkpoints, probes) keep this one; it only says how many tokens there are."""
+    return Palette(np.linspace(-1.0, 1.0, k, dtype=np.float32)[:, None])
+
+
+def check_codes_dataset(data_cfg: ml_collections.ConfigDict,
+                        builder: tfds.core.DatasetBuilder | None = None) -> dict[str, Any]:
+    """The metadata of a dataset of codes, checked against data.n_colors and data.resolution.
+
+    Raises:
+      ValueError: the dataset holds no codes, or a vocabulary or grid other than the config's.
+    """
+    builder = builder or records.dataset_builder(data_cfg)
+    meta = dict(builder.info.metadata or {})
+    if 'codes' not in builder.info.features or 'vocab_size' not in meta:
+        raise ValueError(f'data.tokens=codes but dataset {data_cfg.name!r} holds no VQ-VAE codes (features '
+                         f'{sorted(builder.info.features.keys())}); write one with the tokenize job.')
+    if int(meta['vocab_size']) != int(data_cfg.n_colors):
+        raise ValueError(f'dataset {data_cfg.name!r} holds codes of a {meta["vocab_size"]}-code VQ-VAE but '
+                         f'data.n_colors={data_cfg.n_colors} (the model\'s vocabulary): set both to '
+                         f'{meta["vocab_size"]}.')
+    if int(meta['grid']) != int(data_cfg.resolution):
+        raise ValueError(f'dataset {data_cfg.name!r} holds {meta["grid"]}x{meta["grid"]} code grids but '
+                         f'data.resolution={data_cfg.resolution}.')
+    return meta

@@ -254,7 +254,7 @@ class Palette:
             pix = pix[np.sort(rng.choice(len(pix), size=int(sample_pixels), replace=False))]
         pix = pix[rng.permutation(len(pix))]
         n = len(pix)
-        distinct = len(np.unique(_pack(pix)))
+        distinct = len(np.unique(pack_pixels(pix)))
         if k > distinct:
             kind = 'grey levels' if c == 1 else 'colours'
             raise ValueError(
@@ -338,7 +338,7 @@ class Palette:
           int32 [..., H, W].
         """
         images = self._check_images(images)
-        return self.lookup_table()[_pack(images)].astype(np.int32)
+        return self.lookup_table()[pack_pixels(images)].astype(np.int32)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """Token ids [...] -> uint8 colours [..., C] via ``rint(127.5 * (c + 1))``."""
@@ -410,8 +410,8 @@ class Palette:
         return f'Palette(k={self.k}, channels={self.channels})'
 
 
-def _pack(pixels: np.ndarray) -> np.ndarray:
-    """uint8 [..., C] -> int index [...]: the pixel itself (C=1) or r<<16|g<<8|b."""
+def pack_pixels(pixels: np.ndarray) -> np.ndarray:
+    """uint8 [..., C] -> int index [...] into :meth:`Palette.lookup_table`: the pixel itself (C=1) or r<<16|g<<8|b."""
     if pixels.shape[-1] == 1:
         return pixels[..., 0].astype(np.intp)
     p = pixels.astype(np.int32)

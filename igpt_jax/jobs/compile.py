@@ -49,7 +49,7 @@ from absl import logging
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import multihost
 from igpt_jax.models import attention as attention_lib
 from igpt_jax.models.igpt import ModelConfig, count_params
 from igpt_jax.training import optim
@@ -72,7 +72,7 @@ CHIPS = {
 }
 MEGACORE = ("v4", "v5p")
 
-# What the pretraining pipeline yields per example (igpt_jax.data.pipeline); the step reads only 'tokens'.
+# What the pretraining pipeline yields per example (igpt_jax.data.iterators); the step reads only 'tokens'.
 BATCH_FIELDS = {"label": jnp.int32, "mask": jnp.bool_, "index": jnp.int32}
 
 
@@ -255,7 +255,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
                          f"micro-batches divisible by the data-parallel size {dp}")
 
     # ---------------------------------------------------------------- input: the rows each host loads per step
-    host_rows = data_pipeline.rows_by_process(global_batch, mesh, sharding.batch_axes(rules))
+    host_rows = multihost.rows_by_process(global_batch, mesh, sharding.batch_axes(rules))
     row_ranges = collections.Counter(r.rows for r in host_rows.values())
 
     # ---------------------------------------------------------------- optimizer and abstract state (no data read)

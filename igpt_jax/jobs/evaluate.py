@@ -25,7 +25,7 @@ from absl import logging
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.pretrained import sources as pretrained
 from igpt_jax.training import step as train
 from igpt_jax.training.validation import evaluate as evaluate_split
@@ -44,8 +44,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     loaded = pretrained.load_on_mesh(config, workdir, devices=devices)
     mesh, rules = loaded.mesh, loaded.rules
     split = str(config.evaluate.split)
-    if split not in data_pipeline.SPLITS:
-        raise ValueError(f"evaluate.split={split!r}, expected one of {data_pipeline.SPLITS}")
+    if split not in records.SPLITS:
+        raise ValueError(f"evaluate.split={split!r}, expected one of {records.SPLITS}")
     global_batch = int(config.evaluate.batch_size)
     sharding.check_batch_divides(global_batch, mesh, rules, what="evaluate.batch_size")
     model_cfg, data_cfg = loaded.model_cfg, loaded.data_cfg

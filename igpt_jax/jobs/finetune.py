@@ -37,7 +37,8 @@ from etils import epath
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import config as data_config
+from igpt_jax.data import iterators, multihost, palette_cache, records
 from igpt_jax.data.palette import Palette
 from igpt_jax.models import objectives
 from igpt_jax.models.igpt import IGPT, ModelConfig, ModelOutput, init_params
@@ -177,14 +178,14 @@ class Evaluator:
             out_shardings=sharding.replicated(mesh))
 
     def accuracy(self, params: Any, split: str) -> dict[str, float]:
-        rows = data_pipeline.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
-        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
-                                         palette=self.palette, rows=rows)
+        rows = multihost.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
+        it = iterators.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
+                                     palette=self.palette, rows=rows)
         preds, labels, masks = [], [], []
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for local in it:
-                batch = data_pipeline.make_global_batch({k: local[k] for k in ("tokens", "label", "mask", "index")},
-                                                        self.mesh, sharding.batch_axes(self.rules), rows)
+                batch = multihost.make_global_batch({k: local[k] for k in ("tokens", "label", "mask", "index")},
+                                                    self.mesh, sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(self.fn(params, batch))
                 preds.append(out["predictions"])
                 labels.append(out["label"])
@@ -260,10 +261,10 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     # ------------------------------------------------------------------ model, palette, classes
     latest = ckpt.latest_step()
     source, source_step, source_name = None, None, None
-    num_classes = data_pipeline.num_classes(config.data)
+    num_classes = records.num_classes(config.data)
     if fcfg.num_classes and int(fcfg.num_classes) != num_classes:
         raise ValueError(f"finetune.num_classes={fcfg.num_classes} but dataset {config.data.name!r} (data_dir "
-                         f"{data_pipeline.resolve_data_dir(config.data.data_dir)}) has {num_classes} classes")
+                         f"{data_config.resolve_data_dir(config.data.data_dir)}) has {num_classes} classes")
     if latest is not None:  # resuming: everything from our own checkpoint
         where = f"checkpoint {ckpt.directory}/{latest}"
         saved = ckpt.restore_config(latest)
@@ -288,7 +289,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
     else:
         where = "config.model (random init)"
         model_cfg = ModelConfig.from_config(config.model)
-        palette = data_pipeline.load_or_fit_palette(config.data)
+        palette = palette_cache.load_or_fit_palette(config.data)
         data_cfg = pretrained.data_config_for_job(
             config.data, {k: int(config.data[k]) for k in pretrained.DATA_FIELDS}, model_cfg, where=where)
         if palette.k != model_cfg.vocab_size:
@@ -310,9 +311,9 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
                                             total_steps=num_steps, kind="constant")
     tx = optim.make_optimizer(config.train, schedule)
     layout = state_layout(model_cfg, num_classes, tx, mesh, rules)
-    train_rows = data_pipeline.host_rows(batch_size, mesh, sharding.batch_axes(rules))
-    train_iter = data_pipeline.make_iterator(data_cfg, "train", batch_size=train_rows.size, rows=train_rows,
-                                             train=True, seed=config.seed, palette=palette)
+    train_rows = multihost.host_rows(batch_size, mesh, sharding.batch_axes(rules))
+    train_iter = iterators.make_iterator(data_cfg, "train", batch_size=train_rows.size, rows=train_rows,
+                                         train=True, seed=config.seed, palette=palette)
     base_rng = jax.random.key(config.seed)
     if latest is not None:
         state = ckpt.restore(latest, layout.abstract, data_iterator=train_iter)
@@ -393,7 +394,7 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         if step == 0 and float(state.best_accuracy) < 0:
             record(0, evaluator.accuracy(state.params, "validation"))  # the zero-initialised head
         while step < num_steps and not stopped_early():
-            batch = data_pipeline.make_global_batch(
+            batch = multihost.make_global_batch(
                 {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
                 sharding.batch_axes(rules), train_rows)
             state, metrics = step_fn(state, batch)

@@ -40,7 +40,7 @@ from absl import logging
 from igpt_jax import workdir as workdir_files
 from igpt_jax.config import changes as config_changes
 from igpt_jax.config import checks as config_checks
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.errors import ConfigError
 from igpt_jax.training import lr_ladder
 from igpt_jax.workdir import jsonable, workpath_of
@@ -142,7 +142,7 @@ class _Trials:
         self.pretrain = importlib.import_module(config_checks.JOBS["pretrain"][0])  # the job, as main runs it
         steps_per_epoch = None
         if config.train.warmup_steps == -1:
-            n_train = data_pipeline.num_examples(config.data, "train")
+            n_train = records.num_examples(config.data, "train")
             steps_per_epoch = max(1, n_train // int(config.train.batch_size))  # as the pretraining job counts it
         self.steps_per_epoch = steps_per_epoch
         self.n_lrs = len(config.lr_search.lrs)

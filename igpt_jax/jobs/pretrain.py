@@ -23,7 +23,7 @@ from absl import logging
 
 from igpt_jax import sharding
 from igpt_jax.config import changes as config_changes
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, multihost, palette_cache, records
 from igpt_jax.models.igpt import ModelConfig, count_params
 from igpt_jax.probing import tracking as representation_tracking
 from igpt_jax.training import checkpoint as ckpt_lib
@@ -75,15 +75,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             f"train.grad_accum_steps={accum} must divide train.batch_size={global_batch} into micro-batches "
             f"divisible by the data-parallel size {sharding.data_parallel_size(mesh, rules)}"
         )
-    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
+    rows = multihost.host_rows(global_batch, mesh, sharding.batch_axes(rules))
     logging.info("mesh %s on %d devices (%d processes); global batch %d, rows %s in this process",
                  dict(mesh.shape), mesh.size, jax.process_count(), global_batch, rows)
 
     # ---------------------------------------------------------------- input pipeline
-    palette = data_pipeline.load_or_fit_palette(data_cfg)
-    n_train = data_pipeline.num_examples(data_cfg, "train")
+    palette = palette_cache.load_or_fit_palette(data_cfg)
+    n_train = records.num_examples(data_cfg, "train")
     steps_per_epoch = max(1, n_train // global_batch)
-    train_iter = data_pipeline.make_iterator(
+    train_iter = iterators.make_iterator(
         data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed, palette=palette, rows=rows
     )
     batch_shardings = sharding.batch_sharding(mesh, rules)  # a prefix: every batch field splits its leading dim
@@ -158,7 +158,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             step = start_step
             while step < num_steps:
-                batch = data_pipeline.make_global_batch(next(train_iter), mesh, sharding.batch_axes(rules), rows)
+                batch = multihost.make_global_batch(next(train_iter), mesh, sharding.batch_axes(rules), rows)
                 state, metrics = step_fn(state, batch, step_rng)
                 step += 1
                 log.add(step, metrics)

@@ -33,7 +33,7 @@ from absl import logging
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.models.layout import param_layout, random_params
 from igpt_jax.pretrained import sources as pretrained
 from igpt_jax.probing import features as features_lib
@@ -56,7 +56,7 @@ def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, mas
       progress: where finished splits are saved (as ``{name}-{split}``) and found again.
     """
     out = {}
-    for split in data_pipeline.SPLITS:
+    for split in records.SPLITS:
         t0 = time.time()
         found = progress.load_features(f"{name}-{split}", fingerprint) if progress else None
         if found is not None:
@@ -89,7 +89,7 @@ def _cached(progress: probe_progress.ProbeProgress, name: str, fp: str, compute)
 def probe_splits(splits: dict[str, features_lib.SplitFeatures], settings: linear_probe.ProbeSettings, *,
                  num_classes: int, layers: list[int], n_layer: int, concat_layers: int = 0) -> dict[str, Any]:
     """`linear_probe.probe` on extracted splits."""
-    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    tr, va, te = (splits[s] for s in records.SPLITS)
     return linear_probe.probe((tr.features, tr.labels), (va.features, va.labels), (te.features, te.labels), settings,
                               num_classes=num_classes, layers=layers, concat_layers=concat_layers,
                               layer_names=lambda l: features_lib.layer_name(l, n_layer))
@@ -108,7 +108,7 @@ def pixel_baseline(splits: dict[str, features_lib.SplitFeatures], palette, setti
 
 
 def _low_data(splits, pos: int, settings, *, num_classes: int, budgets, subsets: int) -> list[dict[str, Any]]:
-    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    tr, va, te = (splits[s] for s in records.SPLITS)
     return linear_probe.low_data((tr.features[0][:, pos], tr.labels), (va.features[:, :, pos], va.labels),
                                  (te.features[:, :, pos], te.labels), settings, num_classes=num_classes,
                                  budgets=budgets, subsets=subsets)
@@ -144,7 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         steps = sorted({source.resolve_step(int(s)) for s in requested}, key=lambda s: -1 if s is None else s)
         model_cfg, palette, data_cfg = source.settings(config, steps[-1])
         run_config = source.run_config(steps[-1])
-        num_classes = data_pipeline.num_classes(data_cfg)
+        num_classes = records.num_classes(data_cfg)
         layers = features_lib.resolve_layers(pcfg.layers, model_cfg.n_layer)
         masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
         batch_size = int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size)
@@ -153,14 +153,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, data_cfg, palette, layers,
                                                   batch_size=batch_size, seed=int(pcfg.seed), pooling=pooling)
         width = model_cfg.d_model * extractor.feature_grid ** 2  # features per layer
-        n = {s: data_pipeline.num_examples(data_cfg, s) for s in data_pipeline.SPLITS}
+        n = {s: records.num_examples(data_cfg, s) for s in records.SPLITS}
         if pcfg.max_train_examples:
             n["train"] = min(n["train"], int(pcfg.max_train_examples))
         size = sum(features_lib.approx_feature_bytes(n[s], len(layers), width, 1 if s == "train" else masks)
                    for s in n)
         logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s (%s pooling, %d features each); %s examples "
                      "(train/val/test); %d classes; features take %s per checkpoint", len(steps), steps, source.path,
-                     len(layers), layers, pooling, width, "/".join(str(n[s]) for s in data_pipeline.SPLITS),
+                     len(layers), layers, pooling, width, "/".join(str(n[s]) for s in records.SPLITS),
                      num_classes, features_lib.human_bytes(size))
 
         # Everything that determines the features, and (with the solver settings) the fitted results.
@@ -240,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         "step": last["step"],
         "dataset": config.data.name,
         "num_classes": num_classes,
-        "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
+        "examples": {s: splits[s].n for s in records.SPLITS},
         "model": {k: getattr(model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
         "bert_masks": masks,
         "pooling": pooling,
@@ -300,7 +300,7 @@ def format_table(results: dict[str, Any]) -> str:
     rand = results["baselines"].get("random_init")
     rand_by_layer = {r["layer"]: r for r in rand["layers"]} if rand else {}
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
-             f"{'/'.join(str(results['examples'][s]) for s in data_pipeline.SPLITS)} train/val/test; "
+             f"{'/'.join(str(results['examples'][s]) for s in records.SPLITS)} train/val/test; "
              f"{results.get('pooling', 'mean')} pooling), checkpoint step "
              f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
     header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6} "

@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, records
 from igpt_jax.models import decoding
 from igpt_jax.pretrained.sources import Pretrained, load_on_mesh
 from igpt_jax.pretrained.vqvae import CodeDecoder
@@ -80,15 +80,15 @@ def check_sample_config(sample_cfg: ml_collections.ConfigDict, loaded: Pretraine
         if int(sample_cfg[name]) < 1:
             raise ValueError(f"sample.{name}={sample_cfg[name]} must be >= 1")
     if sample_cfg.mode == "complete":
-        if sample_cfg.split not in data_pipeline.SPLITS:
-            raise ValueError(f"sample.split={sample_cfg.split!r}, expected one of {data_pipeline.SPLITS}")
+        if sample_cfg.split not in records.SPLITS:
+            raise ValueError(f"sample.split={sample_cfg.split!r}, expected one of {records.SPLITS}")
         resolve_given_rows(sample_cfg.given_rows, loaded.data_cfg.resolution, loaded.model_cfg.n_ctx)
 
 
 def first_images(loaded: Pretrained, split: str, num_images: int) -> np.ndarray:
     """Tokens of the first `num_images` images of a split (every process reads the same ones); int32 [n, res*res]."""
-    it = data_pipeline.make_iterator(loaded.data_cfg, split, batch_size=min(num_images, 64), train=False, seed=0,
-                                     shard_index=0, shard_count=1, palette=loaded.palette)
+    it = iterators.make_iterator(loaded.data_cfg, split, batch_size=min(num_images, 64), train=False, seed=0,
+                                 shard_index=0, shard_count=1, palette=loaded.palette)
     found = []
     for batch in it:
         found.append(np.asarray(batch["tokens"])[np.asarray(batch["mask"], bool)])
@@ -148,7 +148,7 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     res = int(loaded.data_cfg.resolution)
     # Codes (data.tokens='codes') are shown through the VQ-VAE's decoder; a code row is `factor` image rows.
     panels_decoder, factor = loaded.palette, 1
-    if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
+    if records.tokens_kind(loaded.data_cfg) == "codes":
         panels_decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
         factor = panels_decoder.cfg.factor
     scale = images.default_scale(res * factor) if scale is None else int(scale)

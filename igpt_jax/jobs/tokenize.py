@@ -24,8 +24,9 @@ from absl import logging
 from etils import epath
 
 from igpt_jax import sharding
+from igpt_jax.data import auto_import, iterators, records
 from igpt_jax.data import codes as codes_lib
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import config as data_config
 from igpt_jax.pretrained import vqvae as vqvae_run
 from igpt_jax.training import checkpoint as ckpt_lib
 
@@ -39,7 +40,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
     vq_cfg = vqvae_run.model_config(config)
     grid = vq_cfg.grid(int(config.vqvae.data.resolution))
     data = config.data
-    if data_pipeline.tokens_kind(data) != "codes":
+    if records.tokens_kind(data) != "codes":
         raise ValueError(f"the tokenize job writes codes: set data.tokens='codes' (got {data.tokens!r})")
     if data.name == config.vqvae.data.name:
         raise ValueError(f"data.name={data.name!r} is the image dataset vqvae.data.name: the codes need a new name")
@@ -92,9 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     vq_cfg = vqvae_run.model_config(config)
     params, embeddings, step, ckpt_dir = load_vqvae(config, workdir)
     source_cfg = vqvae_run.source_data_config(config)
-    source_builder = tfds.builder(source_cfg.name, data_dir=data_pipeline.ensure_dataset(source_cfg))
+    source_builder = tfds.builder(source_cfg.name, data_dir=auto_import.ensure_dataset(source_cfg))
     label_names = tuple(source_builder.info.features["label"].names)
-    data_dir = data_pipeline.resolve_data_dir(config.data.data_dir)
+    data_dir = data_config.resolve_data_dir(config.data.data_dir)
     metadata = {"vocab_size": vq_cfg.vocab_size, "grid": grid, "source_dataset": source_cfg.name,
                 "source_resolution": int(source_cfg.resolution), "vqvae_checkpoint": ckpt_dir, "vqvae_step": step,
                 "downsample": vq_cfg.downsample}
@@ -112,8 +113,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def encode_split(tfds_split: str):
         def gen():
-            it = data_pipeline.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
-                                             train=False, seed=0, shard_index=0, shard_count=1)
+            it = iterators.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
+                                         train=False, seed=0, shard_index=0, shard_count=1)
             for batch in it:
                 codes, _ = jax.device_get(fn(params, embeddings, batch["image"]))
                 for j in np.flatnonzero(batch["mask"]):

@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
 from igpt_jax.config import changes as config_changes
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, multihost, palette_cache
 from igpt_jax.models import vqvae as vq
 from igpt_jax.pretrained.vqvae import (
     abstract_state,
@@ -77,7 +77,7 @@ def train_step(state: dict[str, Any], batch: dict[str, jax.Array], key: jax.Arra
 
 def estimate_data_variance(data_cfg: ml_collections.ConfigDict, num_images: int, seed: int) -> float:
     """Variance of the pixels (in [-1, 1]) of `num_images` random training images (deterministic given seed)."""
-    images = data_pipeline.sample_images(data_cfg, max(1, num_images // 4) * data_cfg.resolution**2, seed)
+    images = palette_cache.sample_images(data_cfg, max(1, num_images // 4) * data_cfg.resolution**2, seed)
     return float(np.var(images.astype(np.float64) / 127.5 - 1.0))
 
 
@@ -86,8 +86,8 @@ def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str
     """Reconstruction MSE over a whole split ([-1, 1] units, and grey levels^2 after rounding to uint8, as the
     palette's error), the codes' usage, and the first `grid_images` originals and reconstructions (uint8)."""
     fn = reconstruct_fn(cfg)
-    it = data_pipeline.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
-                                     shard_index=0, shard_count=1)
+    it = iterators.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
+                                 shard_index=0, shard_count=1)
     sq_sum, sq8_sum, values, counts = 0.0, 0.0, 0, np.zeros(cfg.vocab_size, np.int64)
     originals, recons = [], []
     for batch in it:
@@ -126,9 +126,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     global_batch = int(config.vqvae.batch_size)
     sharding.check_batch_divides(global_batch, mesh, rules, what="vqvae.batch_size")
-    rows = data_pipeline.host_rows(global_batch, mesh, sharding.batch_axes(rules))
-    train_iter = data_pipeline.make_iterator(data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed,
-                                             rows=rows)
+    rows = multihost.host_rows(global_batch, mesh, sharding.batch_axes(rules))
+    train_iter = iterators.make_iterator(data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed,
+                                         rows=rows)
     tx = make_optimizer(config)
     replicated = NamedSharding(mesh, PartitionSpec())
     num_steps = int(config.vqvae.num_steps)
@@ -187,8 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             step = start_step
             while step < num_steps:
                 local = next(train_iter)
-                batch = data_pipeline.make_global_batch({"image": local["image"]}, mesh, sharding.batch_axes(rules),
-                                                        rows)
+                batch = multihost.make_global_batch({"image": local["image"]}, mesh, sharding.batch_axes(rules),
+                                                    rows)
                 state, metrics = step_fn(state, batch, step_rng)
                 step += 1
                 log.add(step, metrics)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import sharding
 from igpt_jax.config import settings
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import codes as codes_lib
 from igpt_jax.errors import ConfigError
 from igpt_jax.models import vqvae as vq
 from igpt_jax.training import checkpoint as ckpt_lib
@@ -99,7 +99,7 @@ class CodeDecoder:
     @classmethod
     def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
         """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
-        meta = data_pipeline.check_codes_dataset(data_cfg)
+        meta = codes_lib.check_codes_dataset(data_cfg)
         ckpt = ckpt_lib.Checkpointer(str(epath.Path(meta["vqvae_checkpoint"]).parent), create=False)
         try:
             step = int(meta["vqvae_step"])

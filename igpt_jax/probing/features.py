@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from igpt_jax import sharding
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, multihost
 from igpt_jax.data.palette import Palette
 from igpt_jax.models import objectives
 from igpt_jax.models.igpt import IGPT, ModelConfig
@@ -141,9 +141,9 @@ class FeatureExtractor:
     def extract(self, params: Any, split: str, *, num_masks: int = 1, max_examples: int = 0) -> SplitFeatures:
         """Features of every example of `split` (or its first `max_examples` in record order)."""
         num_masks = num_masks if self.model_cfg.objective == "bert" else 1
-        rows = data_pipeline.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
-        it = data_pipeline.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
-                                         palette=self.palette, rows=rows)
+        rows = multihost.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
+        it = iterators.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
+                                     palette=self.palette, rows=rows)
         fn = self._fn(num_masks)
         keys = ("features", "label", "mask", "index", "tokens")
         chunks: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -151,7 +151,7 @@ class FeatureExtractor:
         seen = 0
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for local in it:
-                batch = data_pipeline.make_global_batch(
+                batch = multihost.make_global_batch(
                     {k: local[k] for k in ("tokens", "label", "mask", "index")}, self.mesh,
                     sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(fn(params, batch))

@@ -39,7 +39,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.data.palette import Palette
 from igpt_jax.errors import ConfigError
 from igpt_jax.models.igpt import ModelConfig
@@ -79,7 +79,7 @@ def check_subset(config: ml_collections.ConfigDict) -> None:
     if not enabled(config):
         return
     for field, split in (("train_examples", "train"), ("val_examples", "validation")):
-        have = data_pipeline.num_examples(config.data, split)
+        have = records.num_examples(config.data, split)
         if config.track[field] > have:
             raise ConfigError(f"track.{field}={config.track[field]} is more than the {have} images of the {split} "
                               f"split of data.name={config.data.name!r}; choose at most {have}")
@@ -125,7 +125,7 @@ class Tracker:
         self.every = int(config.track.every)
         self.train_examples, self.val_examples = int(config.track.train_examples), int(config.track.val_examples)
         self.settings = probe_settings(config)
-        self.num_classes = data_pipeline.num_classes(config.data)
+        self.num_classes = records.num_classes(config.data)
         self.layers = features_lib.resolve_layers("all", model_cfg.n_layer)
         self.extractor = features_lib.FeatureExtractor(model_cfg, params_layout, mesh, rules, config.data, palette,
                                                        self.layers, batch_size=batch_size(config),

@@ -33,7 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators
 from igpt_jax.errors import MissingSource
 
 STATE, DATA, CONFIG, PALETTE = "state", "data", "config", "palette"
@@ -176,7 +176,7 @@ class Checkpointer:
         if data_iterator is not None:
             try:
                 self.manager.restore(step, args=ocp.args.Composite(
-                    **{DATA: data_pipeline.iterator_restore_args(data_iterator)}))
+                    **{DATA: iterators.iterator_restore_args(data_iterator)}))
             except Exception as err:  # noqa: BLE001
                 raise UnreadableCheckpoint(step, DATA, _short_error(err)) from None
         return restored[STATE]
@@ -210,7 +210,7 @@ class Checkpointer:
         """Starts saving `step` (asynchronously); returns whether a save was started."""
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items[DATA] = data_pipeline.iterator_save_args(data_iterator)
+            items[DATA] = iterators.iterator_save_args(data_iterator)
         if config is not None:
             items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
         if palette is not None:
@@ -221,7 +221,7 @@ class Checkpointer:
         """Restores the train state at `step` onto the shardings of `abstract_state` (and the iterator in place)."""
         items = {STATE: ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items[DATA] = data_pipeline.iterator_restore_args(data_iterator)
+            items[DATA] = iterators.iterator_restore_args(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored[STATE]
 

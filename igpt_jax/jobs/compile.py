@@ -229,7 +229,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
     else:
         generation = str(config.compile.topology).split(":")[0]
     facts = device_facts(devices, generation, config.compile)
-    _validate(config, num_devices=len(devices))
+    config = _checked(config, num_devices=len(devices))
     step = _build_step(config, devices)
     report = _describe(config, facts, step)
     traced, compiled = _lower_and_compile(step, report)
@@ -243,16 +243,18 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
     return report, compiled
 
 
-def _validate(config: ml_collections.ConfigDict, *, num_devices: int) -> None:
-    """The config's checks for the compile job (main runs them before any job, without the slice's device count).
+def _checked(config: ml_collections.ConfigDict, *, num_devices: int) -> ml_collections.ConfigDict:
+    """A copy of `config` resolved and checked for the compile job as main does (`igpt_jax.config.checks`), with
+    the slice's device count, which main does not know; a config built in code gets the same one-line errors.
 
-    The config is checked as main checks it, resolved (a copy: `config` itself is compiled as given) and as the
-    compile job's, so that a caller that builds a config in code gets the same one-line errors.
+    Raises:
+      ConfigError: the first problem.
     """
     checked = config_checks.resolve(config.copy_and_resolve_references(), read_data=False)
     with checked.unlocked():
         checked.job = "compile"
     config_checks.validate(checked, num_devices=num_devices)
+    return checked
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,4 +301,4 @@ def test_vqvae_imagenet_pretraining_on_codes_compiles_and_fits_its_pod(tmp_path)
     report = compile_job.run(config, str(tmp_path))
     assert report["fits"] is True
     assert report["model"]["vocab_size"] == 4096 and report["seq_len"] == 48 * 48
-    assert report["mesh"] == {"data": 1, "fsdp": 128, "tensor": 4}
+    assert report["mesh"] == {"data": 1, "fsdp": 128, "context": 1, "tensor": 4}

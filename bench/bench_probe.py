@@ -24,10 +24,9 @@ import jax
 import numpy as np
 
 from igpt_jax import sharding
-from igpt_jax.data import iterators, palette_cache, records
-from igpt_jax.jobs import probe as probe_job
+from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.probing import features as features_lib
-from igpt_jax.probing import linear_probe
+from igpt_jax.probing import fitting, linear_probe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +104,7 @@ def main(argv=None) -> None:
         pcfg.solver = solver
         settings = linear_probe.ProbeSettings.from_config(pcfg)
         t0 = time.time()
-        res = probe_job.probe_splits(splits, settings, num_classes=num_classes, layers=layers,
+        res = fitting.probe_splits(splits, settings, num_classes=num_classes, layers=layers,
                                      n_layer=model_cfg.n_layer, concat_layers=int(config.probe.concat_layers))
         results[solver] = (time.time() - t0, res)
     print(f"\n| solver | probe time (s) | best layer | best-layer test % | concat test % | "

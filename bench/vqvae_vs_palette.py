@@ -21,8 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from igpt_jax.data import iterators, palette_cache
-from igpt_jax.jobs import tokenize
+from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.jobs import vqvae as vqvae_job
 from igpt_jax.pretrained import vqvae as vqvae_run
 from igpt_jax.training import checkpoint as ckpt_lib
@@ -57,10 +56,10 @@ def main(argv):
     decoded = palette.decode(palette.encode_lut(small)).repeat(2, axis=1).repeat(2, axis=2)  # [n, 32, 32, 3]
     vs_full = float(np.mean(np.square(full.astype(np.float64) - decoded)))
 
-    vq_cfg = vqvae_run.model_config(config)
-    params, embeddings, step, _ = tokenize.load_vqvae(config, _WORKDIR.value)
-    test = vqvae_job.evaluate_split(vq_cfg, params, embeddings, vqvae_run.source_data_config(config), "test",
-                                    batch_size=500)
+    trained = vqvae_run.load(_WORKDIR.value, -1, config)
+    step = trained.step
+    test = vqvae_job.evaluate_split(trained.cfg, trained.params, trained.embeddings,
+                                    vqvae_run.source_data_config(config), "test", batch_size=500)
     out = {
         "images": int(len(full)),
         "palette_16x16_vs_16x16": {"mse_grey_levels": own, "rmse_grey_levels": math.sqrt(own),

@@ -9,6 +9,7 @@ pytest.importorskip("libtpu", reason="the compile job needs libtpu (pip install 
 
 from igpt_jax.config import checks as config_checks  # noqa: E402  # noqa: E402
 from igpt_jax.config import defaults as config_defaults  # noqa: E402
+from igpt_jax.errors import ConfigError  # noqa: E402
 from igpt_jax.jobs import compile as compile_job  # noqa: E402
 
 TOPOLOGY = "v4:2x2x1"  # 4 chips, one JAX device each (megacore), one host
@@ -155,3 +156,17 @@ def test_bad_topology_names_the_fix():
     config.compile.topology = "v4"
     with pytest.raises(compile_job.CompileError, match="v4:8x8x8"):
         compile_job.describe_topology(config.compile)
+
+
+def test_a_config_the_step_cannot_run_is_the_config_checks_one_line_error():
+    """The job checks its config with `config.checks.validate` and the slice's device count: a -1 mesh axis is
+    resolved on the slice, so micro-batches that do not split over its data-parallel size are caught."""
+    config = _tiny_config()
+    config.mesh.shape = (1, -1, 1)  # fsdp over the slice's 4 devices
+    config.train.grad_accum_steps = 4  # micro-batches of 2 examples
+    with pytest.raises(ConfigError, match=r"train.grad_accum_steps=4 .* divisible by the data-parallel size 4"):
+        compile_job.compile_train_step(config)
+    config = _tiny_config()
+    config.data.resolution = 16  # 256 tokens, more than model.n_ctx=64
+    with pytest.raises(ConfigError, match=r"data.resolution=16 gives 256 tokens .* model.n_ctx=64"):
+        compile_job.compile_train_step(config)

@@ -18,7 +18,7 @@ from igpt_jax.models.igpt import IGPT, ModelConfig
 from igpt_jax.models.layout import param_layout, random_params
 from igpt_jax.pretrained import sources as pretrained
 from igpt_jax.probing import features as features_lib
-from igpt_jax.probing import linear_probe
+from igpt_jax.probing import fitting, linear_probe
 
 tiny_config = downstream_config
 
@@ -257,12 +257,12 @@ def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_resu
     probe.run(config, str(tmp_path / "uninterrupted"), devices=devices)
 
     stopped = tmp_path / "stopped"
-    real_probe_splits = probe.probe_splits
+    real_probe_splits = fitting.probe_splits
 
     def stop(*args, **kwargs):
         raise Stopped
 
-    monkeypatch.setattr(probe, "probe_splits", stop)
+    monkeypatch.setattr(fitting, "probe_splits", stop)
     with pytest.raises(Stopped):
         probe.run(config, str(stopped), devices=devices)
     saved = sorted(p.name for p in (stopped / "progress").iterdir())
@@ -275,7 +275,7 @@ def test_a_stopped_probe_job_resumes_from_its_saved_features_with_identical_resu
         extracted.append(split)
         return real_extract(self, params, split, **kwargs)
 
-    monkeypatch.setattr(probe, "probe_splits", real_probe_splits)
+    monkeypatch.setattr(fitting, "probe_splits", real_probe_splits)
     monkeypatch.setattr(features_lib.FeatureExtractor, "extract", counting_extract)
     resumed = probe.run(config, str(stopped), devices=devices)
     assert extracted == list(records.SPLITS)  # the random-weights baseline's splits only

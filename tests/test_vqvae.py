@@ -218,9 +218,10 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     assert out["metadata"]["vocab_size"] == VOCAB and out["metadata"]["grid"] == 4
 
     # The stored codes are the VQ-VAE's codes of the source images, in the source's order.
-    params, emb, _, _ = tokenize.load_vqvae(config, "")
-    src = iterators.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
-                                  shard_index=0, shard_count=1)
+    trained_vq = vqvae_run.load(vq_workdir, -1, config)
+    params, emb = trained_vq.params, trained_vq.embeddings
+    src = data_pipeline.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
+                                      shard_index=0, shard_count=1)
     first = next(src)
     want, recon = vqvae_run.reconstruct_fn(vqvae_run.model_config(config))(params, emb, first["image"])
     got = next(iterators.make_iterator(config.data, "test", batch_size=8, train=False, shard_index=0,
@@ -301,4 +302,4 @@ def test_vqvae_imagenet_pretraining_on_codes_compiles_and_fits_its_pod(tmp_path)
     report = compile_job.run(config, str(tmp_path))
     assert report["fits"] is True
     assert report["model"]["vocab_size"] == 4096 and report["seq_len"] == 48 * 48
-    assert report["mesh"] == {"data": 1, "fsdp": 128, "tensor": 4}
+    assert report["mesh"] == {"data": 1, "fsdp": 128, "context": 1, "tensor": 4}

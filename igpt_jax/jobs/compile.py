@@ -34,6 +34,7 @@ sequence shards of the mesh): 'splash' when its blocks divide the per-shard leng
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -49,7 +50,8 @@ from absl import logging
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import multihost
+from igpt_jax.config import checks as config_checks
+from igpt_jax.data import pipeline as data_pipeline
 from igpt_jax.models import attention as attention_lib
 from igpt_jax.models.igpt import ModelConfig, count_params
 from igpt_jax.training import optim
@@ -219,77 +221,127 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
 
     Raises:
       CompileError: for a slice libtpu cannot describe, or a step XLA cannot fit (the report says why).
-      ValueError: for a mesh, batch or gradient accumulation that does not divide.
+      ConfigError (a ValueError): a config the compile job cannot run, e.g. a mesh, batch or gradient accumulation
+        that does not divide (`igpt_jax.config.checks.validate`, with the slice's device count).
     """
-    compile_cfg, train_cfg = config.compile, config.train
     if devices is None:
-        devices, generation = describe_topology(compile_cfg)
+        devices, generation = describe_topology(config.compile)
     else:
-        generation = str(compile_cfg.topology).split(":")[0]
-    facts = device_facts(devices, generation, compile_cfg)
+        generation = str(config.compile.topology).split(":")[0]
+    facts = device_facts(devices, generation, config.compile)
+    config = _checked(config, num_devices=len(devices))
+    step = _build_step(config, devices)
+    report = _describe(config, facts, step)
+    traced, compiled = _lower_and_compile(step, report)
+    report["memory"] = memory_per_device(compiled, step.layout, step.batch)
+    headroom = float(config.compile.headroom)
+    report.update(fits=bool(report["memory"]["total_bytes"] <= headroom * facts["hbm_bytes"]), headroom=headroom)
+    report["flops"], xla_bytes = _flops(compiled, traced, step, facts)
+    report["estimate"] = roofline_estimate(report["flops"], xla_bytes, facts["hbm_bytes_per_second_per_device"],
+                                           facts["devices"], step.model_cfg.n_layer * step.accum)
+    report.update(_shardings(compiled, step.layout))
+    return report, compiled
 
-    # ---------------------------------------------------------------- the model, as the slice would run it
-    model_cfg = ModelConfig.from_config(config.model)
-    if config.data.resolution**2 > model_cfg.n_ctx:
-        raise ValueError(f"data.resolution={config.data.resolution} is longer than model.n_ctx={model_cfg.n_ctx}")
+
+def _checked(config: ml_collections.ConfigDict, *, num_devices: int) -> ml_collections.ConfigDict:
+    """A copy of `config` resolved and checked for the compile job as main does (`igpt_jax.config.checks`), with
+    the slice's device count, which main does not know; a config built in code gets the same one-line errors.
+
+    Raises:
+      ConfigError: the first problem.
+    """
+    checked = config_checks.resolve(config.copy_and_resolve_references(), read_data=False)
+    with checked.unlocked():
+        checked.job = "compile"
+    config_checks.validate(checked, num_devices=num_devices)
+    return checked
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """The pretraining job's step as the slice would run it, with abstract inputs."""
+
+    model_cfg: ModelConfig  # with the attention that 'auto' resolves to on the slice
+    mesh: jax.sharding.Mesh
+    rules: Any
+    seq_len: int
+    global_batch: int
+    accum: int
+    seq_shards: int  # how many ways each sequence is split
+    layout: Any  # `train.state_layout`: abstract state and shardings
+    batch: dict[str, jax.ShapeDtypeStruct]
+    rng: jax.ShapeDtypeStruct
+    fn: Any  # `train.jitted_train_step`
+
+
+def _build_step(config: ml_collections.ConfigDict, devices: list[Any]) -> _Step:
+    """The model, mesh, optimizer, abstract state and batch of the pretraining job on `devices`; no data is read."""
+    train_cfg = config.train
     seq_len = config.data.resolution**2
-
-    # ---------------------------------------------------------------- mesh and batch, checked like pretraining
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     seq_shards = math.prod(mesh.shape[a] for a in sharding.mesh_axes_of("activation_length", rules))
-    attention = attention_lib.resolve_implementation(
-        model_cfg.attention, causal=model_cfg.causal, length=seq_len, block_size=model_cfg.attention_block,
-        dtype=model_cfg.dtype, platform="tpu", q_shards=seq_shards,
-        splash_blocks=(model_cfg.splash_block_q, model_cfg.splash_block_kv))
-    if attention != model_cfg.attention:
-        logging.info("model.attention=%r compiles as %r, what it picks on this TPU slice", model_cfg.attention,
-                     attention)
-        model_cfg = model_cfg.replace(attention=attention)
-    global_batch = int(train_cfg.batch_size)
-    sharding.check_batch_divides(global_batch, mesh, rules)
-    accum = int(train_cfg.grad_accum_steps)
-    dp = sharding.data_parallel_size(mesh, rules)
-    if accum < 1 or global_batch % accum or (global_batch // accum) % dp:
-        raise ValueError(f"train.grad_accum_steps={accum} must divide train.batch_size={global_batch} into "
-                         f"micro-batches divisible by the data-parallel size {dp}")
-
-    # ---------------------------------------------------------------- input: the rows each host loads per step
-    host_rows = multihost.rows_by_process(global_batch, mesh, sharding.batch_axes(rules))
-    row_ranges = collections.Counter(r.rows for r in host_rows.values())
-
-    # ---------------------------------------------------------------- optimizer and abstract state (no data read)
-    warmup = optim.warmup_steps_for(train_cfg, int(compile_cfg.steps_per_epoch))
+    model_cfg = _on_tpu(ModelConfig.from_config(config.model), seq_len, seq_shards)
+    warmup = optim.warmup_steps_for(train_cfg, int(config.compile.steps_per_epoch))
     schedule = optim.learning_rate_schedule(train_cfg.lr, warmup_steps=warmup, total_steps=int(train_cfg.num_steps),
                                             kind=train_cfg.schedule)
     tx = optim.make_optimizer(train_cfg, schedule)
     layout = train.state_layout(model_cfg, tx, mesh, rules)
-    batch = abstract_batch(global_batch, seq_len, sharding.batch_sharding(mesh, rules))
-    rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                               sharding=sharding.replicated(mesh))
+    global_batch, accum = int(train_cfg.batch_size), int(train_cfg.grad_accum_steps)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    return _Step(
+        model_cfg=model_cfg, mesh=mesh, rules=rules, seq_len=seq_len, global_batch=global_batch, accum=accum,
+        seq_shards=seq_shards, layout=layout, batch=abstract_batch(global_batch, seq_len, batch_sharding),
+        rng=jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                 sharding=sharding.replicated(mesh)),
+        fn=train.jitted_train_step(model_cfg, tx, schedule, layout, batch_sharding, mesh, accum_steps=accum))
 
-    # ---------------------------------------------------------------- the pretraining job's step, compiled
-    step = train.jitted_train_step(model_cfg, tx, schedule, layout, sharding.batch_sharding(mesh, rules), mesh,
-                                   accum_steps=accum)
-    report: dict[str, Any] = {
-        "topology": str(compile_cfg.topology), **facts,
-        "mesh": dict(mesh.shape), "rules": [[n, a] for n, a in rules],
-        "batch_axes": list(sharding.batch_axes(rules)),
-        "global_batch": global_batch, "seq_len": seq_len, "grad_accum_steps": accum, "sequence_shards": seq_shards,
-        "examples_per_host": global_batch / facts["hosts"],
+
+def _on_tpu(model_cfg: ModelConfig, seq_len: int, seq_shards: int) -> ModelConfig:
+    """`model_cfg` with the attention its setting resolves to on the slice's TPU (e.g. 'auto' -> 'splash')."""
+    attention = attention_lib.resolve_implementation(
+        model_cfg.attention, causal=model_cfg.causal, length=seq_len, block_size=model_cfg.attention_block,
+        dtype=model_cfg.dtype, platform="tpu", q_shards=seq_shards,
+        splash_blocks=(model_cfg.splash_block_q, model_cfg.splash_block_kv))
+    if attention == model_cfg.attention:
+        return model_cfg
+    logging.info("model.attention=%r compiles as %r, what it picks on this TPU slice", model_cfg.attention, attention)
+    return model_cfg.replace(attention=attention)
+
+
+def _describe(config: ml_collections.ConfigDict, facts: dict[str, Any], step: _Step) -> dict[str, Any]:
+    """The report's description of the slice, mesh, batch, input rows per host and model."""
+    model_cfg = step.model_cfg
+    host_rows = data_pipeline.rows_by_process(step.global_batch, step.mesh, sharding.batch_axes(step.rules))
+    row_ranges = collections.Counter(r.rows for r in host_rows.values())
+    return {
+        "topology": str(config.compile.topology), **facts,
+        "mesh": dict(step.mesh.shape), "rules": [[n, a] for n, a in step.rules],
+        "batch_axes": list(sharding.batch_axes(step.rules)),
+        "global_batch": step.global_batch, "seq_len": step.seq_len, "grad_accum_steps": step.accum,
+        "sequence_shards": step.seq_shards,
+        "examples_per_host": step.global_batch / facts["hosts"],
         "input": {"processes": len(host_rows),
                   "rows_per_process": max(r.size for r in host_rows.values()),
                   "processes_per_row": max(row_ranges.values())},
         "model": {"n_layer": model_cfg.n_layer, "d_model": model_cfg.d_model, "n_head": model_cfg.n_head,
                   "n_ctx": model_cfg.n_ctx, "vocab_size": model_cfg.vocab_size, "remat": model_cfg.remat,
                   "attention": model_cfg.attention, "attention_configured": str(config.model.attention),
-                  "splash_blocks": [model_cfg.splash_block_q, model_cfg.splash_block_kv], "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
-                  "objective": model_cfg.objective},
+                  "splash_blocks": [model_cfg.splash_block_q, model_cfg.splash_block_kv], "dtype": model_cfg.dtype,
+                  "param_dtype": model_cfg.param_dtype, "objective": model_cfg.objective},
         "params": count_params(model_cfg),
     }
+
+
+def _lower_and_compile(step: _Step, report: dict[str, Any]) -> tuple[Any, Any]:
+    """(traced, compiled) step; the seconds each took go into `report`.
+
+    Raises:
+      CompileError: XLA cannot compile the step (e.g. RESOURCE_EXHAUSTED: it does not fit HBM), with the report.
+    """
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        traced = step.trace(layout.abstract, batch, rng)
+    with jax.set_mesh(step.mesh), nn.logical_axis_rules(step.rules):
+        traced = step.fn.trace(step.layout.abstract, step.batch, step.rng)
         lowered = traced.lower()
         t1 = time.perf_counter()
         try:
@@ -298,20 +350,22 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
             report.update(fits=False, error=str(err).splitlines()[0][:2000],
                           lower_seconds=t1 - t0, compile_seconds=time.perf_counter() - t1)
             raise CompileError(report["error"], report) from err
-    t2 = time.perf_counter()
-    report.update(lower_seconds=t1 - t0, compile_seconds=t2 - t1)
+    report.update(lower_seconds=t1 - t0, compile_seconds=time.perf_counter() - t1)
+    return traced, compiled
 
-    # ---------------------------------------------------------------- memory per device
+
+def memory_per_device(compiled: Any, layout: Any, batch: Any) -> dict[str, int]:
+    """Bytes per device of the compiled step (XLA's `memory_analysis()`), with the state's and batch's shares.
+
+    ``total_bytes`` is what the step needs: max(XLA's peak, arguments + outputs - aliased + temporaries + code).
+    """
     mem = compiled.memory_analysis()
-    params_b = _bytes_per_device(layout.abstract.params)
-    opt_b = _bytes_per_device(layout.abstract.opt_state)
     total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
              + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
-    needed = max(total, peak)
-    report["memory"] = {
-        "params_bytes": params_b,
-        "opt_state_bytes": opt_b,
+    return {
+        "params_bytes": _bytes_per_device(layout.abstract.params),
+        "opt_state_bytes": _bytes_per_device(layout.abstract.opt_state),
         "params_bytes_global": _bytes_global(layout.abstract.params),
         "opt_state_bytes_global": _bytes_global(layout.abstract.opt_state),
         "batch_bytes": _bytes_per_device(batch),
@@ -321,21 +375,19 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         "temp_bytes": mem.temp_size_in_bytes,
         "code_bytes": mem.generated_code_size_in_bytes,
         "peak_bytes": peak,
-        "total_bytes": needed,  # max(XLA's peak, arguments + outputs - aliased + temporaries + code)
+        "total_bytes": max(total, peak),
     }
-    limit = float(compile_cfg.headroom) * facts["hbm_bytes"]
-    report["fits"] = bool(needed <= limit)
-    report["headroom"] = float(compile_cfg.headroom)
 
-    # ---------------------------------------------------------------- FLOPs
+
+def _flops(compiled: Any, traced: Any, step: _Step, facts: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The report's FLOP counts (see the module docstring), and XLA's 'bytes accessed' per device."""
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops_device = float((cost or {}).get("flops", 0.0))
-    per_token = model_flops_per_token(model_cfg, seq_len)
-    tokens_per_step = global_batch * seq_len
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    per_token = model_flops_per_token(step.model_cfg, step.seq_len)
+    tokens_per_step = step.global_batch * step.seq_len
     step_matmul = matmul_flops(traced.jaxpr)
-    report["flops"] = {
-        "xla_per_device": flops_device,  # XLA's count of the partitioned step: each loop body (layer) once
+    flops = {
+        "xla_per_device": float(cost.get("flops", 0.0)),  # XLA's count of the partitioned step: each layer once
         "step_matmul": step_matmul,  # the step's matmuls, all layers, remat recomputation included
         "step_matmul_per_device": step_matmul / facts["devices"],
         "model_per_token": per_token["total"],
@@ -346,19 +398,19 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: list[Any] | N
         "tokens_per_step": tokens_per_step,
         "peak_per_device": facts["peak_flops_per_device"],
     }
-    report["estimate"] = roofline_estimate(report["flops"], float((cost or {}).get("bytes accessed", 0.0)),
-                                           facts["hbm_bytes_per_second_per_device"], facts["devices"],
-                                           model_cfg.n_layer * accum)
+    return flops, float(cost.get("bytes accessed", 0.0))
 
-    # ---------------------------------------------------------------- the step's shardings are the layout's
+
+def _shardings(compiled: Any, layout: Any) -> dict[str, Any]:
+    """The compiled step's parameter shardings, and whether its state shardings are the layout's."""
     in_state = compiled.input_shardings[0][0]
-    report["param_shardings"] = _param_specs(in_state.params)
-    report["shardings_match_layout"] = all(
-        a.is_equivalent_to(b, len(s.shape))
-        for a, b, s in zip(jax.tree.leaves(in_state), jax.tree.leaves(layout.shardings),
-                           jax.tree.leaves(layout.abstract), strict=True)
-    )
-    return report, compiled
+    return {
+        "param_shardings": _param_specs(in_state.params),
+        "shardings_match_layout": all(
+            a.is_equivalent_to(b, len(s.shape))
+            for a, b, s in zip(jax.tree.leaves(in_state), jax.tree.leaves(layout.shardings),
+                               jax.tree.leaves(layout.abstract), strict=True)),
+    }
 
 
 def roofline_estimate(flops: dict[str, Any], xla_bytes: float, hbm_bandwidth: float | None, devices: int,

@@ -9,8 +9,8 @@ the exact mean over all tokens: nats per token and bits per token (nats / ln 2).
 palette it is the same quantity as minGPT's test loss in ../shared/REFERENCE.md (2.0378 nats/token for a 12-layer,
 width-256 model after 16 epochs). Writes ``eval_{split}.json`` to the job's workdir.
 
-The source is a pretraining run or a converted model (`igpt_jax.pretrained.sources`, which also states which settings come
-from the source and which from the job).
+The source is a pretraining run or a converted model (`igpt_jax.pretrained.sources`, which also states which settings
+come from the source and which from the job).
 """
 
 from __future__ import annotations
@@ -39,32 +39,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     """Scores every image of ``config.evaluate.split``; returns and writes the mean NLL.
 
     Returns:
-      {'nll': nats per token, 'bits_per_token', 'tokens', 'images', 'split', 'step', 'source', 'dataset'}.
+      {'nll': nats per token, 'bits_per_token', 'tokens', 'images', 'split', 'step', 'source', 'source_kind',
+      'dataset', 'objective'}, and 'reference_nll' for the CIFAR-10 setting of minGPT's anchor.
     """
     loaded = pretrained.load_on_mesh(config, workdir, devices=devices)
-    mesh, rules = loaded.mesh, loaded.rules
     split = str(config.evaluate.split)
     if split not in records.SPLITS:
         raise ValueError(f"evaluate.split={split!r}, expected one of {records.SPLITS}")
     global_batch = int(config.evaluate.batch_size)
-    sharding.check_batch_divides(global_batch, mesh, rules, what="evaluate.batch_size")
-    model_cfg, data_cfg = loaded.model_cfg, loaded.data_cfg
+    sharding.check_batch_divides(global_batch, loaded.mesh, loaded.rules, what="evaluate.batch_size")
+    val = _score(loaded, split, global_batch, seed=int(config.seed))
 
-    eval_fn = jax.jit(
-        lambda params, batch, rng: train.eval_step(params, batch, model_cfg=model_cfg, rng=rng),
-        in_shardings=(loaded.layout.shardings, sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
-        out_shardings=sharding.replicated(mesh),
-    )
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        val = evaluate_split(eval_fn, loaded.params, data_cfg, split, global_batch=global_batch,
-                              mesh=mesh, rules=rules, rng=jax.random.key(int(config.seed)),
-                                palette=loaded.palette)
-    tokens_per_image = data_cfg.resolution**2
+    model_cfg, data_cfg = loaded.model_cfg, loaded.data_cfg
     result = {
         "nll": val["nll"],
         "bits_per_token": val["bits_per_token"],
         "tokens": int(val["tokens"]),
-        "images": int(round(val["tokens"] / tokens_per_image)),
+        "images": int(round(val["tokens"] / data_cfg.resolution**2)),
         "split": split,
         "step": loaded.step,
         "source": loaded.source,
@@ -86,3 +77,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         workpath.mkdir(parents=True, exist_ok=True)
         (workpath / workdir_files.eval_results(split)).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _score(loaded: pretrained.Pretrained, split: str, global_batch: int, *, seed: int) -> dict[str, Any]:
+    """The exact mean NLL of every image of `split` (`igpt_jax.training.validation.evaluate`) on the model's mesh."""
+    mesh, rules, model_cfg = loaded.mesh, loaded.rules, loaded.model_cfg
+    eval_fn = jax.jit(
+        lambda params, batch, rng: train.eval_step(params, batch, model_cfg=model_cfg, rng=rng),
+        in_shardings=(loaded.layout.shardings, sharding.batch_sharding(mesh, rules), sharding.replicated(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return evaluate_split(eval_fn, loaded.params, loaded.data_cfg, split, global_batch=global_batch, mesh=mesh,
+                              rules=rules, rng=jax.random.key(seed), palette=loaded.palette)

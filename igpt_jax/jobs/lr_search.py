@@ -148,19 +148,30 @@ class _Trials:
         self.n_lrs = len(config.lr_search.lrs)
 
     def __call__(self, index: int, lr: float) -> lr_ladder.Trial | None:
+        """The trial at `lr` (the `index`-th): read back when it ended, else run or resumed; None: interrupted."""
         trial_dir = trial_workdir(self.workdir, lr)
         trial_cfg = trial_config(self.config, lr, steps_per_epoch=self.steps_per_epoch)
-        steps = int(trial_cfg.train.num_steps)
         record = _read_record(trial_dir)
         if record is not None and record["status"] in ENDED:
-            _check_same_settings(trial_dir, trial_cfg)
-            trial = lr_ladder.Trial(lr=lr, steps=int(record["steps"]), seconds=float(record["seconds"]),
-                                    val_loss=math.inf if record["val_loss"] is None else float(record["val_loss"]),
-                                    status=record["status"], reused=True)
-            print(f"lr_search: trial {index + 1}/{self.n_lrs}, lr {lr:g}: {self._loss_text(trial)} (read back from "
-                  f"{trial_dir})", flush=True)
-            return trial
+            return self._read_back(index, lr, trial_dir, trial_cfg, record)
         earlier = float(record["seconds"]) if record is not None else 0.0  # the segments an interruption ended
+        return self._run(index, lr, trial_dir, trial_cfg, earlier_seconds=earlier)
+
+    def _read_back(self, index: int, lr: float, trial_dir: str, trial_cfg: ml_collections.ConfigDict,
+                   record: dict[str, Any]) -> lr_ladder.Trial:
+        """The trial an earlier search ended, after checking it ran with this search's settings."""
+        _check_same_settings(trial_dir, trial_cfg)
+        trial = lr_ladder.Trial(lr=lr, steps=int(record["steps"]), seconds=float(record["seconds"]),
+                                val_loss=math.inf if record["val_loss"] is None else float(record["val_loss"]),
+                                status=record["status"], reused=True)
+        print(f"lr_search: trial {index + 1}/{self.n_lrs}, lr {lr:g}: {self._loss_text(trial)} (read back from "
+              f"{trial_dir})", flush=True)
+        return trial
+
+    def _run(self, index: int, lr: float, trial_dir: str, trial_cfg: ml_collections.ConfigDict, *,
+             earlier_seconds: float) -> lr_ladder.Trial | None:
+        """Runs (or resumes) the trial's pretraining and records how it ended; None when a signal stopped it."""
+        steps = int(trial_cfg.train.num_steps)
         print(f"lr_search: trial {index + 1}/{self.n_lrs}, lr {lr:g}: {steps} steps in {trial_dir}", flush=True)
         stop_at_step = self.stop_at[1] if self.stop_at is not None and self.stop_at[0] == index else None
         start = time.monotonic()
@@ -169,7 +180,7 @@ class _Trials:
             result = self.pretrain.run(trial_cfg, trial_dir, devices=self.devices, stop_at_step=stop_at_step)
         except FloatingPointError as err:  # the pretraining job's NaN/Inf guard
             result, error = {}, str(err)
-        seconds = earlier + time.monotonic() - start
+        seconds = earlier_seconds + time.monotonic() - start
         if result.get("preempted"):
             _write_record(trial_dir, dict(lr=lr, steps=steps, status="interrupted", val_loss=None, seconds=seconds))
             return None

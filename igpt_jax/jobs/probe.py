@@ -22,6 +22,7 @@ checkpoints ``probe_vs_val_loss.png`` (best-layer accuracy against validation lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
@@ -30,88 +31,23 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import records
-from igpt_jax.models.layout import param_layout, random_params
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data.palette import Palette
+from igpt_jax.models.igpt import ModelConfig
+from igpt_jax.models.layout import Layout, param_layout, random_params
 from igpt_jax.pretrained import sources as pretrained
 from igpt_jax.probing import features as features_lib
-from igpt_jax.probing import linear_probe
+from igpt_jax.probing import fitting, linear_probe
 from igpt_jax.probing import progress as probe_progress
 from igpt_jax.reports import plots
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.workdir import jsonable, workpath_of
 
 RESULTS, LAYERS_PLOT, LOSS_PLOT = workdir_files.RESULTS, workdir_files.PROBE_LAYERS_PLOT, workdir_files.PROBE_LOSS_PLOT
-
-
-def extract_splits(extractor: features_lib.FeatureExtractor, params: Any, *, masks: int, max_train: int = 0,
-                   progress: probe_progress.ProbeProgress | None = None, name: str = "", fingerprint: str = ""
-                   ) -> dict[str, features_lib.SplitFeatures]:
-    """Features of train (one mask), validation and test (``masks`` masks for BERT), one pass per split.
-
-    Args:
-      params: the parameters, or a function returning them (called only when a split is not in ``progress``).
-      progress: where finished splits are saved (as ``{name}-{split}``) and found again.
-    """
-    out = {}
-    for split in records.SPLITS:
-        t0 = time.time()
-        found = progress.load_features(f"{name}-{split}", fingerprint) if progress else None
-        if found is not None:
-            out[split] = found
-            logging.info("features of %s: %d examples, reused from %s", split, found.n, progress.directory)
-            continue
-        if callable(params):
-            params = params()
-        out[split] = extractor.extract(params, split, num_masks=1 if split == "train" else masks,
-                                       max_examples=max_train if split == "train" else 0)
-        logging.info("features of %s: %d examples x %d layers x %d in %.1fs", split, out[split].n,
-                     out[split].features.shape[2], out[split].features.shape[3], time.time() - t0)
-        if progress:
-            progress.save_features(f"{name}-{split}", fingerprint, out[split], seconds=time.time() - t0)
-    return out
-
-
-def _cached(progress: probe_progress.ProbeProgress, name: str, fp: str, compute) -> dict[str, Any]:
-    """The result saved under ``name`` with fingerprint ``fp``, else ``compute()`` (made JSON-ready) and saved."""
-    found = progress.load_result(name, fp)
-    if found is not None:
-        logging.info("probe: %s reused from %s", name, progress.directory)
-        return found
-    t0 = time.time()
-    result = jsonable(compute())
-    progress.save_result(name, fp, result, seconds=time.time() - t0)
-    return result
-
-
-def probe_splits(splits: dict[str, features_lib.SplitFeatures], settings: linear_probe.ProbeSettings, *,
-                 num_classes: int, layers: list[int], n_layer: int, concat_layers: int = 0) -> dict[str, Any]:
-    """`linear_probe.probe` on extracted splits."""
-    tr, va, te = (splits[s] for s in records.SPLITS)
-    return linear_probe.probe((tr.features, tr.labels), (va.features, va.labels), (te.features, te.labels), settings,
-                              num_classes=num_classes, layers=layers, concat_layers=concat_layers,
-                              layer_names=lambda l: features_lib.layer_name(l, n_layer))
-
-
-def pixel_baseline(splits: dict[str, features_lib.SplitFeatures], palette, settings: linear_probe.ProbeSettings, *,
-                   num_classes: int) -> dict[str, Any]:
-    """Logistic regression on the model's input pixels (palette colours in [-1, 1]), same splits and solver."""
-    px = {s: features_lib.pixel_features(splits[s].tokens, palette)[None, :, None, :] for s in splits}
-    res = linear_probe.probe((px["train"], splits["train"].labels), (px["validation"], splits["validation"].labels),
-                             (px["test"], splits["test"].labels), settings, num_classes=num_classes, layers=[0],
-                             layer_names=lambda _: "raw pixels")
-    best = res["best"]
-    return {"features": int(px["train"].shape[-1]), settings.hyper_name: best[settings.hyper_name],
-            "val_accuracy": best["val_accuracy"], "test_accuracy": best["test_accuracy"]}
-
-
-def _low_data(splits, pos: int, settings, *, num_classes: int, budgets, subsets: int) -> list[dict[str, Any]]:
-    tr, va, te = (splits[s] for s in records.SPLITS)
-    return linear_probe.low_data((tr.features[0][:, pos], tr.labels), (va.features[:, :, pos], va.labels),
-                                 (te.features[:, :, pos], te.labels), settings, num_classes=num_classes,
-                                 budgets=budgets, subsets=subsets)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
@@ -128,140 +64,234 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
       ValueError: a model config that disagrees with the checkpoint, data that does not fit the model, bad options.
     """
     t_start = time.time()
-    pcfg = config.probe
-    settings = linear_probe.ProbeSettings.from_config(pcfg)
+    settings = linear_probe.ProbeSettings.from_config(config.probe)
     if config.data.fold_val:
         raise ValueError("data.fold_val=True puts the validation split into 'train': the probe chooses C and the "
                          "layer on validation and folds it back itself; set data.fold_val=False")
-    rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     workpath = workpath_of(workdir)
-    primary = jax.process_index() == 0
-
     source = pretrained.open_source(config, workdir)
     try:
-        requested = list(pcfg.checkpoint_steps) or [int(config.checkpoint.step)]
-        steps = sorted({source.resolve_step(int(s)) for s in requested}, key=lambda s: -1 if s is None else s)
-        model_cfg, palette, data_cfg = source.settings(config, steps[-1])
-        run_config = source.run_config(steps[-1])
-        num_classes = records.num_classes(data_cfg)
-        layers = features_lib.resolve_layers(pcfg.layers, model_cfg.n_layer)
-        masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
-        batch_size = int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size)
-        layout = param_layout(model_cfg, mesh, rules)
-        pooling = str(pcfg.get("pooling", "mean"))
-        extractor = features_lib.FeatureExtractor(model_cfg, layout, mesh, rules, data_cfg, palette, layers,
-                                                  batch_size=batch_size, seed=int(pcfg.seed), pooling=pooling)
-        width = model_cfg.d_model * extractor.feature_grid ** 2  # features per layer
-        n = {s: records.num_examples(data_cfg, s) for s in records.SPLITS}
-        if pcfg.max_train_examples:
-            n["train"] = min(n["train"], int(pcfg.max_train_examples))
-        size = sum(features_lib.approx_feature_bytes(n[s], len(layers), width, 1 if s == "train" else masks)
-                   for s in n)
-        logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s (%s pooling, %d features each); %s examples "
-                     "(train/val/test); %d classes; features take %s per checkpoint", len(steps), steps, source.path,
-                     len(layers), layers, pooling, width, "/".join(str(n[s]) for s in records.SPLITS),
-                     num_classes, features_lib.human_bytes(size))
-
-        # Everything that determines the features, and (with the solver settings) the fitted results.
-        feature_id = {"checkpoints": str(source.path), "model": model_cfg, "data": data_cfg.to_dict(),
-                      "palette": palette.centres.tolist(), "layers": layers, "masks": masks, "seed": int(pcfg.seed),
-                      "max_train_examples": int(pcfg.max_train_examples),
-                      **({"pooling": pooling} if pooling != "mean" else {})}  # mean: earlier runs' saved features
-        result_id = {**feature_id, "settings": settings, "concat_layers": int(pcfg.concat_layers),
-                     "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
-        progress = probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=primary)
-
-        per_checkpoint, splits = [], None
-        baselines: dict[str, Any] = {}
-        for i, step in enumerate(steps):
+        setup = _set_up(config, settings, source, mesh, workpath)
+        per_checkpoint, baselines = [], {}
+        for i, step in enumerate(setup.steps):
             if i:  # every step must be the same model (one run)
-                other, other_palette, _ = source.settings(config, step)
-                if other != model_cfg or not np.array_equal(other_palette.centres, palette.centres):
-                    raise ValueError(f"{source.where(step)} is not the same model or palette as step "
-                                     f"{steps[-1]}: probe.checkpoint_steps must come from one run")
+                _check_same_model(config, source, setup, step)
             t0 = time.time()
-            fp = probe_progress.fingerprint({**feature_id, "step": step})
-            splits = extract_splits(extractor, lambda step=step: source.restore_params(step, layout),
-                                    masks=masks, max_train=int(pcfg.max_train_examples), progress=progress,
-                                    name=f"step{step}", fingerprint=fp)
-
-            def fit_checkpoint(step=step, splits=splits):
-                res = probe_splits(splits, settings, num_classes=num_classes, layers=layers,
-                                   n_layer=model_cfg.n_layer, concat_layers=int(pcfg.concat_layers))
-                res = {"step": step, "val_loss": splits["validation"].loss, "test_loss": splits["test"].loss, **res}
-                if pcfg.low_data_budgets:
-                    res["low_data"] = {"layer": res["best_layer"], "results": _low_data(
-                        splits, layers.index(res["best_layer"]), settings, num_classes=num_classes,
-                        budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
-                return res
-
-            res = _cached(progress, f"step{step}", probe_progress.fingerprint({**result_id, "step": step}),
-                          fit_checkpoint)
-            per_checkpoint.append(res)
-            logging.info("step %d: best layer %d, validation %.4f, test %.4f (%.1fs)", step, res["best_layer"],
-                         res["best"]["val_accuracy"], res["best"]["test_accuracy"], time.time() - t0)
-            if i == 0 and pcfg.baselines:
-                baselines["raw_pixels"] = _cached(
-                    progress, "raw_pixels", probe_progress.fingerprint({**result_id, "step": step}),
-                    lambda splits=splits: pixel_baseline(splits, palette, settings, num_classes=num_classes))
-                logging.info("raw-pixel baseline: test %.4f", baselines["raw_pixels"]["test_accuracy"])
+            splits = _checkpoint_features(setup, source, step)
+            per_checkpoint.append(_probe_checkpoint(setup, step, splits, started=t0))
+            if i == 0 and setup.pcfg.baselines:
+                baselines["raw_pixels"] = _raw_pixel_baseline(setup, step, splits)
     finally:
         source.close()
+    if setup.pcfg.baselines:
+        baselines["random_init"] = _random_init_baseline(setup)
+    if setup.progress.reused:
+        logging.info("probe: resumed from %d saved pieces in %s: %s", len(setup.progress.reused),
+                     setup.progress.directory, ", ".join(setup.progress.reused))
 
-    if pcfg.baselines:
-        t0 = time.time()
-        rsplits = extract_splits(
-            extractor, lambda: random_params(model_cfg, layout, mesh, rules, jax.random.key(int(pcfg.seed) + 12345)),
-            masks=masks, max_train=int(pcfg.max_train_examples), progress=progress, name="random",
-            fingerprint=probe_progress.fingerprint(feature_id))
+    _warn_grid_edges(per_checkpoint[-1], setup.settings)
+    results = _results(config, setup, source, per_checkpoint, splits, baselines, seconds=time.time() - t_start)
+    return _write_results(results, workpath, plot=bool(setup.pcfg.plots))
 
-        def fit_random():
-            rres = probe_splits(rsplits, settings, num_classes=num_classes, layers=layers, n_layer=model_cfg.n_layer)
-            return {"layers": rres["layers"], "best_layer": rres["best_layer"], "best": rres["best"],
-                    "test_accuracy": rres["best"]["test_accuracy"]}
 
-        baselines["random_init"] = _cached(progress, "random_init", probe_progress.fingerprint(result_id), fit_random)
-        logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)",
-                     baselines["random_init"]["best_layer"], baselines["random_init"]["test_accuracy"],
-                     time.time() - t0)
-    if progress.reused:
-        logging.info("probe: resumed from %d saved pieces in %s: %s", len(progress.reused), progress.directory,
-                     ", ".join(progress.reused))
+# --------------------------------------------------------------------------------------------- the job's steps
 
+
+@dataclasses.dataclass
+class _Setup:
+    """What the probe job settles before it extracts any feature: the checkpoints, the model as they hold it, the
+    extractor, and the identities under which extracted features and fitted probes are saved."""
+
+    pcfg: ml_collections.ConfigDict
+    settings: linear_probe.ProbeSettings
+    steps: list[int]
+    model_cfg: ModelConfig
+    palette: Palette
+    data_cfg: ml_collections.ConfigDict
+    run_config: ml_collections.ConfigDict | None
+    num_classes: int
+    layers: list[int]
+    masks: int  # BERT masks per validation and test example (1: autoregressive)
+    pooling: str
+    layout: Layout
+    extractor: features_lib.FeatureExtractor
+    feature_id: dict[str, Any]  # everything that determines the features
+    result_id: dict[str, Any]  # ... and, with the solver settings, the fitted results
+    progress: probe_progress.ProbeProgress
+
+    @property
+    def max_train(self) -> int:
+        return int(self.pcfg.max_train_examples)
+
+
+def _set_up(config: ml_collections.ConfigDict, settings: linear_probe.ProbeSettings, source: pretrained.Source,
+            mesh: jax.sharding.Mesh, workpath: epath.Path) -> _Setup:
+    """The checkpoints to probe (every one of ``probe.checkpoint_steps``, else ``checkpoint.step``), their model,
+    data and palette (those of the last), the layers and the feature extractor on `mesh`."""
+    pcfg = config.probe
+    rules = sharding.rules_from_config(config.mesh.rules)
+    requested = list(pcfg.checkpoint_steps) or [int(config.checkpoint.step)]
+    steps = sorted({source.resolve_step(int(s)) for s in requested}, key=lambda s: -1 if s is None else s)
+    model_cfg, palette, data_cfg = source.settings(config, steps[-1])
+    layers = features_lib.resolve_layers(pcfg.layers, model_cfg.n_layer)
+    masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
+    pooling = str(pcfg.get("pooling", "mean"))
+    layout = param_layout(model_cfg, mesh, rules)
+    extractor = features_lib.FeatureExtractor(
+        model_cfg, layout, mesh, rules, data_cfg, palette, layers, seed=int(pcfg.seed), pooling=pooling,
+        batch_size=int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size))
+    feature_id = {"checkpoints": str(source.path), "model": model_cfg, "data": data_cfg.to_dict(),
+                  "palette": palette.centres.tolist(), "layers": layers, "masks": masks, "seed": int(pcfg.seed),
+                  "max_train_examples": int(pcfg.max_train_examples),
+                  **({"pooling": pooling} if pooling != "mean" else {})}  # mean: earlier runs' saved features
+    result_id = {**feature_id, "settings": settings, "concat_layers": int(pcfg.concat_layers),
+                 "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
+    setup = _Setup(
+        pcfg=pcfg, settings=settings, steps=steps, model_cfg=model_cfg, palette=palette, data_cfg=data_cfg,
+        run_config=source.run_config(steps[-1]), num_classes=data_pipeline.num_classes(data_cfg), layers=layers,
+        masks=masks, pooling=pooling, layout=layout, extractor=extractor, feature_id=feature_id, result_id=result_id,
+        progress=probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=jax.process_index() == 0))
+    _log_setup(setup, source)
+    return setup
+
+
+def _log_setup(setup: _Setup, source: pretrained.Source) -> None:
+    """One line: the checkpoints, layers, examples per split, classes and the memory the features take."""
+    width = setup.model_cfg.d_model * setup.extractor.feature_grid ** 2  # features per layer
+    n = {s: data_pipeline.num_examples(setup.data_cfg, s) for s in data_pipeline.SPLITS}
+    if setup.max_train:
+        n["train"] = min(n["train"], setup.max_train)
+    size = sum(features_lib.approx_feature_bytes(n[s], len(setup.layers), width, 1 if s == "train" else setup.masks)
+               for s in n)
+    logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s (%s pooling, %d features each); %s examples "
+                 "(train/val/test); %d classes; features take %s per checkpoint", len(setup.steps), setup.steps,
+                 source.path, len(setup.layers), setup.layers, setup.pooling, width,
+                 "/".join(str(n[s]) for s in data_pipeline.SPLITS), setup.num_classes, features_lib.human_bytes(size))
+
+
+def _check_same_model(config: ml_collections.ConfigDict, source: pretrained.Source, setup: _Setup, step: int) -> None:
+    """Every probed step must be the same model and palette (one run).
+
+    Raises:
+      ValueError: naming the step that differs.
+    """
+    other, other_palette, _ = source.settings(config, step)
+    if other != setup.model_cfg or not np.array_equal(other_palette.centres, setup.palette.centres):
+        raise ValueError(f"{source.where(step)} is not the same model or palette as step "
+                         f"{setup.steps[-1]}: probe.checkpoint_steps must come from one run")
+
+
+def _checkpoint_features(setup: _Setup, source: pretrained.Source, step: int) -> fitting.Splits:
+    """The three splits' features of checkpoint `step` (its parameters are restored only for a split not saved)."""
+    return fitting.extract_splits(
+        setup.extractor, lambda: source.restore_params(step, setup.layout), masks=setup.masks,
+        max_train=setup.max_train, progress=setup.progress, name=f"step{step}",
+        fingerprint=probe_progress.fingerprint({**setup.feature_id, "step": step}))
+
+
+def _probe_checkpoint(setup: _Setup, step: int, splits: fitting.Splits, *, started: float) -> dict[str, Any]:
+    """Every layer's probe of one checkpoint (and the low-data protocol on its best layer), or the saved result.
+
+    Args:
+      started: when the checkpoint's work began (its time is logged).
+    """
+    pcfg = setup.pcfg
+
+    def fit() -> dict[str, Any]:
+        res = fitting.probe_splits(splits, setup.settings, num_classes=setup.num_classes, layers=setup.layers,
+                                   n_layer=setup.model_cfg.n_layer, concat_layers=int(pcfg.concat_layers))
+        res = {"step": step, "val_loss": splits["validation"].loss, "test_loss": splits["test"].loss, **res}
+        if pcfg.low_data_budgets:
+            res["low_data"] = {"layer": res["best_layer"], "results": fitting.low_data(
+                splits, setup.layers.index(res["best_layer"]), setup.settings, num_classes=setup.num_classes,
+                budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
+        return res
+
+    result = setup.progress.result_or_compute(
+        f"step{step}", probe_progress.fingerprint({**setup.result_id, "step": step}), fit)
+    logging.info("step %d: best layer %d, validation %.4f, test %.4f (%.1fs)", step, result["best_layer"],
+                 result["best"]["val_accuracy"], result["best"]["test_accuracy"], time.time() - started)
+    return result
+
+
+def _raw_pixel_baseline(setup: _Setup, step: int, splits: fitting.Splits) -> dict[str, Any]:
+    """The probe on the input pixels of the first checkpoint's splits, or the saved result."""
+    result = setup.progress.result_or_compute(
+        "raw_pixels", probe_progress.fingerprint({**setup.result_id, "step": step}),
+        lambda: fitting.pixel_baseline(splits, setup.palette, setup.settings, num_classes=setup.num_classes))
+    logging.info("raw-pixel baseline: test %.4f", result["test_accuracy"])
+    return result
+
+
+def _random_init_baseline(setup: _Setup) -> dict[str, Any]:
+    """Every layer's probe of the same architecture with random weights (best on validation), or the saved one."""
+    t0 = time.time()
+    seed = int(setup.pcfg.seed) + 12345
+    mesh, rules = setup.extractor.mesh, setup.extractor.rules
+    splits = fitting.extract_splits(
+        setup.extractor, lambda: random_params(setup.model_cfg, setup.layout, mesh, rules, jax.random.key(seed)),
+        masks=setup.masks, max_train=setup.max_train, progress=setup.progress, name="random",
+        fingerprint=probe_progress.fingerprint(setup.feature_id))
+
+    def fit() -> dict[str, Any]:
+        res = fitting.probe_splits(splits, setup.settings, num_classes=setup.num_classes, layers=setup.layers,
+                                   n_layer=setup.model_cfg.n_layer)
+        return {"layers": res["layers"], "best_layer": res["best_layer"], "best": res["best"],
+                "test_accuracy": res["best"]["test_accuracy"]}
+
+    result = setup.progress.result_or_compute("random_init", probe_progress.fingerprint(setup.result_id), fit)
+    logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)", result["best_layer"],
+                 result["test_accuracy"], time.time() - t0)
+    return result
+
+
+def _results(config: ml_collections.ConfigDict, setup: _Setup, source: pretrained.Source,
+             per_checkpoint: list[dict[str, Any]], splits: fitting.Splits, baselines: dict[str, Any], *,
+             seconds: float) -> dict[str, Any]:
+    """Everything the job found, with the exact config and checkpoints (``results.json``).
+
+    Args:
+      splits: the last checkpoint's splits (their sizes are reported).
+      seconds: this job's time; the reused pieces' time is added.
+    """
     last = per_checkpoint[-1]
-    _warn_grid_edges(last, settings)
-    results: dict[str, Any] = {
+    progress = setup.progress
+    return {
         "job": "probe",
         "source": {"path": source.path, "kind": source.kind},
         "source_checkpoints": (str(ckpt_lib.checkpoint_dir(source.path)) if source.kind == pretrained.RUN
                                else source.path),
-        "steps": steps,
+        "steps": setup.steps,
         "step": last["step"],
         "dataset": config.data.name,
-        "num_classes": num_classes,
-        "examples": {s: splits[s].n for s in records.SPLITS},
-        "model": {k: getattr(model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
-        "bert_masks": masks,
-        "pooling": pooling,
+        "num_classes": setup.num_classes,
+        "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
+        "model": {k: getattr(setup.model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
+        "bert_masks": setup.masks,
+        "pooling": setup.pooling,
         "best_layer": last["best_layer"],
         "val_accuracy": last["best"]["val_accuracy"],
         "test_accuracy": last["best"]["test_accuracy"],
         "checkpoints": per_checkpoint,
         "baselines": baselines,
         "config": json.loads(config.to_json_best_effort()),
-        "pretrain_config": run_config.to_dict() if run_config is not None else None,
-        "seconds": time.time() - t_start + progress.reused_seconds,  # the reused pieces' time included
+        "pretrain_config": setup.run_config.to_dict() if setup.run_config is not None else None,
+        "seconds": seconds + progress.reused_seconds,  # the reused pieces' time included
         "reused": progress.reused,
         "reused_seconds": progress.reused_seconds,
     }
+
+
+def _write_results(results: dict[str, Any], workpath: epath.Path, *, plot: bool) -> dict[str, Any]:
+    """results.json and the figures (process 0), the table on stdout; returns the results with their table."""
     table = format_table(results)
-    if primary:
+    if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
         (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
-        if pcfg.plots:
+        if plot:
             plot_layers(results, str(workpath / LAYERS_PLOT))
-            if len(per_checkpoint) > 1:
+            if len(results["checkpoints"]) > 1:
                 plot_vs_loss(results, str(workpath / LOSS_PLOT))
         print(table, flush=True)
         print(f"Probe results: {workpath / RESULTS}", flush=True)
@@ -332,7 +362,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"baseline, random weights (best layer {rand['best_layer']}): test "
                      f"{pct(rand['test_accuracy']).strip()}%")
     if "raw_pixels" in results["baselines"] and rand:
-        ours, raw, rnd = best["test_accuracy"], results["baselines"]["raw_pixels"]["test_accuracy"], rand["test_accuracy"]
+        ours, rnd = best["test_accuracy"], rand["test_accuracy"]
+        raw = results["baselines"]["raw_pixels"]["test_accuracy"]
         holds = ours is not None and ours > max(raw or 0.0, rnd or 0.0)
         lines.append(f"test accuracy, side by side: best layer {pct(ours).strip()}% | raw pixels {pct(raw).strip()}% | "
                      f"random weights {pct(rnd).strip()}%: the pretrained features "

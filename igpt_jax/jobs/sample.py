@@ -19,8 +19,8 @@ Outputs in the workdir (process 0):
                  [num_images, res*res], sample_info.json.
   unconditional: samples.png (a square-ish grid), samples.npy int32 [num_samples, res*res], sample_info.json.
 
-Generation is `igpt_jax.models.decoding.generate` jitted on the job's mesh (batch over the data axes): one prefill of the
-given rows, then a `lax.fori_loop` of one-token cached steps. Batch i of the job uses the key
+Generation is `igpt_jax.models.decoding.generate` jitted on the job's mesh (batch over the data axes): one prefill
+of the given rows, then a `lax.fori_loop` of one-token cached steps. Batch i of the job uses the key
 ``fold_in(key(seed), i)``, so the same seed and batch size give the same images.
 
 `write_completion_grid(config, workdir)` runs the 'complete' mode for a pretraining run's own workdir (the demo
@@ -38,6 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
 from igpt_jax import sharding
@@ -146,48 +147,21 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
     """Runs the configured mode and writes the grid, the token arrays and sample_info.json to `workdir`."""
     check_sample_config(sample_cfg, loaded)
     res = int(loaded.data_cfg.resolution)
-    # Codes (data.tokens='codes') are shown through the VQ-VAE's decoder; a code row is `factor` image rows.
-    panels_decoder, factor = loaded.palette, 1
-    if records.tokens_kind(loaded.data_cfg) == "codes":
-        panels_decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
-        factor = panels_decoder.cfg.factor
+    decoder, factor = _panel_decoder(loaded)
     scale = images.default_scale(res * factor) if scale is None else int(scale)
     workpath = workpath_of(workdir)
-    primary = jax.process_index() == 0
     info: dict[str, Any] = {
         "mode": sample_cfg.mode, "source": loaded.source, "step": loaded.step, "dataset": str(loaded.data_cfg.name),
         "resolution": res, "temperature": float(sample_cfg.temperature), "top_k": int(sample_cfg.top_k),
         "seed": int(sample_cfg.seed),
     }
     if sample_cfg.mode == "complete":
-        given = resolve_given_rows(sample_cfg.given_rows, res, loaded.model_cfg.n_ctx)
-        originals = first_images(loaded, str(sample_cfg.split), int(sample_cfg.num_images))
-        per_image = int(sample_cfg.samples_per_image)
-        prefixes = np.repeat(originals[:, :given * res], per_image, axis=0)  # [n * S, given * res]
-        tokens, timing = generate_rows(loaded, prefixes, sample_cfg)
-        samples = tokens.reshape(len(originals), per_image, res * res)
-        grid = images.image_grid(
-            images.completion_panels(panels_decoder, originals, samples, resolution=res,
-                                       given_rows=given * factor),
-            scale=scale)
-        info.update(split=str(sample_cfg.split), images=len(originals), given_rows=given, samples_per_image=per_image)
-        files = {"grid": workpath / "completions.png", "tokens": workpath / "completions.npy",
-                 "originals": workpath / "originals.npy"}
-        if primary:
-            images.save_npy(files["tokens"], samples)
-            images.save_npy(files["originals"], originals)
-        result: dict[str, Any] = {"samples": samples, "originals": originals}
+        result, panels, files, timing = _complete(loaded, sample_cfg, decoder, factor, workpath, info)
     else:
-        n = int(sample_cfg.num_samples)
-        tokens, timing = generate_rows(loaded, np.zeros((n, 0), np.int32), sample_cfg)
-        grid = images.image_grid(images.sample_panels(panels_decoder, tokens, resolution=res), scale=scale)
-        info.update(num_samples=n)
-        files = {"grid": workpath / "samples.png", "tokens": workpath / "samples.npy"}
-        if primary:
-            images.save_npy(files["tokens"], tokens)
-        result = {"samples": tokens}
+        result, panels, files, timing = _unconditional(loaded, sample_cfg, decoder, workpath, info)
+    grid = images.image_grid(panels, scale=scale)
     info.update(timing, grid_shape=list(grid.shape), files={k: str(v) for k, v in files.items()})
-    if primary:
+    if jax.process_index() == 0:
         images.save_png(files["grid"], grid)
         (workpath / workdir_files.SAMPLE_INFO).write_text(json.dumps(info, indent=2) + "\n")
     print(f"Sampling ({sample_cfg.mode}): wrote {files['grid']} ({grid.shape[1]}x{grid.shape[0]} pixels) and "
@@ -195,6 +169,59 @@ def sample_and_save(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, w
           f"{timing['seconds']:.1f}s including compilation). {loaded.info.describe().capitalize()}.", flush=True)
     result.update(info=info, grid=grid, files=files)
     return result
+
+
+def _panel_decoder(loaded: Pretrained) -> tuple[Any, int]:
+    """What turns tokens into pixels for the grid, and how many image rows one token row is.
+
+    Palette tokens are decoded by the palette; codes (``data.tokens='codes'``) by the VQ-VAE that wrote them, one
+    code row being ``factor`` image rows.
+    """
+    if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
+        decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
+        return decoder, decoder.cfg.factor
+    return loaded.palette, 1
+
+
+def _complete(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, decoder: Any, factor: int,
+              workpath: epath.Path, info: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, dict, dict]:
+    """Completions of the split's first images from their given rows; writes their tokens, adds to `info`.
+
+    Returns:
+      (result, grid panels, output files, timing).
+    """
+    res = int(loaded.data_cfg.resolution)
+    given = resolve_given_rows(sample_cfg.given_rows, res, loaded.model_cfg.n_ctx)
+    originals = first_images(loaded, str(sample_cfg.split), int(sample_cfg.num_images))
+    per_image = int(sample_cfg.samples_per_image)
+    prefixes = np.repeat(originals[:, :given * res], per_image, axis=0)  # [n * S, given * res]
+    tokens, timing = generate_rows(loaded, prefixes, sample_cfg)
+    samples = tokens.reshape(len(originals), per_image, res * res)
+    panels = images.completion_panels(decoder, originals, samples, resolution=res, given_rows=given * factor)
+    info.update(split=str(sample_cfg.split), images=len(originals), given_rows=given, samples_per_image=per_image)
+    files = {"grid": workpath / "completions.png", "tokens": workpath / "completions.npy",
+             "originals": workpath / "originals.npy"}
+    if jax.process_index() == 0:
+        images.save_npy(files["tokens"], samples)
+        images.save_npy(files["originals"], originals)
+    return {"samples": samples, "originals": originals}, panels, files, timing
+
+
+def _unconditional(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, decoder: Any, workpath: epath.Path,
+                   info: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray, dict, dict]:
+    """Samples from the start token alone; writes their tokens, adds to `info`.
+
+    Returns:
+      (result, grid panels, output files, timing).
+    """
+    n = int(sample_cfg.num_samples)
+    tokens, timing = generate_rows(loaded, np.zeros((n, 0), np.int32), sample_cfg)
+    panels = images.sample_panels(decoder, tokens, resolution=int(loaded.data_cfg.resolution))
+    info.update(num_samples=n)
+    files = {"grid": workpath / "samples.png", "tokens": workpath / "samples.npy"}
+    if jax.process_index() == 0:
+        images.save_npy(files["tokens"], tokens)
+    return {"samples": tokens}, panels, files, timing
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:

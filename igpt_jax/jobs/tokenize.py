@@ -14,6 +14,7 @@ VQ-VAE checkpoint is kept; one written by another is an error (delete it or choo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -23,12 +24,57 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
-from igpt_jax import sharding
-from igpt_jax.data import auto_import, iterators, records
 from igpt_jax.data import codes as codes_lib
-from igpt_jax.data import config as data_config
-from igpt_jax.pretrained import vqvae as vqvae_run
-from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.pretrained import vqvae as pretrained_vqvae
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Encodes every split of config.vqvae.data into the dataset config.data names; returns its metadata.
+
+    Args:
+      config: the full config (``config.vqvae``, ``config.data`` for the dataset written, ``config.checkpoint``).
+      workdir: the job's workdir; also the VQ-VAE run when ``checkpoint.source_workdir`` is empty.
+
+    Returns:
+      {'metadata', 'data_dir', 'path', 'splits': examples per split}, or {'metadata', 'data_dir', 'reused': True}
+      when this VQ-VAE already wrote the dataset.
+
+    Raises:
+      ValueError: more than one process, settings that disagree with the VQ-VAE, or a dataset of that name written
+        by another VQ-VAE.
+    """
+    if jax.process_count() > 1:
+        raise ValueError(f"the tokenize job runs in one process (got {jax.process_count()}); run it on one host")
+    grid = check_config(config)
+    trained = pretrained_vqvae.load(config.checkpoint.source_workdir or workdir, int(config.checkpoint.step), config)
+    source_cfg = pretrained_vqvae.source_data_config(config)
+    source_builder = tfds.builder(source_cfg.name, data_dir=data_pipeline.ensure_dataset(source_cfg))
+    data_dir = data_pipeline.resolve_data_dir(config.data.data_dir)
+    metadata = {"vocab_size": trained.cfg.vocab_size, "grid": grid, "source_dataset": source_cfg.name,
+                "source_resolution": int(source_cfg.resolution), "vqvae_checkpoint": trained.directory,
+                "vqvae_step": trained.step, "downsample": trained.cfg.downsample}
+    if _already_written(config.data.name, data_dir, metadata):
+        print(f"Codes dataset {config.data.name!r} in {data_dir} is already written by this VQ-VAE.", flush=True)
+        return {"metadata": metadata, "data_dir": data_dir, "reused": True}
+
+    encode = pretrained_vqvae.reconstruct_fn(trained.cfg)  # one jitted function for every split
+    batch_size = int(config.tokenize.batch_size)
+    splits = {name: _split_examples(encode, trained, source_cfg, name, batch_size)
+              for name in source_builder.info.splits.keys()}
+    path = codes_lib.write_codes_dataset(
+        name=config.data.name, data_dir=data_dir, grid=grid,
+        label_names=tuple(source_builder.info.features["label"].names), splits=splits, metadata=metadata,
+        description=_description(trained, source_cfg, grid), homepage=source_builder.info.homepage or "",
+        citation=source_builder.info.citation or "")
+
+    written = tfds.builder(config.data.name, data_dir=data_dir).info.splits
+    sizes = {name: info.num_examples for name, info in written.items()}
+    message = (f"Tokenized {source_cfg.name} -> {config.data.name} ({grid}x{grid} codes, vocabulary "
+               f"{trained.cfg.vocab_size}) {sizes} in {path}")
+    logging.info("%s", message)
+    print(message, flush=True)
+    return {"metadata": metadata, "data_dir": data_dir, "path": path, "splits": sizes}
 
 
 def check_config(config: ml_collections.ConfigDict) -> int:
@@ -37,7 +83,7 @@ def check_config(config: ml_collections.ConfigDict) -> int:
     Raises:
       ValueError: one line naming the two values that disagree.
     """
-    vq_cfg = vqvae_run.model_config(config)
+    vq_cfg = pretrained_vqvae.model_config(config)
     grid = vq_cfg.grid(int(config.vqvae.data.resolution))
     data = config.data
     if records.tokens_kind(data) != "codes":
@@ -53,29 +99,21 @@ def check_config(config: ml_collections.ConfigDict) -> int:
     return grid
 
 
-def load_vqvae(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, int, str]:
-    """(params, codebook embeddings, step, directory) of the VQ-VAE in checkpoint.source_workdir (or `workdir`).
+def _already_written(name: str, data_dir: str, metadata: dict[str, Any]) -> bool:
+    """Whether dataset `name` in `data_dir` holds these codes already.
 
     Raises:
-      ValueError: the checkpoint's codebook or architecture is not the config's.
+      ValueError: the dataset was written by another VQ-VAE checkpoint.
     """
-    source = config.checkpoint.source_workdir or workdir
-    ckpt = ckpt_lib.Checkpointer(source, create=False)
-    try:
-        step = ckpt_lib.resolve_step(ckpt, int(config.checkpoint.step))
-        vq_cfg = vqvae_run.model_config(config)
-        vqvae_run.check_checkpoint_codebook(ckpt, step, vq_cfg)
-        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-        abstract = vqvae_run.abstract_state(vq_cfg, vqvae_run.make_optimizer(config),
-                                            int(config.vqvae.data.resolution), mesh)
-        state = ckpt.restore(step, abstract)
-        embeddings = state["codebook"].embeddings
-        if embeddings.shape[0] != vq_cfg.vocab_size:
-            raise ValueError(f"VQ-VAE checkpoint {ckpt.directory}/{step} has a codebook of {embeddings.shape[0]} "
-                             f"codes but vqvae.vocab_size={vq_cfg.vocab_size}")
-        return jax.device_get(state["params"]), jax.device_get(embeddings), step, str(ckpt.directory)
-    finally:
-        ckpt.close()
+    existing = epath.Path(data_dir) / name / "1.0.0" / "metadata.json"
+    if not existing.exists():
+        return False
+    old = json.loads(existing.read_text())
+    if old != metadata:
+        raise ValueError(f"dataset {name!r} in {data_dir} was written from {old.get('vqvae_checkpoint')} step "
+                         f"{old.get('vqvae_step')}, not {metadata['vqvae_checkpoint']} step {metadata['vqvae_step']}: "
+                         "delete it or change data.name")
+    return True
 
 
 def _split_config(source_cfg: ml_collections.ConfigDict, tfds_split: str) -> ml_collections.ConfigDict:
@@ -85,54 +123,26 @@ def _split_config(source_cfg: ml_collections.ConfigDict, tfds_split: str) -> ml_
     return cfg
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Encodes every split of config.vqvae.data into the dataset config.data names; returns its metadata."""
-    if jax.process_count() > 1:
-        raise ValueError(f"the tokenize job runs in one process (got {jax.process_count()}); run it on one host")
-    grid = check_config(config)
-    vq_cfg = vqvae_run.model_config(config)
-    params, embeddings, step, ckpt_dir = load_vqvae(config, workdir)
-    source_cfg = vqvae_run.source_data_config(config)
-    source_builder = tfds.builder(source_cfg.name, data_dir=auto_import.ensure_dataset(source_cfg))
-    label_names = tuple(source_builder.info.features["label"].names)
-    data_dir = data_config.resolve_data_dir(config.data.data_dir)
-    metadata = {"vocab_size": vq_cfg.vocab_size, "grid": grid, "source_dataset": source_cfg.name,
-                "source_resolution": int(source_cfg.resolution), "vqvae_checkpoint": ckpt_dir, "vqvae_step": step,
-                "downsample": vq_cfg.downsample}
-    existing = epath.Path(data_dir) / config.data.name / "1.0.0" / "metadata.json"
-    if existing.exists():
-        old = json.loads(existing.read_text())
-        if old != metadata:
-            raise ValueError(f"dataset {config.data.name!r} in {data_dir} was written from {old.get('vqvae_checkpoint')}"
-                             f" step {old.get('vqvae_step')}, not {ckpt_dir} step {step}: delete it or change data.name")
-        print(f"Codes dataset {config.data.name!r} in {data_dir} is already written by this VQ-VAE.", flush=True)
-        return {"metadata": metadata, "data_dir": data_dir, "reused": True}
+def _split_examples(encode: Callable, trained: pretrained_vqvae.TrainedVQVAE, source_cfg: ml_collections.ConfigDict,
+                    tfds_split: str, batch_size: int) -> Callable[[], Iterator[tuple[int, np.ndarray, int]]]:
+    """A generator function yielding (record index, codes [g, g], label) of every image of `tfds_split`.
 
-    fn = vqvae_run.reconstruct_fn(vq_cfg)
-    batch_size = int(config.tokenize.batch_size)
-
-    def encode_split(tfds_split: str):
-        def gen():
-            it = iterators.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
+    Args:
+      encode: `pretrained_vqvae.reconstruct_fn` of the VQ-VAE.
+    """
+    def examples() -> Iterator[tuple[int, np.ndarray, int]]:
+        it = data_pipeline.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
                                          train=False, seed=0, shard_index=0, shard_count=1)
-            for batch in it:
-                codes, _ = jax.device_get(fn(params, embeddings, batch["image"]))
-                for j in np.flatnonzero(batch["mask"]):
-                    yield int(batch["index"][j]), codes[j], int(batch["label"][j])
-        return gen
+        for batch in it:
+            codes, _ = jax.device_get(encode(trained.params, trained.embeddings, batch["image"]))
+            for j in np.flatnonzero(batch["mask"]):
+                yield int(batch["index"][j]), codes[j], int(batch["label"][j])
 
-    splits = {name: encode_split(name) for name in source_builder.info.splits.keys()}
-    description = (f"{source_cfg.name} at {source_cfg.resolution}x{source_cfg.resolution} encoded by a VQ-VAE "
-                   f"(paper appendix A.2) into {grid}x{grid} grids of codes from a vocabulary of {vq_cfg.vocab_size}; "
-                   f"VQ-VAE {ckpt_dir} step {step}. Records keep the source's order; 'id' is the source record index.")
-    path = codes_lib.write_codes_dataset(
-        name=config.data.name, data_dir=data_dir, grid=grid, label_names=label_names, splits=splits,
-        metadata=metadata, description=description, homepage=source_builder.info.homepage or "",
-        citation=source_builder.info.citation or "")
-    written = tfds.builder(config.data.name, data_dir=data_dir).info.splits
-    sizes = {name: info.num_examples for name, info in written.items()}
-    message = (f"Tokenized {source_cfg.name} -> {config.data.name} ({grid}x{grid} codes, vocabulary "
-               f"{vq_cfg.vocab_size}) {sizes} in {path}")
-    logging.info("%s", message)
-    print(message, flush=True)
-    return {"metadata": metadata, "data_dir": data_dir, "path": path, "splits": sizes}
+    return examples
+
+
+def _description(trained: pretrained_vqvae.TrainedVQVAE, source_cfg: ml_collections.ConfigDict, grid: int) -> str:
+    return (f"{source_cfg.name} at {source_cfg.resolution}x{source_cfg.resolution} encoded by a VQ-VAE "
+            f"(paper appendix A.2) into {grid}x{grid} grids of codes from a vocabulary of {trained.cfg.vocab_size}; "
+            f"VQ-VAE {trained.directory} step {trained.step}. Records keep the source's order; 'id' is the source "
+            "record index.")

@@ -1,8 +1,10 @@
-"""A VQ-VAE run's pieces that several jobs share: its config from a job config, its state and how to restore it,
-encoding and decoding with it (the vqvae job trains it, tokenize encodes with it, sample decodes codes with it)."""
+"""A VQ-VAE run's pieces that several jobs share: its config from a job config, its state and optimizer, the one way
+to load a trained one (`load`, or `TrainedVQVAE.from_state` for a state in memory), encoding and decoding with it
+(the vqvae job trains it, tokenize encodes with it, sample decodes codes with it)."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -36,6 +38,7 @@ def model_config(config: ml_collections.ConfigDict) -> vq.VQVAEConfig:
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam at ``config.vqvae.lr``: the VQ-VAE's optimizer, for training and for the state a checkpoint holds."""
     return optax.adam(float(config.vqvae.lr))
 
 
@@ -87,6 +90,66 @@ def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq
                              f"says vqvae.{key}={getattr(vq_cfg, key)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainedVQVAE:
+    """A trained VQ-VAE on the host: what encoding and decoding need, and where it came from.
+
+    Attributes:
+      cfg: its architecture.
+      params: the encoder's and decoder's parameters (host arrays).
+      embeddings: the codebook, float [vocab_size, width] (host array).
+      step: the training step it was saved or taken at.
+      directory: the checkpoint directory it was restored from ('' for a state in memory).
+    """
+
+    cfg: vq.VQVAEConfig
+    params: Any
+    embeddings: Any
+    step: int
+    directory: str = ""
+
+    @classmethod
+    def from_state(cls, cfg: vq.VQVAEConfig, state: dict[str, Any], *, step: int | None = None,
+                   directory: str = "") -> TrainedVQVAE:
+        """The VQ-VAE of a training state (`create_state`'s structure; `step` defaults to the state's own)."""
+        step = int(jax.device_get(state["step"])) if step is None else int(step)
+        return cls(cfg, jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings), step,
+                   directory)
+
+
+def load(workdir: str, step: int = -1, config: ml_collections.ConfigDict | None = None) -> TrainedVQVAE:
+    """The VQ-VAE that a vqvae run saved in `workdir` at `step` (-1: the latest), restored onto one device.
+
+    Args:
+      workdir: the vqvae run's workdir.
+      step: the checkpoint step, or -1 for the latest.
+      config: a job config whose ``vqvae`` settings the checkpoint must match (the tokenize job's); None: the
+        checkpoint's own config (the VQ-VAE named by a codes dataset).
+
+    Raises:
+      MissingSource: no checkpoint, or no such step, in `workdir`.
+      ConfigError: the checkpoint's codebook or architecture is not `config`'s.
+      ValueError: the restored codebook's size is not the config's vocabulary.
+    """
+    ckpt = ckpt_lib.Checkpointer(workdir, create=False)
+    try:
+        step = ckpt_lib.resolve_step(ckpt, int(step))
+        stored = ckpt.restore_config(step)
+        config = stored if config is None else config
+        vq_cfg = model_config(config)
+        check_checkpoint_codebook(ckpt, step, vq_cfg, stored=stored)
+        mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+        state = ckpt.restore(step, abstract_state(vq_cfg, make_optimizer(config), int(config.vqvae.data.resolution),
+                                                  mesh))
+        trained = TrainedVQVAE.from_state(vq_cfg, state, step=step, directory=str(ckpt.directory))
+    finally:
+        ckpt.close()
+    if trained.embeddings.shape[0] != vq_cfg.vocab_size:
+        raise ValueError(f"VQ-VAE checkpoint {trained.directory}/{step} has a codebook of "
+                         f"{trained.embeddings.shape[0]} codes but vqvae.vocab_size={vq_cfg.vocab_size}")
+    return trained
+
+
 class CodeDecoder:
     """Decodes code grids to images through a trained VQ-VAE's decoder; `decode` has the palette's signature, so
     the sample job's panels can use it in place of the palette (data.tokens='codes')."""
@@ -99,18 +162,9 @@ class CodeDecoder:
     @classmethod
     def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
         """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
-        meta = codes_lib.check_codes_dataset(data_cfg)
-        ckpt = ckpt_lib.Checkpointer(str(epath.Path(meta["vqvae_checkpoint"]).parent), create=False)
-        try:
-            step = int(meta["vqvae_step"])
-            saved = ckpt.restore_config(step)
-            vq_cfg = model_config(saved)
-            mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-            tx = optax.adam(float(saved.vqvae.lr))
-            state = ckpt.restore(step, abstract_state(vq_cfg, tx, int(saved.vqvae.data.resolution), mesh))
-        finally:
-            ckpt.close()
-        return cls(vq_cfg, jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings))
+        meta = data_pipeline.check_codes_dataset(data_cfg)
+        trained = load(str(epath.Path(meta["vqvae_checkpoint"]).parent), int(meta["vqvae_step"]))
+        return cls(trained.cfg, trained.params, trained.embeddings)
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
         """int [..., g, g] -> uint8 [..., g*f, g*f, C]."""

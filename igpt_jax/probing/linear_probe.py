@@ -8,8 +8,9 @@ Everything here works on host arrays, independent of how the features were made:
 
 Solvers:
   * 'jax_lbfgs' (default): multinomial L2 logistic regression with scikit-learn's objective, fitted by full-batch
-    L-BFGS in JAX (`igpt_jax.probing.logreg_jax`): all layers (or all low-data subsets) in one compiled call, warm-started
-    along the C grid; its accuracies equal scikit-learn's within a few tenths of a point (tests/test_probe_solver.py).
+    L-BFGS in JAX (`igpt_jax.probing.logreg_jax`): all layers (or all low-data subsets) in one compiled call,
+    warm-started along the C grid; its accuracies equal scikit-learn's within a few tenths of a point
+    (tests/test_probe_solver.py).
   * 'lbfgs': scikit-learn's multinomial `LogisticRegression` (L-BFGS), one problem at a time (the reference).
     For both: features standardised on the training split, the inverse L2 strength C searched over a grid on the
     validation split (CIFAR/STL probes in the paper); the grid widens itself (`probe.C_widen` more values per

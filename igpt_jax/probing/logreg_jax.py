@@ -86,8 +86,8 @@ def class_offsets(y: np.ndarray, num_classes: int) -> np.ndarray:
     return np.where(present, 0.0, ABSENT_LOGIT).astype(np.float32)
 
 
-def fit(x: np.ndarray, y: np.ndarray, C: np.ndarray, *, num_classes: int, init: tuple[np.ndarray, np.ndarray] | None = None,
-        max_iter: int = 1000, tol: float = 1e-4, memory: int = 10,
+def fit(x: np.ndarray, y: np.ndarray, C: np.ndarray, *, num_classes: int,
+        init: tuple[np.ndarray, np.ndarray] | None = None, max_iter: int = 1000, tol: float = 1e-4, memory: int = 10,
         batching: str = "map") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fits one logistic regression per problem.
 

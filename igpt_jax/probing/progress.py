@@ -5,10 +5,10 @@ Pieces, in ``{workdir}/progress/``, each written atomically (to a temporary name
     (model: ``step{N}`` for a checkpoint, ``random`` for the random-weights baseline);
   * ``result-{name}.json``: a fitted probe's results (``step{N}``, ``raw_pixels``, ``random_init``).
 Each piece also keeps the seconds it took, so a resumed job's ``seconds`` counts the work it reused
-(``reused_seconds``). Each piece carries the fingerprint of everything that determines it (checkpoint directory and step, model, data,
-layers, masks, seed; for results also the solver settings); a piece whose fingerprint differs is ignored and
-overwritten, so a rerun with other settings recomputes exactly what they change. SIGTERM or SIGKILL loses only the
-piece in progress.
+(``reused_seconds``). Each piece carries the fingerprint of everything that determines it (checkpoint directory and
+step, model, data, layers, masks, seed; for results also the solver settings); a piece whose fingerprint differs is
+ignored and overwritten, so a rerun with other settings recomputes exactly what they change. SIGTERM or SIGKILL loses
+only the piece in progress.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from etils import epath
 
 from igpt_jax import workdir as workdir_files
 from igpt_jax.probing import features as features_lib
-from igpt_jax.workdir import write_atomic
+from igpt_jax.workdir import jsonable, write_atomic
 
 DIRNAME = workdir_files.PROBE_PROGRESS
 
@@ -103,4 +105,16 @@ class ProbeProgress:
         if not self.writer:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(f"result-{name}.json"), json.dumps({"fingerprint": fp, "result": result, "seconds": seconds}).encode())
+        saved = {"fingerprint": fp, "result": result, "seconds": seconds}
+        write_atomic(self._path(f"result-{name}.json"), json.dumps(saved).encode())
+
+    def result_or_compute(self, name: str, fp: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """The result saved under ``name`` with fingerprint ``fp``, else ``compute()`` (made JSON-ready) and saved."""
+        found = self.load_result(name, fp)
+        if found is not None:
+            logging.info("probe: %s reused from %s", name, self.directory)
+            return found
+        t0 = time.time()
+        result = jsonable(compute())
+        self.save_result(name, fp, result, seconds=time.time() - t0)
+        return result

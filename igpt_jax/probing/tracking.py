@@ -3,10 +3,10 @@
 Every ``config.track.every`` steps (and at the last step) the `Tracker` takes the CURRENT parameters and
 
   1. extracts every layer's sequence-mean feature (0..n_layer, n_layer = the final norm) of a fixed labelled subset
-     with the probe job's extractor (`igpt_jax.probing.features.FeatureExtractor`): the first ``track.train_examples`` images
-     of the training split and the first ``track.val_examples`` of the validation split (the data layer's split;
-     TFDS stores records in a fixed pseudo-random order, so these are the same reproducible random images at every
-     evaluation, in every segment of a resumed run, on any mesh);
+     with the probe job's extractor (`igpt_jax.probing.features.FeatureExtractor`): the first
+     ``track.train_examples`` images of the training split and the first ``track.val_examples`` of the validation
+     split (the data layer's split; TFDS stores records in a fixed pseudo-random order, so these are the same
+     reproducible random images at every evaluation, in every segment of a resumed run, on any mesh);
   2. fits one multinomial logistic regression per layer with the JAX L-BFGS solver (`igpt_jax.probing.logreg_jax`, all
      layers in one call), choosing C on the subset's validation part (grid ``track.C``, or ``probe.C`` when empty,
      widened at its edges as the probe's is);

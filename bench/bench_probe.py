@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from igpt_jax import sharding
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, palette_cache, records
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import fitting, linear_probe
 
@@ -107,8 +107,8 @@ def main(argv=None) -> None:
         res = fitting.probe_splits(splits, settings, num_classes=num_classes, layers=layers,
                                      n_layer=model_cfg.n_layer, concat_layers=int(config.probe.concat_layers))
         results[solver] = (time.time() - t0, res)
-    print(f"\n| solver | probe time (s) | best layer | best-layer test % | concat test % | "
-          f"max per-layer |val diff| | max per-layer |test diff| | time ratio |")
+    print("\n| solver | probe time (s) | best layer | best-layer test % | concat test % | "
+          "max per-layer |val diff| | max per-layer |test diff| | time ratio |")
     print("|---|---|---|---|---|---|---|---|")
     ref_solver = args.solvers.split(",")[0]
     ref_time, ref = results[ref_solver]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import iterators, palette_cache
 from igpt_jax.jobs import vqvae as vqvae_job
 from igpt_jax.pretrained import vqvae as vqvae_run
 from igpt_jax.training import checkpoint as ckpt_lib

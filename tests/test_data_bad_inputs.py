@@ -8,7 +8,14 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from igpt_jax.data import augment, import_data, iterators, palette_cache, records, testing
+from igpt_jax.data import (
+    augment,
+    import_data,
+    iterators,
+    palette_cache,
+    records,
+    testing,
+)
 from igpt_jax.data.palette import Palette
 
 flags.FLAGS.mark_as_parsed()

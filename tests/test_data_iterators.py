@@ -9,7 +9,14 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from igpt_jax.data import augment, import_data, iterators, palette_cache, records, testing
+from igpt_jax.data import (
+    augment,
+    import_data,
+    iterators,
+    palette_cache,
+    records,
+    testing,
+)
 
 flags.FLAGS.mark_as_parsed()  # Grain reads absl flags.
 tfds.display_progress_bar(False)

@@ -9,7 +9,10 @@ import sys
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_file_loader, plugin_event_accumulator
+from tensorboard.backend.event_processing import (
+    event_file_loader,
+    plugin_event_accumulator,
+)
 from tensorboard.util import tensor_util
 
 from igpt_jax.training.metric_writers import (

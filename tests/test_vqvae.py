@@ -220,7 +220,7 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
     # The stored codes are the VQ-VAE's codes of the source images, in the source's order.
     trained_vq = vqvae_run.load(vq_workdir, -1, config)
     params, emb = trained_vq.params, trained_vq.embeddings
-    src = data_pipeline.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
+    src = iterators.make_iterator(vqvae_run.source_data_config(vq_config), "test", batch_size=8, train=False,
                                       shard_index=0, shard_count=1)
     first = next(src)
     want, recon = vqvae_run.reconstruct_fn(vqvae_run.model_config(config))(params, emb, first["image"])

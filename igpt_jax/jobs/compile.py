@@ -51,7 +51,7 @@ from absl import logging
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
 from igpt_jax.config import checks as config_checks
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import multihost
 from igpt_jax.models import attention as attention_lib
 from igpt_jax.models.igpt import ModelConfig, count_params
 from igpt_jax.training import optim
@@ -312,7 +312,7 @@ def _on_tpu(model_cfg: ModelConfig, seq_len: int, seq_shards: int) -> ModelConfi
 def _describe(config: ml_collections.ConfigDict, facts: dict[str, Any], step: _Step) -> dict[str, Any]:
     """The report's description of the slice, mesh, batch, input rows per host and model."""
     model_cfg = step.model_cfg
-    host_rows = data_pipeline.rows_by_process(step.global_batch, step.mesh, sharding.batch_axes(step.rules))
+    host_rows = multihost.rows_by_process(step.global_batch, step.mesh, sharding.batch_axes(step.rules))
     row_ranges = collections.Counter(r.rows for r in host_rows.values())
     return {
         "topology": str(config.compile.topology), **facts,

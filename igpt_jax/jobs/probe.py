@@ -35,7 +35,7 @@ from etils import epath
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.data.palette import Palette
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import Layout, param_layout, random_params
@@ -149,7 +149,7 @@ def _set_up(config: ml_collections.ConfigDict, settings: linear_probe.ProbeSetti
                  "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
     setup = _Setup(
         pcfg=pcfg, settings=settings, steps=steps, model_cfg=model_cfg, palette=palette, data_cfg=data_cfg,
-        run_config=source.run_config(steps[-1]), num_classes=data_pipeline.num_classes(data_cfg), layers=layers,
+        run_config=source.run_config(steps[-1]), num_classes=records.num_classes(data_cfg), layers=layers,
         masks=masks, pooling=pooling, layout=layout, extractor=extractor, feature_id=feature_id, result_id=result_id,
         progress=probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=jax.process_index() == 0))
     _log_setup(setup, source)
@@ -159,7 +159,7 @@ def _set_up(config: ml_collections.ConfigDict, settings: linear_probe.ProbeSetti
 def _log_setup(setup: _Setup, source: pretrained.Source) -> None:
     """One line: the checkpoints, layers, examples per split, classes and the memory the features take."""
     width = setup.model_cfg.d_model * setup.extractor.feature_grid ** 2  # features per layer
-    n = {s: data_pipeline.num_examples(setup.data_cfg, s) for s in data_pipeline.SPLITS}
+    n = {s: records.num_examples(setup.data_cfg, s) for s in records.SPLITS}
     if setup.max_train:
         n["train"] = min(n["train"], setup.max_train)
     size = sum(features_lib.approx_feature_bytes(n[s], len(setup.layers), width, 1 if s == "train" else setup.masks)
@@ -167,7 +167,7 @@ def _log_setup(setup: _Setup, source: pretrained.Source) -> None:
     logging.info("probe: %d checkpoint(s) %s of %s; %d layers %s (%s pooling, %d features each); %s examples "
                  "(train/val/test); %d classes; features take %s per checkpoint", len(setup.steps), setup.steps,
                  source.path, len(setup.layers), setup.layers, setup.pooling, width,
-                 "/".join(str(n[s]) for s in data_pipeline.SPLITS), setup.num_classes, features_lib.human_bytes(size))
+                 "/".join(str(n[s]) for s in records.SPLITS), setup.num_classes, features_lib.human_bytes(size))
 
 
 def _check_same_model(config: ml_collections.ConfigDict, source: pretrained.Source, setup: _Setup, step: int) -> None:
@@ -266,7 +266,7 @@ def _results(config: ml_collections.ConfigDict, setup: _Setup, source: pretraine
         "step": last["step"],
         "dataset": config.data.name,
         "num_classes": setup.num_classes,
-        "examples": {s: splits[s].n for s in data_pipeline.SPLITS},
+        "examples": {s: splits[s].n for s in records.SPLITS},
         "model": {k: getattr(setup.model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
         "bert_masks": setup.masks,
         "pooling": setup.pooling,

@@ -177,7 +177,7 @@ def _panel_decoder(loaded: Pretrained) -> tuple[Any, int]:
     Palette tokens are decoded by the palette; codes (``data.tokens='codes'``) by the VQ-VAE that wrote them, one
     code row being ``factor`` image rows.
     """
-    if data_pipeline.tokens_kind(loaded.data_cfg) == "codes":
+    if records.tokens_kind(loaded.data_cfg) == "codes":
         decoder = CodeDecoder.from_codes_dataset(loaded.data_cfg)
         return decoder, decoder.cfg.factor
     return loaded.palette, 1

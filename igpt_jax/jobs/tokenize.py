@@ -24,8 +24,9 @@ import tensorflow_datasets as tfds
 from absl import logging
 from etils import epath
 
+from igpt_jax.data import auto_import, iterators, records
 from igpt_jax.data import codes as codes_lib
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import config as data_config
 from igpt_jax.pretrained import vqvae as pretrained_vqvae
 
 
@@ -49,8 +50,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     grid = check_config(config)
     trained = pretrained_vqvae.load(config.checkpoint.source_workdir or workdir, int(config.checkpoint.step), config)
     source_cfg = pretrained_vqvae.source_data_config(config)
-    source_builder = tfds.builder(source_cfg.name, data_dir=data_pipeline.ensure_dataset(source_cfg))
-    data_dir = data_pipeline.resolve_data_dir(config.data.data_dir)
+    source_builder = tfds.builder(source_cfg.name, data_dir=auto_import.ensure_dataset(source_cfg))
+    data_dir = data_config.resolve_data_dir(config.data.data_dir)
     metadata = {"vocab_size": trained.cfg.vocab_size, "grid": grid, "source_dataset": source_cfg.name,
                 "source_resolution": int(source_cfg.resolution), "vqvae_checkpoint": trained.directory,
                 "vqvae_step": trained.step, "downsample": trained.cfg.downsample}
@@ -131,7 +132,7 @@ def _split_examples(encode: Callable, trained: pretrained_vqvae.TrainedVQVAE, so
       encode: `pretrained_vqvae.reconstruct_fn` of the VQ-VAE.
     """
     def examples() -> Iterator[tuple[int, np.ndarray, int]]:
-        it = data_pipeline.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
+        it = iterators.make_iterator(_split_config(source_cfg, tfds_split), "train", batch_size=batch_size,
                                          train=False, seed=0, shard_index=0, shard_count=1)
         for batch in it:
             codes, _ = jax.device_get(encode(trained.params, trained.embeddings, batch["image"]))

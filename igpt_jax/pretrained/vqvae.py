@@ -162,7 +162,7 @@ class CodeDecoder:
     @classmethod
     def from_codes_dataset(cls, data_cfg: ml_collections.ConfigDict) -> CodeDecoder:
         """The VQ-VAE named in a codes dataset's metadata (the tokenize job's), at the step that wrote it."""
-        meta = data_pipeline.check_codes_dataset(data_cfg)
+        meta = codes_lib.check_codes_dataset(data_cfg)
         trained = load(str(epath.Path(meta["vqvae_checkpoint"]).parent), int(meta["vqvae_step"]))
         return cls(trained.cfg, trained.params, trained.embeddings)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from absl import logging
 
-from igpt_jax.data import pipeline as data_pipeline
+from igpt_jax.data import records
 from igpt_jax.data.palette import Palette
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
@@ -41,7 +41,7 @@ def extract_splits(extractor: features_lib.FeatureExtractor, params: Any | Calla
       split name -> its features.
     """
     out = {}
-    for split in data_pipeline.SPLITS:
+    for split in records.SPLITS:
         t0 = time.time()
         found = progress.load_features(f"{name}-{split}", fingerprint) if progress else None
         if found is not None:
@@ -62,7 +62,7 @@ def extract_splits(extractor: features_lib.FeatureExtractor, params: Any | Calla
 def probe_splits(splits: Splits, settings: linear_probe.ProbeSettings, *, num_classes: int, layers: list[int],
                  n_layer: int, concat_layers: int = 0) -> dict[str, Any]:
     """`linear_probe.probe` on extracted splits: every layer, the best on validation, refitted and tested."""
-    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    tr, va, te = (splits[s] for s in records.SPLITS)
     return linear_probe.probe((tr.features, tr.labels), (va.features, va.labels), (te.features, te.labels), settings,
                               num_classes=num_classes, layers=layers, concat_layers=concat_layers,
                               layer_names=lambda l: features_lib.layer_name(l, n_layer))
@@ -83,7 +83,7 @@ def pixel_baseline(splits: Splits, palette: Palette, settings: linear_probe.Prob
 def low_data(splits: Splits, position: int, settings: linear_probe.ProbeSettings, *, num_classes: int,
              budgets: Sequence[int], subsets: int) -> list[dict[str, Any]]:
     """`linear_probe.low_data` on the layer at `position` of the extracted layers (paper 4.7)."""
-    tr, va, te = (splits[s] for s in data_pipeline.SPLITS)
+    tr, va, te = (splits[s] for s in records.SPLITS)
     return linear_probe.low_data((tr.features[0][:, position], tr.labels), (va.features[:, :, position], va.labels),
                                  (te.features[:, :, position], te.labels), settings, num_classes=num_classes,
                                  budgets=budgets, subsets=subsets)

@@ -1,6 +1,7 @@
 """The fine-tuning job on the embedded digits, from the tiny pretraining run of test_probe (made once per session)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -96,11 +97,13 @@ def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatc
     config.model.n_layer = 3
     with pytest.raises(ValueError, match=r"checkpoints/40: model\.n_layer=3 but the source has 2"):
         finetune.run(config, str(tmp_path / "c"), devices=jax.devices()[:1])
-    # Resuming a run whose head was made for another number of classes.
+    # Resuming a run whose head was made for another number of classes (a copy of the finished run, unfinished).
     workdir, _ = full_run
+    shutil.copytree(workdir, tmp_path / "d")
+    (tmp_path / "d" / "FINISHED").unlink()
     monkeypatch.setattr(data_pipeline, "num_classes", lambda data_cfg: 7)
     with pytest.raises(ValueError, match=r"checkpoints/40 has a head for 10 classes but dataset 'digits' has 7"):
-        finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
+        finetune.run(finetune_config(run), str(tmp_path / "d"), devices=jax.devices()[:1])
 
 
 def test_bert_predictions_use_independent_masks_per_example():

@@ -84,6 +84,10 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(run
     assert all(h["gen_loss"] > 0 for h in res["history"])  # L_GEN + L_CLF
     assert res["best_val_accuracy"] == 0.5 and res["test_accuracy"] == 0.3
     assert [h["step"] for h in res["val_history"]] == [0, 2, 4]
+    # Stopped early, the run is finished: FINISHED names its last step, and a rerun says so and reads its results.
+    assert (tmp_path / "FINISHED").read_text() == "4\n"
+    again = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert again["finished"] and again["start_step"] == 4 and again["test_accuracy"] == 0.3 and again["early_stopped"]
 
 
 def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatch):

@@ -528,7 +528,7 @@ job_state() {
   fi
 }
 
-# run_finished: true when the job has written WORKDIR/FINISHED (igpt_jax.jobs.pretrain does at its last step).
+# run_finished: true when the job has written WORKDIR/FINISHED (every training job does when it ends: igpt_jax.training.loop).
 run_finished() {
   probe FAKE_FINISHED 0 "$GCLOUD" storage ls "${WORKDIR%/}/FINISHED"
   if is_dry_run; then

@@ -7,7 +7,7 @@ usage() {
   printf '%s\n' "Usage: relaunch.sh --workdir=gs://BUCKET/RUN [options] [-- --config.train.lr=3e-3 ...]
 
 Babysits one run. Every POLL_SECONDS it checks, in this order:
-  1. WORKDIR/FINISHED exists (the pretraining job writes it after its last step)  -> done, exit 0
+  1. WORKDIR/FINISHED exists (pretrain, finetune and vqvae write it when they end)  -> done, exit 0
      (with --delete-when-done the slice is deleted first);
   2. the queued resource QR_ID:
      missing, SUSPENDED (preempted) or FAILED -> delete it, create it again, wait until ACTIVE, set up the

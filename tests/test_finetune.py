@@ -1,6 +1,7 @@
 """The fine-tuning job on the embedded digits, from the tiny pretraining run of test_probe (made once per session)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -83,6 +84,10 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement(run
     assert all(h["gen_loss"] > 0 for h in res["history"])  # L_GEN + L_CLF
     assert res["best_val_accuracy"] == 0.5 and res["test_accuracy"] == 0.3
     assert [h["step"] for h in res["val_history"]] == [0, 2, 4]
+    # Stopped early, the run is finished: FINISHED names its last step, and a rerun says so and reads its results.
+    assert (tmp_path / "FINISHED").read_text() == "4\n"
+    again = finetune.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert again["finished"] and again["start_step"] == 4 and again["test_accuracy"] == 0.3 and again["early_stopped"]
 
 
 def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatch):
@@ -96,11 +101,13 @@ def test_bad_inputs_fail_with_what_and_where(run, full_run, tmp_path, monkeypatc
     config.model.n_layer = 3
     with pytest.raises(ValueError, match=r"checkpoints/40: model\.n_layer=3 but the source has 2"):
         finetune.run(config, str(tmp_path / "c"), devices=jax.devices()[:1])
-    # Resuming a run whose head was made for another number of classes.
+    # Resuming a run whose head was made for another number of classes (a copy of the finished run, unfinished).
     workdir, _ = full_run
+    shutil.copytree(workdir, tmp_path / "d")
+    (tmp_path / "d" / "FINISHED").unlink()
     monkeypatch.setattr(records, "num_classes", lambda data_cfg: 7)
     with pytest.raises(ValueError, match=r"checkpoints/40 has a head for 10 classes but dataset 'digits' has 7"):
-        finetune.run(finetune_config(run), str(workdir), devices=jax.devices()[:1])
+        finetune.run(finetune_config(run), str(tmp_path / "d"), devices=jax.devices()[:1])
 
 
 def test_bert_predictions_use_independent_masks_per_example():

@@ -1,10 +1,10 @@
-"""The pretraining job end to end on the embedded digits: sharding, resumption, preemption (SIGTERM, Ctrl-C, SIGKILL),
-unreadable checkpoints, logs across kills, changed settings on resume, NaN guard, multi-host."""
+"""The pretraining job end to end on the embedded digits: sharding, resumption, unreadable checkpoints, logs across
+kills, changed settings on resume, NaN guard, multi-host. What every training job shares (resume after SIGKILL,
+SIGTERM and Ctrl-C, FINISHED, a finished run relaunched) is tested once for all of them in test_training_run.py."""
 
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -49,29 +49,6 @@ def restore_params(workdir: str, config, step: int | None = None):
 
 def losses(result):
     return [h["loss"] for h in result["history"]]
-
-
-def test_resumed_run_is_bit_exact_with_an_uninterrupted_one(data_dir, tmp_path):
-    config = tiny_config(data_dir)
-    one_device = jax.devices()[:1]
-    full = pretrain.run(config, str(tmp_path / "full"), devices=one_device)
-    first = pretrain.run(config, str(tmp_path / "resumed"), devices=one_device, stop_at_step=3)
-    assert first["preempted"] and first["step"] == 3
-    second = pretrain.run(config, str(tmp_path / "resumed"), devices=one_device)
-    assert second["resumed"] and second["start_step"] == 3 and second["finished"]
-    assert losses(first) + losses(second) == losses(full)  # bit-exact
-    # The run's wall time is both invocations' (segments.json), as the second one reports it.
-    written = json.loads((tmp_path / "resumed" / "segments.json").read_text())
-    assert written == second["segments"] and [(s["from_step"], s["to_step"]) for s in written] == [(0, 3), (3, 6)]
-    assert written[0] == first["segments"][0] and all(s["seconds"] > 0 for s in written)
-    a, b = restore_params(str(tmp_path / "full"), config), restore_params(str(tmp_path / "resumed"), config)
-    jax.tree.map(np.testing.assert_array_equal, a, b)
-    assert losses(full)[-1] < losses(full)[0]
-    # The checkpoint carries the config and the palette, so later jobs need only the workdir.
-    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "full"), create=False)
-    assert ckpt.restore_config(6).model.d_model == 32
-    assert ckpt.restore_palette(6).shape == (16, 1)
-    ckpt.close()
 
 
 def test_one_device_and_a_2x2x2_mesh_give_the_same_losses(data_dir, tmp_path):
@@ -125,17 +102,6 @@ def test_gradient_accumulation_equals_the_large_batch(objective):
     np.testing.assert_allclose(acc_metrics["grad_norm"], big_metrics["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), acc.params, big.params)
     assert np.abs(np.asarray(big.params["wtet"])).max() > 0  # the step really moved the parameters
-
-
-def test_finished_run_relaunched_says_so_and_changes_nothing(data_dir, tmp_path, capsys):
-    config = tiny_config(data_dir, num_steps=2)
-    pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
-    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    again = pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
-    assert again["finished"] and again["step"] == 2
-    assert "already finished" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
-    assert (tmp_path / "FINISHED").read_text().strip() == "2"
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
@@ -193,6 +159,16 @@ def stopped_at_step_4(data_dir, tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("stopped_at_4")
     pretrain.run(tiny_config(data_dir), str(workdir), devices=jax.devices()[:1], stop_at_step=4)
     return workdir
+
+
+def test_the_run_learns_and_its_checkpoint_carries_the_config_and_the_palette(uninterrupted):
+    full, full_dir = uninterrupted
+    assert full["finished"] and losses(full)[-1] < losses(full)[0]
+    # The checkpoint carries the config and the palette, so later jobs need only the workdir.
+    ckpt = ckpt_lib.Checkpointer(full_dir, create=False)
+    assert ckpt.restore_config(6).model.d_model == 32
+    assert ckpt.restore_palette(6).shape == (16, 1)
+    ckpt.close()
 
 
 @pytest.mark.parametrize("fault", sorted(CORRUPTIONS))
@@ -291,47 +267,6 @@ def _wait_for_line(proc, needle: str, timeout: float = 240) -> str:
 
 def _metrics(workdir: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)  # preemption, Ctrl-C
-def test_sigterm_or_sigint_saves_a_checkpoint_at_the_current_step_and_exits_cleanly(data_dir, tmp_path, sig):
-    # Import the data once in this process so the subprocess starts training quickly.
-    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
-    cmd = _main_command(tmp_path, data_dir, "--config.train.num_steps=100000", "--config.checkpoint.every_steps=100000")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    _wait_for_line(proc, "3/100000 |")
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    stopped = int(out.split(f"Stopped by {sig.name} at step ")[1].split(";")[0])
-    assert stopped >= 3
-    ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
-    assert ckpt.all_steps() == [stopped]
-    ckpt.close()
-
-
-def test_sigkill_during_saves_resumes_from_the_last_complete_checkpoint(data_dir, tmp_path):
-    palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
-    steps = 40
-    common = [f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=1",
-              "--config.checkpoint.max_to_keep=2"]
-    proc = subprocess.Popen(_main_command(tmp_path / "killed", data_dir, *common), cwd=REPO, env=_env(1),
-                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    _wait_for_line(proc, " 6/40 |")  # saving every step: the kill lands in or between saves
-    proc.kill()
-    proc.wait(timeout=60)
-    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "killed"), create=False)
-    complete = ckpt.latest_step()
-    ckpt.close()
-    assert complete is not None and complete < steps
-    resumed = subprocess.run(_main_command(tmp_path / "killed", data_dir, *common), cwd=REPO, env=_env(1),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "Pretraining done" in resumed.stdout
-    reference = subprocess.run(_main_command(tmp_path / "reference", data_dir, *common), cwd=REPO, env=_env(1),
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-    assert _metrics(tmp_path / "killed")[-1] == _metrics(tmp_path / "reference")[-1]
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from tiny_runs import VQVAE_VOCAB, vqvae_config
 
 from igpt_jax.config import defaults as config_defaults
 from igpt_jax.data import iterators
@@ -17,7 +18,7 @@ from igpt_jax.models import vqvae as vq
 from igpt_jax.pretrained import vqvae as vqvae_run
 from igpt_jax.reports import images
 
-VOCAB = 32
+VOCAB = VQVAE_VOCAB
 ONE = jax.devices()[:1]  # the conftest session has 8 fake CPU devices
 
 
@@ -25,24 +26,6 @@ ONE = jax.devices()[:1]  # the conftest session has 8 fake CPU devices
 def data_dir(digits_data_dir):
     """The session's digits data_dir (tests/conftest.py)."""
     return digits_data_dir
-
-
-def vqvae_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
-    """A VQ-VAE on the 8x8 digits: one block (4x4 codes), 32 codes, batch 32."""
-    config = config_defaults.base_config()
-    config.job = "vqvae"
-    config.vqvae.data.data_dir = data_dir
-    config.vqvae.vocab_size = VOCAB
-    config.vqvae.batch_size = 32
-    config.vqvae.num_steps = 200
-    config.vqvae.lr = 3e-4
-    config.vqvae.log_every = 1
-    config.vqvae.eval_batch_size = 128
-    config.vqvae.variance_images = 200
-    config.checkpoint.every_steps = 100
-    config.mesh.shape = (1, 1, 1)
-    config.vqvae.update(overrides)
-    return config
 
 
 def codes_config(config: ml_collections.ConfigDict, data_dir: str, name: str = "digits_vq") -> None:

@@ -1,7 +1,8 @@
-"""Helpers (not a test module) for tests that need a tiny pretraining config or run on the embedded digits.
+"""Helpers (not a test module) for tests that need a tiny config or run of a job on the embedded digits.
 
 The session fixture that pretrains once (`pretrained_digits_run`) is in conftest.py; test modules import these
-functions, never each other.
+functions, never each other. `get_config` makes this file a config file for the command line too
+(``--config=tests/tiny_runs.py:JOB,DATA_DIR[,SOURCE_WORKDIR]``).
 """
 
 import jax
@@ -76,6 +77,51 @@ def finetune_config(run, **overrides) -> ml_collections.ConfigDict:
     config.finetune.log_every = 10
     config.finetune.update(overrides)
     return config
+
+
+VQVAE_VOCAB = 32
+
+
+def vqvae_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+    """A VQ-VAE on the 8x8 digits: one block (4x4 codes), 32 codes, batch 32, 200 steps; `config.vqvae` overrides."""
+    config = config_defaults.base_config()
+    config.job = "vqvae"
+    config.vqvae.data.data_dir = data_dir
+    config.vqvae.vocab_size = VQVAE_VOCAB
+    config.vqvae.batch_size = 32
+    config.vqvae.num_steps = 200
+    config.vqvae.lr = 3e-4
+    config.vqvae.log_every = 1
+    config.vqvae.eval_batch_size = 128
+    config.vqvae.variance_images = 200
+    config.checkpoint.every_steps = 100
+    config.mesh.shape = (1, 1, 1)
+    config.vqvae.update(overrides)
+    return config
+
+
+TRAINING_JOBS = ("pretrain", "finetune", "vqvae")  # the jobs that run on igpt_jax.training.loop
+SHORT_STEPS = 20
+
+
+def short_training_config(job: str, data_dir: str, source_workdir: str = "") -> ml_collections.ConfigDict:
+    """SHORT_STEPS steps of a job that trains, a checkpoint after every step (the last two kept); fine-tuning reads
+    `source_workdir` (a pretraining run) and evaluates every 5 steps."""
+    if job == "pretrain":
+        config = pretrain_config(data_dir, num_steps=SHORT_STEPS)
+    elif job == "finetune":
+        config = finetune_config((data_dir, source_workdir), num_steps=SHORT_STEPS, eval_every=5)
+    elif job == "vqvae":
+        config = vqvae_config(data_dir, num_steps=SHORT_STEPS, grid_images=0)
+    else:
+        raise ValueError(f"{job!r} is not one of {TRAINING_JOBS}")
+    config.checkpoint.update(every_steps=1, max_to_keep=2)
+    return config
+
+
+def get_config(arg: str) -> ml_collections.ConfigDict:
+    """The command line's config: ``JOB,DATA_DIR[,SOURCE_WORKDIR]`` -> `short_training_config`."""
+    return short_training_config(*arg.split(","))
 
 
 def write_checkpoint(tmp_path_factory, data_dir: str, step: int = 5):

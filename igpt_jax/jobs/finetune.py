@@ -11,10 +11,13 @@ the best parameters are kept in ``{run}/best`` (early stopping: ``patience`` eva
 the run); at the end the best parameters are scored on the test split. BERT models train on masked inputs and are
 evaluated with ``bert_ensemble`` masks per example (modal prediction, ties at random).
 
-The run directory is the workdir, or ``{workdir}/finetune`` when the workdir is also the pretraining source. It
-resumes exactly like pretraining (state, early-stopping record and data position in the latest checkpoint) and
-writes ``results.json`` there; a resumed run's results name the pretrained source its first segment started from and
-count the wall time of every segment (``segments``: steps and seconds of each invocation).
+The run directory is the workdir, or ``{workdir}/finetune`` when the workdir is also the pretraining source. The
+run is driven by the training skeleton (`igpt_jax.training.loop.TrainingRun`), like pretraining: it resumes exactly
+(state, early-stopping record and data position in the newest readable checkpoint; changed settings refused or
+recorded), SIGTERM or SIGINT saves the current step, and at the end it writes ``results.json`` there, then
+``FINISHED``; a rerun of a finished run (also one stopped early) says so and returns its results. A resumed run's
+results name the pretrained source its first segment started from and count the wall time of every segment
+(``segments``: steps and seconds of each invocation).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from etils import epath
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
+from igpt_jax.config import checks as config_checks
 from igpt_jax.data import config as data_config
 from igpt_jax.data import iterators, multihost, palette_cache, records
 from igpt_jax.data.palette import Palette
@@ -48,12 +52,10 @@ from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.training import optim
-from igpt_jax.training.run_log import PreemptionWatcher, RunLog
-from igpt_jax.training.segments import Segments, total_seconds
-from igpt_jax.workdir import jsonable, workpath_of
+from igpt_jax.training.loop import Evaluation, TrainingRun
+from igpt_jax.training.segments import total_seconds
+from igpt_jax.workdir import jsonable
 
-OBJECTIVES = ("gen+clf", "clf")
-INITS = ("pretrained", "random")
 RESULTS = workdir_files.RESULTS
 # Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
 VAL_HISTORY = workdir_files.VAL_HISTORY
@@ -180,12 +182,12 @@ class Evaluator:
     def accuracy(self, params: Any, split: str) -> dict[str, float]:
         rows = multihost.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
         it = iterators.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
-                                     palette=self.palette, rows=rows)
+                                         palette=self.palette, rows=rows)
         preds, labels, masks = [], [], []
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             for local in it:
                 batch = multihost.make_global_batch({k: local[k] for k in ("tokens", "label", "mask", "index")},
-                                                    self.mesh, sharding.batch_axes(self.rules), rows)
+                                                        self.mesh, sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(self.fn(params, batch))
                 preds.append(out["predictions"])
                 labels.append(out["label"])
@@ -222,70 +224,137 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     Raises:
       FileNotFoundError: no pretraining checkpoint where it should be.
       ValueError: a model config that disagrees with the checkpoint, a number of classes that disagrees with the
-        dataset (or with the head of the checkpoint being resumed), bad options.
+        dataset (or with the head of the checkpoint being resumed), bad options (`igpt_jax.config.checks`).
     """
     t_start = time.time()
     fcfg = config.finetune
-    if fcfg.objective not in OBJECTIVES:
-        raise ValueError(f"finetune.objective={fcfg.objective!r}, expected one of {OBJECTIVES}")
-    if fcfg.init not in INITS:
-        raise ValueError(f"finetune.init={fcfg.init!r}, expected one of {INITS}")
-    if int(fcfg.num_steps) < 1 or int(fcfg.eval_every) < 1:
-        raise ValueError(f"finetune.num_steps={fcfg.num_steps} and finetune.eval_every={fcfg.eval_every} must be >= 1")
+    config_checks.validate(config, num_devices=len(devices) if devices is not None else jax.device_count())
     if config.data.fold_val:
         logging.warning("data.fold_val=True: the validation split used for early stopping is part of the training "
                         "data; use it only for a final run with a fixed number of steps")
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
-    run_dir = run_directory(config, workdir)
-    workpath = workpath_of(run_dir)
-    primary = jax.process_index() == 0
-    if primary:
-        workpath.mkdir(parents=True, exist_ok=True)
+    batch_size = int(fcfg.batch_size or config.train.batch_size)
+    with TrainingRun(run_directory(config, workdir), config.checkpoint, num_steps=int(fcfg.num_steps),
+                     log_every=int(fcfg.log_every), stop_at_step=stop_at_step, stops_early=int(fcfg.patience) > 0,
+                     t_start=t_start) as run:
+        if run.already_finished():
+            return {**_read_results(run.workpath), **run.finished_result()}
+        start = starting_point(config, workdir, run)
+        schedule = optim.learning_rate_schedule(float(fcfg.lr), warmup_steps=int(fcfg.warmup_steps),
+                                                total_steps=int(fcfg.num_steps), kind="constant")
+        tx = optim.make_optimizer(config.train, schedule)
+        layout = state_layout(start.model_cfg, start.num_classes, tx, mesh, rules)
+        train_rows = multihost.host_rows(batch_size, mesh, sharding.batch_axes(rules))
+        train_iter = iterators.make_iterator(start.data_cfg, "train", batch_size=train_rows.size,
+                                                 rows=train_rows, train=True, seed=config.seed, palette=start.palette)
+        base_rng = jax.random.key(config.seed)
+        state = run.restore_or_create(
+            layout.abstract, lambda: start.initial_state(tx, layout, mesh, rules, jax.random.fold_in(base_rng, 1)),
+            data_iterator=train_iter, config=start.stored_config(config), palette=start.palette.centres,
+            tokens_per_step=batch_size * start.data_cfg.resolution**2)
+        step_fn = jax.jit(
+            lambda s, b: finetune_step(s, b, model_cfg=start.model_cfg, tx=tx, schedule=schedule,
+                                       base_rng=jax.random.fold_in(base_rng, 2), head_layer=start.head_layer,
+                                       use_gen=fcfg.objective == "gen+clf"),
+            in_shardings=(layout.shardings, sharding.batch_sharding(mesh, rules)),
+            out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
+        evaluator = Evaluator(start.model_cfg, layout, mesh, rules, start.data_cfg, start.palette,
+                              batch_size=int(fcfg.eval_batch_size or batch_size), head_layer=start.head_layer,
+                              num_masks=max(1, int(fcfg.bert_ensemble)), seed=config.seed,
+                              num_classes=start.num_classes)
+        stopping = EarlyStopping(run, evaluator, layout, patience=int(fcfg.patience))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            if run.start_step == 0 and float(state.best_accuracy) < 0:
+                state = stopping.evaluate(0, state)  # the zero-initialised head
+            state = run.train(
+                state, train_step=step_fn, evaluations=[Evaluation(int(fcfg.eval_every), stopping.evaluate)],
+                stop_early=stopping.stopped, next_batch=lambda: multihost.make_global_batch(
+                    {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
+                    sharding.batch_axes(rules), train_rows))
+        if run.stopped:
+            return run.result
+        results = final_results(config, start, state, stopping, run)  # before FINISHED
+        table = format_table(results)
+        if run.primary:
+            (run.workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
+            print(table, flush=True)
+            print(f"Fine-tuning results: {run.workpath / RESULTS}", flush=True)
+        return {**run.finish(), **results, "table": table}
 
-    ckpt = ckpt_lib.Checkpointer(run_dir, every_steps=1, max_to_keep=config.checkpoint.max_to_keep,
-                                 async_save=config.checkpoint.async_save)
-    closers: list[Any] = [ckpt.close]
-    try:
-        return _run(config, workdir, run_dir, workpath, ckpt, closers, mesh=mesh, rules=rules,
-                    stop_at_step=stop_at_step, t_start=t_start)
-    finally:
-        for close in reversed(closers):
-            close()
+
+@dataclasses.dataclass
+class StartingPoint:
+    """What a fine-tuning run starts from: the model, tokens and classes, and the source of its parameters.
+
+    Resuming: everything from the run's own checkpoint (its parameters are restored with the state). Otherwise a
+    pretrained source (a run's checkpoint or a converted model, `source`) or, with ``finetune.init='random'``, the
+    config's model with random parameters.
+    """
+
+    model_cfg: ModelConfig
+    palette: Palette
+    data_cfg: ml_collections.ConfigDict
+    num_classes: int
+    head_layer: int  # -1: the final norm
+    where: str  # what the settings come from, for messages
+    source: pretrained.Source | None = None  # where a new run's parameters are read (None: random, or resuming)
+    source_step: int | None = None
+    source_name: str | None = None  # the pretrained checkpoint the run's first segment started from
+
+    def initial_state(self, tx, layout: Layout, mesh, rules, rng: jax.Array) -> FinetuneState:
+        """A new run's state: the source's parameters (or random ones) and a zero head."""
+        model_params = None
+        if self.source is not None:
+            model_params = self.source.restore_params(self.source_step, param_layout(self.model_cfg, mesh, rules))
+            logging.info("fine-tuning from %s", self.where)
+        return create_state(model_params, self.model_cfg, self.num_classes, tx, layout, mesh, rules, rng)
+
+    def stored_config(self, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """The config the run's checkpoints store: the job's, with the model, data and head it really runs."""
+        saved = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
+        saved.model = dataclasses.asdict(self.model_cfg)
+        saved.data = self.data_cfg.to_dict()
+        saved.finetune.num_classes = self.num_classes
+        saved.finetune.head_layer = self.head_layer
+        saved.checkpoint.step = -1 if self.source_step is None else self.source_step
+        saved.finetune.source_checkpoint = self.source_name
+        return saved
 
 
-def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop_at_step, t_start) -> dict[str, Any]:
-    fcfg = config.finetune
-    primary = jax.process_index() == 0
+def starting_point(config: ml_collections.ConfigDict, workdir: str, run: TrainingRun) -> StartingPoint:
+    """The run's `StartingPoint`: its own newest checkpoint when resuming, else the pretrained source or random init.
 
-    # ------------------------------------------------------------------ model, palette, classes
-    latest = ckpt.latest_step()
-    source, source_step, source_name = None, None, None
+    Raises:
+      FileNotFoundError: no pretrained source where the config says. ValueError: classes, head layer or settings
+        that disagree with the dataset, the source or the checkpoint being resumed.
+    """
+    fcfg, latest = config.finetune, run.ckpt.latest_step()
     num_classes = records.num_classes(config.data)
     if fcfg.num_classes and int(fcfg.num_classes) != num_classes:
         raise ValueError(f"finetune.num_classes={fcfg.num_classes} but dataset {config.data.name!r} (data_dir "
                          f"{data_config.resolve_data_dir(config.data.data_dir)}) has {num_classes} classes")
     if latest is not None:  # resuming: everything from our own checkpoint
-        where = f"checkpoint {ckpt.directory}/{latest}"
-        saved = ckpt.restore_config(latest)
+        where = f"checkpoint {run.ckpt.directory}/{latest}"
+        saved = run.ckpt.restore_config(latest)
         model_cfg = pretrained.model_config_for_job(config.model, ModelConfig.from_config(saved.model), where=where)
-        palette = Palette(ckpt.restore_palette(latest))
         data_cfg = pretrained.data_config_for_job(
             config.data, {k: int(saved.data[k]) for k in pretrained.DATA_FIELDS}, model_cfg, where=where)
-        saved_classes = int(saved.finetune.num_classes)
-        if saved_classes != num_classes:
-            raise ValueError(f"{where} has a head for {saved_classes} classes but dataset {config.data.name!r} has "
-                             f"{num_classes}: use a new workdir for a different dataset")
-        source_step = int(saved.checkpoint.step)
+        if int(saved.finetune.num_classes) != num_classes:
+            raise ValueError(f"{where} has a head for {saved.finetune.num_classes} classes but dataset "
+                             f"{config.data.name!r} has {num_classes}: use a new workdir for a different dataset")
+        start = StartingPoint(model_cfg, Palette(run.ckpt.restore_palette(latest)), data_cfg, num_classes, -1, where,
+                              source_step=int(saved.checkpoint.step))
         if fcfg.init == "pretrained":  # as the first segment named it (checkpoints written before it was kept: step)
-            source_name = saved.finetune.get("source_checkpoint") or (
-                f"step {source_step} of {pretrained.source_path(saved, workdir)}")
+            start.source_name = saved.finetune.get("source_checkpoint") or (
+                f"step {start.source_step} of {pretrained.source_path(saved, workdir)}")
     elif fcfg.init == "pretrained":
         source = pretrained.open_source(config, workdir)
-        closers.append(source.close)
-        source_step = source.resolve_step(int(config.checkpoint.step))
-        where = source_name = source.where(source_step)
-        model_cfg, palette, data_cfg = source.settings(config, source_step)
+        run.close_later(source.close)
+        step = source.resolve_step(int(config.checkpoint.step))
+        model_cfg, palette, data_cfg = source.settings(config, step)
+        start = StartingPoint(model_cfg, palette, data_cfg, num_classes, -1, source.where(step), source, step,
+                              source.where(step))
     else:
         where = "config.model (random init)"
         model_cfg = ModelConfig.from_config(config.model)
@@ -293,171 +362,106 @@ def _run(config, workdir, run_dir, workpath, ckpt, closers, *, mesh, rules, stop
         data_cfg = pretrained.data_config_for_job(
             config.data, {k: int(config.data[k]) for k in pretrained.DATA_FIELDS}, model_cfg, where=where)
         if palette.k != model_cfg.vocab_size:
-            raise ValueError(f"data.n_colors={palette.k} differs from model.vocab_size={model_cfg.vocab_size} ({where})")
-    model_cfg = model_cfg.replace(dropout=float(fcfg.dropout))
+            raise ValueError(
+                f"data.n_colors={palette.k} differs from model.vocab_size={model_cfg.vocab_size} ({where})")
+        start = StartingPoint(model_cfg, palette, data_cfg, num_classes, -1, where)
+    start.model_cfg = start.model_cfg.replace(dropout=float(fcfg.dropout))
     head_layer = int(fcfg.head_layer)
-    if not -1 <= head_layer <= model_cfg.n_layer:
-        raise ValueError(f"finetune.head_layer={head_layer} must be -1 (final norm) or in [0, {model_cfg.n_layer}]")
-    if head_layer == model_cfg.n_layer:
-        head_layer = -1
+    if not -1 <= head_layer <= start.model_cfg.n_layer:
+        raise ValueError(
+            f"finetune.head_layer={head_layer} must be -1 (final norm) or in [0, {start.model_cfg.n_layer}]")
+    start.head_layer = -1 if head_layer == start.model_cfg.n_layer else head_layer
+    return start
 
-    # ------------------------------------------------------------------ optimizer, state, steps
-    batch_size = int(fcfg.batch_size or config.train.batch_size)
-    eval_batch = int(fcfg.eval_batch_size or batch_size)
-    sharding.check_batch_divides(batch_size, mesh, rules, what="finetune.batch_size")
-    sharding.check_batch_divides(eval_batch, mesh, rules, what="finetune.eval_batch_size")
-    num_steps = int(fcfg.num_steps)
-    schedule = optim.learning_rate_schedule(float(fcfg.lr), warmup_steps=int(fcfg.warmup_steps),
-                                            total_steps=num_steps, kind="constant")
-    tx = optim.make_optimizer(config.train, schedule)
-    layout = state_layout(model_cfg, num_classes, tx, mesh, rules)
-    train_rows = multihost.host_rows(batch_size, mesh, sharding.batch_axes(rules))
-    train_iter = iterators.make_iterator(data_cfg, "train", batch_size=train_rows.size, rows=train_rows,
-                                         train=True, seed=config.seed, palette=palette)
-    base_rng = jax.random.key(config.seed)
-    if latest is not None:
-        state = ckpt.restore(latest, layout.abstract, data_iterator=train_iter)
-        logging.info("resumed fine-tuning from %s at step %d", ckpt.directory, latest)
-    else:
-        model_params = None
-        if source is not None:
-            model_params = source.restore_params(source_step, param_layout(model_cfg, mesh, rules))
-            logging.info("fine-tuning from %s", where)
-        state = create_state(model_params, model_cfg, num_classes, tx, layout, mesh, rules,
-                             jax.random.fold_in(base_rng, 1))
 
-    use_gen = fcfg.objective == "gen+clf"
-    step_fn = jax.jit(
-        lambda s, b: finetune_step(s, b, model_cfg=model_cfg, tx=tx, schedule=schedule,
-                                   base_rng=jax.random.fold_in(base_rng, 2), head_layer=head_layer, use_gen=use_gen),
-        in_shardings=(layout.shardings, sharding.batch_sharding(mesh, rules)),
-        out_shardings=(layout.shardings, sharding.replicated(mesh)), donate_argnums=0)
-    evaluator = Evaluator(model_cfg, layout, mesh, rules, data_cfg, palette, batch_size=eval_batch,
-                          head_layer=head_layer, num_masks=max(1, int(fcfg.bert_ensemble)), seed=config.seed,
-                          num_classes=num_classes)
+class EarlyStopping:
+    """Validation accuracy at each evaluation, the best parameters kept in ``{run}/best``, and the early stop.
 
-    saved_config = ml_collections.ConfigDict(json.loads(config.to_json_best_effort()))
-    saved_config.model = dataclasses.asdict(model_cfg)
-    saved_config.data = data_cfg.to_dict()
-    saved_config.finetune.num_classes = num_classes
-    saved_config.finetune.head_layer = head_layer
-    saved_config.checkpoint.step = -1 if source_step is None else source_step
-    saved_config.finetune.source_checkpoint = source_name
-    save_kwargs = dict(config=saved_config, palette=palette.centres)
-    best_ckpt = ckpt_lib.Checkpointer(str(workpath / workdir_files.FINETUNE_BEST), every_steps=1, max_to_keep=1, async_save=False)
-    closers.append(best_ckpt.close)
+    The record (best accuracy and step, evaluations since the best, the zero head's accuracy) is part of the state,
+    so a resumed run continues it; every evaluation is also kept in ``val_history.json`` (cut back to the resumed
+    step), metrics.jsonl and TensorBoard (``val/accuracy``).
+    """
 
-    start_step = int(jax.device_get(state.step))
-    log = RunLog(workpath, num_steps=num_steps, start_step=start_step,
-                   tokens_per_step=batch_size * data_cfg.resolution**2, local="://" not in run_dir)
-    closers.append(log.close)
-    watcher = PreemptionWatcher(stop_at_step)
-    closers.append(watcher.close)
-    patience = int(fcfg.patience)
-    result: dict[str, Any] = {"resumed": latest is not None, "start_step": start_step}
-    # Evaluations after the restored step are redone, so their records are dropped.
-    val_history = [rec for rec in _read_list(workpath / VAL_HISTORY) if rec["step"] <= start_step]
-    segments = Segments(workpath, start_step=start_step, resumed=latest is not None, writer=primary, t_start=t_start)
+    def __init__(self, run: TrainingRun, evaluator: Evaluator, layout: Layout, *, patience: int):
+        self.run, self.evaluator, self.layout, self.patience = run, evaluator, layout, patience
+        self.best = ckpt_lib.Checkpointer(str(run.workpath / workdir_files.FINETUNE_BEST), every_steps=1,
+                                          max_to_keep=1, async_save=False)
+        run.close_later(self.best.close)
+        # Evaluations after the restored step are redone, so their records are dropped.
+        self.history = [rec for rec in _read_list(run.workpath / VAL_HISTORY) if rec["step"] <= run.start_step]
 
-    def record(step: int, acc: dict[str, float]) -> None:
-        nonlocal state
-        best, evals_since = float(state.best_accuracy), int(state.evals_since_best)
-        improved = acc["accuracy"] > best
+    def stopped(self, state: FinetuneState) -> bool:
+        """Whether `patience` evaluations in a row did not improve on the best (0: never stop early)."""
+        return self.patience > 0 and int(state.evals_since_best) >= self.patience
+
+    def evaluate(self, step: int, state: FinetuneState) -> FinetuneState:
+        """Measures validation accuracy at `step` and records it; returns the state with the updated record."""
+        acc = self.evaluator.accuracy(state.params, "validation")
         extra = {}
         if step == 0 and float(state.initial_accuracy) < 0:
             extra["initial_accuracy"] = jnp.float32(acc["accuracy"])
-        if improved:
-            if step not in best_ckpt.all_steps():
-                best_ckpt.save(step, state.params, force=True)
-                best_ckpt.wait()
+        if acc["accuracy"] > float(state.best_accuracy):
+            if step not in self.best.all_steps():
+                self.best.save(step, state.params, force=True)
+                self.best.wait()
             state = state.replace(best_accuracy=jnp.float32(acc["accuracy"]), best_step=jnp.int32(step),
                                   evals_since_best=jnp.int32(0), **extra)
         else:
-            state = state.replace(evals_since_best=jnp.int32(evals_since + 1), **extra)
-        state = jax.device_put(state, layout.shardings)
+            state = state.replace(evals_since_best=jnp.int32(int(state.evals_since_best) + 1), **extra)
+        state = jax.device_put(state, self.layout.shardings)
         logging.info("step %d: validation accuracy %.4f (best %.4f at step %d)", step, acc["accuracy"],
                      float(state.best_accuracy), int(state.best_step))
         rec = {"step": step, "val_accuracy": acc["accuracy"], **(
             {"val_accuracy_single_mask": acc["accuracy_single_mask"]} if "accuracy_single_mask" in acc else {})}
-        val_history.append(rec)
-        if primary:
-            (workpath / VAL_HISTORY).write_text(json.dumps(val_history))
-        log._append([rec])
-        if log.writer:
-            log.writer.scalars(step, {"val/accuracy": acc["accuracy"]})
+        self.history.append(rec)
+        if self.run.primary:
+            (self.run.workpath / VAL_HISTORY).write_text(json.dumps(self.history))
+        self.run.log.append([rec])
+        if self.run.log.writer:
+            self.run.log.writer.scalars(step, {"val/accuracy": acc["accuracy"]})
+        if self.stopped(state):
+            logging.info("early stop at step %d: %d evaluations without improvement", step, self.patience)
+        return state
 
-    def stopped_early() -> bool:
-        return patience > 0 and int(state.evals_since_best) >= patience
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        step = start_step
-        if step == 0 and float(state.best_accuracy) < 0:
-            record(0, evaluator.accuracy(state.params, "validation"))  # the zero-initialised head
-        while step < num_steps and not stopped_early():
-            batch = multihost.make_global_batch(
-                {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
-                sharding.batch_axes(rules), train_rows)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            log.add(step, metrics)
-            stop = watcher.should_stop(step)
-            final = step == num_steps
-            evaluate_now = step % int(fcfg.eval_every) == 0 or final
-            save_now = evaluate_now or stop or step % int(config.checkpoint.every_steps) == 0
-            if save_now or step % int(fcfg.log_every) == 0:
-                log.flush(last_good=ckpt.latest_step(), directory=ckpt.directory)
-            if evaluate_now:
-                record(step, evaluator.accuracy(state.params, "validation"))
-                if stopped_early():
-                    logging.info("early stop at step %d: %d evaluations without improvement", step, patience)
-            if save_now or stopped_early():
-                log.sync()  # the metrics up to this step are on disk before the checkpoint is
-                ckpt.save(step, state, data_iterator=train_iter, force=True, **save_kwargs)
-                segments.save(step)
-            if stop and not final and not stopped_early():
-                ckpt.wait()
-                print(f"Stopped at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
-                result.update(step=step, preempted=True, history=log.history)
-                return result
-    ckpt.wait()
-
-    # ------------------------------------------------------------------ the best parameters on test
+def final_results(config: ml_collections.ConfigDict, start: StartingPoint, state: FinetuneState,
+                 stopping: EarlyStopping, run: TrainingRun) -> dict[str, Any]:
+    """The best parameters' accuracy on the test split, and the run's results (``results.json``)."""
     best_step = int(state.best_step)
-    best_params = best_ckpt.restore(best_step, layout.abstract.params)
-    test = evaluator.accuracy(best_params, "test")
+    best_params = stopping.best.restore(best_step, stopping.layout.abstract.params)
+    test = stopping.evaluator.accuracy(best_params, "test")
     del best_params
-    history = val_history
-    by_step = {h["step"]: h["val_accuracy"] for h in history}
+    by_step = {h["step"]: h["val_accuracy"] for h in stopping.history}
     results = {
         "job": "finetune",
-        "run_dir": str(workpath),
-        "init": fcfg.init,
-        "source_checkpoint": source_name,
-        "pretrained_step": source_step,
-        "objective": fcfg.objective,
-        "head_layer": head_layer,
+        "run_dir": str(run.workpath),
+        "init": config.finetune.init,
+        "source_checkpoint": start.source_name,
+        "pretrained_step": start.source_step,
+        "objective": config.finetune.objective,
+        "head_layer": start.head_layer,
         "dataset": config.data.name,
-        "num_classes": num_classes,
+        "num_classes": start.num_classes,
         "steps": int(state.step),
-        "early_stopped": stopped_early(),
+        "early_stopped": stopping.stopped(state),
         "initial_val_accuracy": by_step.get(0, float(state.initial_accuracy)),
         "best_step": best_step,
         "best_val_accuracy": by_step.get(best_step, float(state.best_accuracy)),
         "test_accuracy": test["accuracy"],
         **({"test_accuracy_single_mask": test["accuracy_single_mask"]} if "accuracy_single_mask" in test else {}),
-        "bert_masks": evaluator.num_masks,
-        "val_history": history,
-        "config": saved_config.to_dict(),
-        "segments": segments.save(int(state.step)),  # the test evaluation's time included
+        "bert_masks": stopping.evaluator.num_masks,
+        "val_history": stopping.history,
+        "config": start.stored_config(config).to_dict(),
+        "segments": run.save_segments(),  # the test evaluation's time included
     }
     results["seconds"] = total_seconds(results["segments"])
-    table = format_table(results)
-    if primary:
-        (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
-        print(table, flush=True)
-        print(f"Fine-tuning results: {workpath / RESULTS}", flush=True)
-    result.update(results, history=log.history, table=table)
-    return result
+    return results
+
+
+def _read_results(workpath: epath.Path) -> dict[str, Any]:
+    """The results a finished run wrote (none: {})."""
+    path = workpath / RESULTS
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _read_list(path: epath.Path) -> list[dict[str, float]]:

@@ -5,17 +5,21 @@ Input: ``config.vqvae.data`` (a data config read with ``tokens='raw'``: images i
 (the model has under 200K parameters). Each step: Adam (``vqvae.lr``, paper 1e-4) on reconstruction / data variance
 + 0.02 x commitment, then the EMA codebook update and the revival of dead codes (igpt_jax/models/vqvae.py).
 
-Like pretraining: Orbax checkpoints with the data position (resumes exactly; an unreadable newest step is moved
-aside and the previous one restored; a resume that would change the VQ-VAE's architecture, images or schedule is
-refused or recorded as igpt_jax/config/changes.py says), a finished run says so, SIGTERM saves and exits, progress lines, TensorBoard and metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity,
-codes_used, revived). At the end: reconstruction MSE (and RMSE in grey levels) and codebook usage on the test split
--> ``vqvae_results.json``, and ``reconstructions.png`` (test images above their reconstructions).
+Runs on the training skeleton, like pretraining (`igpt_jax.training.loop.TrainingRun`): Orbax checkpoints with the
+data position (resumes exactly; an unreadable newest step is moved aside and the previous one restored; a resume
+that would change the VQ-VAE's architecture, images or schedule is refused or recorded as igpt_jax/config/changes.py
+says), a finished run says so, SIGTERM or SIGINT saves and exits naming the signal, progress lines, TensorBoard and
+metrics.jsonl (loss, recon_loss, mse, commit_loss, perplexity, codes_used, revived), ``segments.json``. Nothing is
+evaluated while it trains. At the end: reconstruction MSE (and RMSE in grey levels) and codebook usage on the test
+split -> ``vqvae_results.json``, and ``reconstructions.png`` (test images above their reconstructions); then
+``FINISHED``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import jax
@@ -29,7 +33,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from igpt_jax import sharding
 from igpt_jax import workdir as workdir_files
-from igpt_jax.config import changes as config_changes
 from igpt_jax.data import iterators, multihost, palette_cache
 from igpt_jax.models import vqvae as vq
 from igpt_jax.pretrained.vqvae import (
@@ -43,9 +46,7 @@ from igpt_jax.pretrained.vqvae import (
     to_uint8,
 )
 from igpt_jax.reports import images
-from igpt_jax.training import checkpoint as ckpt_lib
-from igpt_jax.training.run_log import FINISHED_MARKER, PreemptionWatcher, RunLog
-from igpt_jax.workdir import workpath_of
+from igpt_jax.training.loop import TrainingRun
 
 RESULTS_FILE, GRID_FILE = workdir_files.VQVAE_RESULTS, workdir_files.VQVAE_GRID
 
@@ -87,7 +88,7 @@ def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str
     palette's error), the codes' usage, and the first `grid_images` originals and reconstructions (uint8)."""
     fn = reconstruct_fn(cfg)
     it = iterators.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
-                                 shard_index=0, shard_count=1)
+                                     shard_index=0, shard_count=1)
     sq_sum, sq8_sum, values, counts = 0.0, 0.0, 0, np.zeros(cfg.vocab_size, np.int64)
     originals, recons = [], []
     for batch in it:
@@ -115,55 +116,50 @@ def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None
         ) -> dict[str, Any]:
     """Trains (or resumes) the VQ-VAE in `workdir`; returns the metrics and the test reconstruction error."""
-    vq_cfg = model_config(config)
-    data_cfg = source_data_config(config)
+    t_start = time.time()
+    vq_cfg, data_cfg = model_config(config), source_data_config(config)
     res = int(data_cfg.resolution)
-    workpath = workpath_of(workdir)
-    if jax.process_index() == 0:
-        workpath.mkdir(parents=True, exist_ok=True)
-
     rules = sharding.rules_from_config(config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.shape, devices)
     global_batch = int(config.vqvae.batch_size)
     sharding.check_batch_divides(global_batch, mesh, rules, what="vqvae.batch_size")
     rows = multihost.host_rows(global_batch, mesh, sharding.batch_axes(rules))
     train_iter = iterators.make_iterator(data_cfg, "train", batch_size=rows.size, train=True, seed=config.seed,
-                                         rows=rows)
+                                             rows=rows)
     tx = make_optimizer(config)
     replicated = NamedSharding(mesh, PartitionSpec())
-    num_steps = int(config.vqvae.num_steps)
-
-    ckpt = ckpt_lib.Checkpointer(workdir, every_steps=config.checkpoint.every_steps,
-                                 max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
-    latest = ckpt.latest_step()
     base_rng = jax.random.key(config.seed)
-    if latest is not None and latest >= num_steps:
-        print(f"Run already finished: {workdir} holds step {latest} of {num_steps}. Nothing to do.", flush=True)
-        ckpt.close()
-        return {"step": latest, "finished": True, "resumed": True}
-    accepted: list = []
 
-    def check_config(step: int, stored: ml_collections.ConfigDict) -> None:
-        check_checkpoint_codebook(ckpt, step, vq_cfg, stored=stored)
-        accepted[:] = config_changes.check_resume(stored, config, step=step, workdir=workdir,
-                                                  allow_changes=bool(config.checkpoint.allow_changes))
-
-    try:  # the newest readable step; unreadable ones are moved aside (igpt_jax.training.checkpoint)
-        restored_step, state = (None, None) if latest is None else ckpt.restore_newest_readable(
-            abstract_state(vq_cfg, tx, res, mesh), data_iterator=train_iter, check_config=check_config)
-    except BaseException:  # a refused config change: nothing was written
-        ckpt.close()
-        raise
-    if restored_step is not None:
-        logging.info("resumed from %s at step %d", ckpt.directory, restored_step)
-    else:
-        accepted.clear()
+    def create() -> dict[str, Any]:
         variance = float(config.vqvae.data_variance) or estimate_data_variance(
             data_cfg, int(config.vqvae.variance_images), config.seed)
-        state = jax.device_put(create_state(vq_cfg, tx, res, jax.random.fold_in(base_rng, 1), variance), replicated)
-    start_step = int(jax.device_get(state["step"]))
-    if jax.process_index() == 0:
-        config_changes.settle(workpath, start_step, accepted, config)
+        return jax.device_put(create_state(vq_cfg, tx, res, jax.random.fold_in(base_rng, 1), variance), replicated)
+
+    with TrainingRun(workdir, config.checkpoint, num_steps=int(config.vqvae.num_steps),
+                     log_every=int(config.vqvae.log_every), stop_at_step=stop_at_step, t_start=t_start) as run:
+        if run.already_finished():
+            return run.finished_result()
+        state = run.restore_or_create(  # the checkpoint's codebook must be the config's, before the resume rules
+            abstract_state(vq_cfg, tx, res, mesh), create, data_iterator=train_iter, config=config,
+            tokens_per_step=global_batch * res * res,
+            check=lambda step, stored: check_checkpoint_codebook(run.ckpt, step, vq_cfg, stored=stored))
+        run.result["params"] = describe(vq_cfg, state, res, global_batch)
+        step_fn = jax.jit(lambda s, b, k: train_step(s, b, k, cfg=vq_cfg, tx=tx),
+                          in_shardings=(replicated, sharding.batch_sharding(mesh, rules), None),
+                          out_shardings=(replicated, None), donate_argnums=0)
+        step_rng = jax.random.fold_in(base_rng, 2)
+        with jax.set_mesh(mesh):
+            state = run.train(state, train_step=lambda s, b: step_fn(s, b, step_rng), next_batch=lambda: (
+                multihost.make_global_batch({"image": next(train_iter)["image"]}, mesh,
+                                                sharding.batch_axes(rules), rows)))
+        if run.stopped:
+            return run.result
+        tested = test_reconstruction(config, vq_cfg, state, data_cfg, run.workpath)  # before FINISHED
+        return {**run.finish(), **tested}
+
+
+def describe(vq_cfg: vq.VQVAEConfig, state: dict[str, Any], res: int, global_batch: int) -> int:
+    """Logs and prints the model's size, code grid, codebook and data variance; returns the parameter count."""
     n_params = vq.count_params(state["params"])
     grid = vq_cfg.grid(res)
     message = (f"VQ-VAE: {n_params:,} parameters outside the codebook ({vq_cfg.downsample} block(s), {res}x{res} -> "
@@ -172,51 +168,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
                f"{vq.expected_usage(global_batch * grid * grid, vq_cfg.vocab_size):.1f} per batch")
     logging.info("%s", message)
     print(message, flush=True)
-
-    step_fn = jax.jit(lambda s, b, k: train_step(s, b, k, cfg=vq_cfg, tx=tx),
-                      in_shardings=(replicated, sharding.batch_sharding(mesh, rules), None),
-                      out_shardings=(replicated, None), donate_argnums=0)
-    step_rng = jax.random.fold_in(base_rng, 2)
-    log = RunLog(workpath, num_steps=num_steps, start_step=start_step, tokens_per_step=global_batch * res * res,
-                 local="://" not in workdir)
-    watcher = PreemptionWatcher(stop_at_step)
-    log_every = int(config.vqvae.log_every)
-    result: dict[str, Any] = {"resumed": restored_step is not None, "start_step": start_step, "params": n_params}
-    try:
-        with jax.set_mesh(mesh):
-            step = start_step
-            while step < num_steps:
-                local = next(train_iter)
-                batch = multihost.make_global_batch({"image": local["image"]}, mesh, sharding.batch_axes(rules),
-                                                    rows)
-                state, metrics = step_fn(state, batch, step_rng)
-                step += 1
-                log.add(step, metrics)
-                stop = watcher.should_stop(step)
-                final = step == num_steps
-                save_now = final or stop or step % config.checkpoint.every_steps == 0
-                if save_now or step % log_every == 0:
-                    log.flush(last_good=ckpt.latest_step(), directory=ckpt.directory)
-                if save_now:
-                    ckpt.save(step, state, data_iterator=train_iter, config=config, force=True)
-                if stop and not final:
-                    ckpt.wait()
-                    print(f"Stopped by SIGTERM at step {step}; checkpoint saved in {ckpt.directory}.", flush=True)
-                    result.update(step=step, preempted=True, history=log.history)
-                    return result
-        ckpt.wait()
-        result.update(step=num_steps, finished=True, history=log.history)
-        result.update(finish(config, vq_cfg, state, data_cfg, workpath))
-        if jax.process_index() == 0:
-            (workpath / FINISHED_MARKER).write_text(f"{num_steps}\n")
-        return result
-    finally:
-        watcher.close()
-        log.close()
-        ckpt.close()
+    return n_params
 
 
-def finish(config, vq_cfg: vq.VQVAEConfig, state, data_cfg, workpath: epath.Path) -> dict[str, Any]:
+def test_reconstruction(config, vq_cfg: vq.VQVAEConfig, state, data_cfg, workpath: epath.Path) -> dict[str, Any]:
     """Test-split reconstruction error and codebook usage -> vqvae_results.json; reconstructions.png."""
     params, embeddings = jax.device_get(state["params"]), jax.device_get(state["codebook"].embeddings)
     n_grid = int(config.vqvae.grid_images)

@@ -1,5 +1,7 @@
 """What every training job shares.
 
+  loop            the run skeleton of every job that trains: resume, config checks, steps, evaluations, checkpoint
+                  cadence, SIGTERM/SIGINT, segments, FINISHED, cleanup (`TrainingRun`, `Evaluation`)
   optim           Adam/AdamW with warmup and cosine or constant schedules
   step            the pure pretraining train step, its state, layout and jitted forms; the evaluation step
   checkpoint      Orbax checkpoints: save, resume from the newest readable step, read a step's config and palette

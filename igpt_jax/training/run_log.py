@@ -1,5 +1,6 @@
 """What a training job records while it runs: metrics (progress line, TensorBoard, ``metrics.jsonl``) and the
-preemption signal (SIGTERM) that asks it to checkpoint and stop. Shared by the pretraining and fine-tuning jobs.
+preemption signal (SIGTERM, or SIGINT) that asks it to checkpoint and stop. `igpt_jax.training.loop.TrainingRun`
+opens both for every job that trains.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class RunLog:
         if not records:
             return
         self.history.extend(records)
-        self._append(records)
+        self.append(records)
         last = records[-1]
         self.progress.log(last["step"], {**last, **self.notes})
         if self.writer:
@@ -133,7 +134,7 @@ class RunLog:
     def validation(self, step: int, val: dict[str, float]) -> None:
         logging.info("step %d: validation loss %.4f nats/token (%.4f bits/token) over %d tokens", step, val["nll"],
                      val["bits_per_token"], int(val["tokens"]))
-        self._append([{"step": step, "val_loss": val["nll"], "val_bits_per_token": val["bits_per_token"]}])
+        self.append([{"step": step, "val_loss": val["nll"], "val_bits_per_token": val["bits_per_token"]}])
         if self.history and self.history[-1]["step"] == step:
             self.history[-1]["val_loss"] = val["nll"]
         if self.writer:
@@ -141,11 +142,12 @@ class RunLog:
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         """Records an evaluator's scalars of a step in metrics.jsonl (one record) and TensorBoard (tags as given)."""
-        self._append([{"step": step, **values}])
+        self.append([{"step": step, **values}])
         if self.writer:
             self.writer.scalars(step, values)
 
-    def _append(self, records: list[dict[str, float]]) -> None:
+    def append(self, records: list[dict[str, float]]) -> None:
+        """Appends records (each with its ``step``) to metrics.jsonl as they are; nothing goes to TensorBoard."""
         if self.metrics_file is not None:
             with open(self.metrics_file, "a") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)

@@ -22,7 +22,6 @@ import numpy as np
 from absl import app, flags
 
 from igpt_jax.data import iterators, palette_cache
-from igpt_jax.jobs import vqvae as vqvae_job
 from igpt_jax.pretrained import vqvae as vqvae_run
 from igpt_jax.training import checkpoint as ckpt_lib
 
@@ -58,7 +57,7 @@ def main(argv):
 
     trained = vqvae_run.load(_WORKDIR.value, -1, config)
     step = trained.step
-    test = vqvae_job.evaluate_split(trained.cfg, trained.params, trained.embeddings,
+    test = vqvae_run.evaluate_split(trained.cfg, trained.params, trained.embeddings,
                                     vqvae_run.source_data_config(config), "test", batch_size=500)
     out = {
         "images": int(len(full)),

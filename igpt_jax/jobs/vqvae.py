@@ -18,7 +18,6 @@ split -> ``vqvae_results.json``, and ``reconstructions.png`` (test images above 
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import Any
 
@@ -39,11 +38,10 @@ from igpt_jax.pretrained.vqvae import (
     abstract_state,
     check_checkpoint_codebook,
     create_state,
+    evaluate_split,
     make_optimizer,
     model_config,
-    reconstruct_fn,
     source_data_config,
-    to_uint8,
 )
 from igpt_jax.reports import images
 from igpt_jax.training.loop import TrainingRun
@@ -80,37 +78,6 @@ def estimate_data_variance(data_cfg: ml_collections.ConfigDict, num_images: int,
     """Variance of the pixels (in [-1, 1]) of `num_images` random training images (deterministic given seed)."""
     images = palette_cache.sample_images(data_cfg, max(1, num_images // 4) * data_cfg.resolution**2, seed)
     return float(np.var(images.astype(np.float64) / 127.5 - 1.0))
-
-
-def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str, *, batch_size: int,
-                   grid_images: int = 0) -> dict[str, Any]:
-    """Reconstruction MSE over a whole split ([-1, 1] units, and grey levels^2 after rounding to uint8, as the
-    palette's error), the codes' usage, and the first `grid_images` originals and reconstructions (uint8)."""
-    fn = reconstruct_fn(cfg)
-    it = iterators.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
-                                     shard_index=0, shard_count=1)
-    sq_sum, sq8_sum, values, counts = 0.0, 0.0, 0, np.zeros(cfg.vocab_size, np.int64)
-    originals, recons = [], []
-    for batch in it:
-        mask = batch["mask"]
-        codes, recon = jax.device_get(fn(params, embeddings, batch["image"]))
-        images, recon = batch["image"][mask], np.clip(recon[mask], -1.0, 1.0)
-        sq_sum += float(np.sum(np.square(recon.astype(np.float64) - images)))
-        sq8_sum += float(np.sum(np.square(to_uint8(recon).astype(np.float64) - to_uint8(images))))
-        values += images.size
-        counts += np.bincount(codes[mask].reshape(-1), minlength=cfg.vocab_size)
-        if sum(len(o) for o in originals) < grid_images:
-            originals.append(to_uint8(images))
-            recons.append(to_uint8(recon))
-    probs = counts / max(1, counts.sum())
-    nz = probs[probs > 0]
-    result = {"split": split, "mse": sq_sum / max(1, values), "mse_grey_levels": sq8_sum / max(1, values),
-              "rmse_grey_levels": math.sqrt(sq8_sum / max(1, values)), "codes_used": int(np.sum(counts > 0)),
-              "vocab_size": cfg.vocab_size, "perplexity": float(np.exp(-np.sum(nz * np.log(nz))))}
-    if grid_images:
-        result["originals"] = np.concatenate(originals)[:grid_images]
-        result["reconstructions"] = np.concatenate(recons)[:grid_images]
-    return result
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_at_step: int | None = None

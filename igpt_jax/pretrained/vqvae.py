@@ -5,6 +5,7 @@ to load a trained one (`load`, or `TrainedVQVAE.from_state` for a state in memor
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -18,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from igpt_jax import sharding
 from igpt_jax.config import settings
 from igpt_jax.data import codes as codes_lib
+from igpt_jax.data import iterators
 from igpt_jax.errors import ConfigError
 from igpt_jax.models import vqvae as vq
 from igpt_jax.training import checkpoint as ckpt_lib
@@ -74,6 +76,37 @@ def reconstruct_fn(cfg: vq.VQVAEConfig):
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> uint8, as the palette decodes its centres (rint(127.5 (x + 1)))."""
     return np.clip(np.rint(127.5 * (np.asarray(images, np.float64) + 1.0)), 0, 255).astype(np.uint8)
+
+
+def evaluate_split(cfg: vq.VQVAEConfig, params, embeddings, data_cfg, split: str, *, batch_size: int,
+                   grid_images: int = 0) -> dict[str, Any]:
+    """Reconstruction MSE over a whole split ([-1, 1] units, and grey levels^2 after rounding to uint8, as the
+    palette's error), the codes' usage, and the first `grid_images` originals and reconstructions (uint8)."""
+    fn = reconstruct_fn(cfg)
+    it = iterators.make_iterator(data_cfg, split, batch_size=batch_size, train=False, seed=0,
+                                 shard_index=0, shard_count=1)
+    sq_sum, sq8_sum, values, counts = 0.0, 0.0, 0, np.zeros(cfg.vocab_size, np.int64)
+    originals, recons = [], []
+    for batch in it:
+        mask = batch["mask"]
+        codes, recon = jax.device_get(fn(params, embeddings, batch["image"]))
+        images, recon = batch["image"][mask], np.clip(recon[mask], -1.0, 1.0)
+        sq_sum += float(np.sum(np.square(recon.astype(np.float64) - images)))
+        sq8_sum += float(np.sum(np.square(to_uint8(recon).astype(np.float64) - to_uint8(images))))
+        values += images.size
+        counts += np.bincount(codes[mask].reshape(-1), minlength=cfg.vocab_size)
+        if sum(len(o) for o in originals) < grid_images:
+            originals.append(to_uint8(images))
+            recons.append(to_uint8(recon))
+    probs = counts / max(1, counts.sum())
+    nz = probs[probs > 0]
+    result = {"split": split, "mse": sq_sum / max(1, values), "mse_grey_levels": sq8_sum / max(1, values),
+              "rmse_grey_levels": math.sqrt(sq8_sum / max(1, values)), "codes_used": int(np.sum(counts > 0)),
+              "vocab_size": cfg.vocab_size, "perplexity": float(np.exp(-np.sum(nz * np.log(nz))))}
+    if grid_images:
+        result["originals"] = np.concatenate(originals)[:grid_images]
+        result["reconstructions"] = np.concatenate(recons)[:grid_images]
+    return result
 
 
 def check_checkpoint_codebook(ckpt: ckpt_lib.Checkpointer, step: int, vq_cfg: vq.VQVAEConfig, *,

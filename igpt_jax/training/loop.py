@@ -180,6 +180,9 @@ class TrainingRun:
         self.config, self.palette, self.data_iterator = config, palette, data_iterator
         if self.primary:
             config_changes.settle(self.workpath, self.start_step, accepted, config)
+            # The run goes on (e.g. a finished run extended to more steps): an earlier FINISHED no longer holds, and
+            # launch/relaunch.sh must not stop on it.
+            (self.workpath / workdir_files.FINISHED).unlink(missing_ok=True)
         self._open_log(resumed=step is not None, tokens_per_step=tokens_per_step)
         return state
 

@@ -3,16 +3,27 @@
 import json
 import math
 
+import jax
 import pytest
 
 pytest.importorskip("libtpu", reason="the compile job needs libtpu (pip install libtpu) to describe TPU slices")
 
-from igpt_jax.config import checks as config_checks  # noqa: E402  # noqa: E402
+from igpt_jax.config import checks as config_checks  # noqa: E402
 from igpt_jax.config import defaults as config_defaults  # noqa: E402
 from igpt_jax.errors import ConfigError  # noqa: E402
 from igpt_jax.jobs import compile as compile_job  # noqa: E402
 
 TOPOLOGY = "v4:2x2x1"  # 4 chips, one JAX device each (megacore), one host
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_persistent_compilation_cache():
+    """TPU programs compiled for a described slice are not for this process's CPU client: the session's persistent
+    compilation cache (tests/conftest.py) could store them but not load them back (JAX warns and recompiles)."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
 
 
 def _tiny_config():

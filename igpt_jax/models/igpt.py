@@ -427,7 +427,8 @@ class IGPT(nn.Module):
         else:
             if bert_mask is not None:
                 if bert_mask.shape != tokens.shape:
-                    raise ValueError(f"bert_mask has shape {bert_mask.shape}, expected the tokens' shape {tokens.shape}")
+                    raise ValueError(f"bert_mask has shape {bert_mask.shape}, expected the tokens' shape "
+                                     f"{tokens.shape}")
                 emb = jnp.where(bert_mask[..., None], jnp.zeros((), dt), emb)
             x = emb + wpe[:length].astype(dt)[None]
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)

@@ -7,7 +7,8 @@ This is what loads OpenAI's released iGPT-S/M/L weights (`openai/imagegpt-small`
 
 (``--hf`` may also be a folder holding ``save_pretrained`` output of the model and of its image processor, e.g.
 copied by hand). The output is a converted model that every job accepts as
-``--config.checkpoint.source_workdir=/abs/path/igpt_s_openai`` (see `igpt_jax.pretrained.sources`): ``params/`` (an Orbax
+``--config.checkpoint.source_workdir=/abs/path/igpt_s_openai`` (see `igpt_jax.pretrained.sources`): ``params/``
+(an Orbax
 checkpoint of the plain parameter tree), ``model_config.json`` (our `ModelConfig`) and ``palette.json`` (the image
 processor's ``clusters``: OpenAI's 512 colours, already in [-1, 1]). The other way,
 

@@ -1,6 +1,9 @@
 """The paper's findings drawn from runs made with this framework: Figures 2, 3 and 4 and one table.
 
-Command:  python -m igpt_jax.reports.findings --run=AR=workdirs/ar16 --run=BERT=workdirs/bert16 --out=bench/figures/findings
+Command:
+
+    python -m igpt_jax.reports.findings --run=AR=workdirs/ar16 --run=BERT=workdirs/bert16 \\
+        --out=bench/figures/findings
 
 Each ``--run=LABEL=WORKDIR`` names a pretraining run whose follow-up jobs ran in it (``config.then``: the probe job
 writes ``WORKDIR/probe/results.json``, fine-tuning ``WORKDIR/finetune/results.json``; the tracking evaluator writes

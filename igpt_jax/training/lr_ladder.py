@@ -134,7 +134,8 @@ def plot(path: str, outcome: Outcome, *, title: str = "") -> None:
         title += f"; diverged: {', '.join(diverged)}"
     plots.line_chart(
         path,
-        series=[{"x": [t.lr for t in trials], "y": [_loss(t.val_loss) for t in trials], "label": "final validation loss",
+        series=[{"x": [t.lr for t in trials], "y": [_loss(t.val_loss) for t in trials],
+                 "label": "final validation loss",
                  "labels": [f"picked {t.lr:g}" if t.lr == outcome.picked_lr else "" for t in trials]}],
         title=title, xlabel="peak learning rate", ylabel="validation loss (nats/token)", log_x=True,
         point_labels=True,

@@ -38,7 +38,8 @@ def make_optimizer(train_cfg: Any, schedule: optax.Schedule) -> optax.GradientTr
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip_norm))
     if train_cfg.weight_decay:
         parts.append(
-            optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
+            optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                        weight_decay=train_cfg.weight_decay)
         )
     else:
         parts.append(optax.adam(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps))

@@ -1,4 +1,5 @@
-"""A resumable job's wall time over its invocations (``segments.json``), so a resumed job reports the whole job's time."""
+"""A resumable job's wall time over its invocations (``segments.json``), so that a resumed job reports the whole
+job's time."""
 
 from __future__ import annotations
 

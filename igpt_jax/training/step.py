@@ -129,7 +129,8 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, jax.Array], *, model_cfg: ModelConfig, rng: jax.Array) -> dict[str, jax.Array]:
+def eval_step(params: Any, batch: dict[str, jax.Array], *, model_cfg: ModelConfig, rng: jax.Array
+              ) -> dict[str, jax.Array]:
     """Summed NLL and token count of a (possibly padded) evaluation batch; sum them over batches for exact means."""
     _, aux = objectives.lm_loss(model_cfg, params, batch["tokens"], rng, example_mask=batch.get("mask"))
     return {"nll_sum": aux["nll_sum"], "count": aux["count"]}

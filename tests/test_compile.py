@@ -5,6 +5,7 @@ import math
 
 import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 pytest.importorskip("libtpu", reason="the compile job needs libtpu (pip install libtpu) to describe TPU slices")
 
@@ -22,8 +23,10 @@ def no_persistent_compilation_cache():
     compilation cache (tests/conftest.py) could store them but not load them back (JAX warns and recompiles)."""
     enabled = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # whether the cache is used is decided once per process: decide again
     yield
     jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
 
 
 def _tiny_config():

@@ -321,14 +321,14 @@ def test_logs_after_two_sigkills_hold_every_step_once(data_dir, tmp_path):
     cmd = _main_command(tmp_path, data_dir, f"--config.train.num_steps={steps}", "--config.checkpoint.every_steps=4")
     kills = []
     for until in (" 9/30 |", " 19/30 |"):  # killed after logging steps past its last checkpoint, twice
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(1), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(8), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         _wait_for_line(proc, until)
         proc.kill()
         proc.wait(timeout=60)
         ckpt = ckpt_lib.Checkpointer(str(tmp_path), create=False)
         kills.append((json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["step"], ckpt.latest_step()))
         ckpt.close()
-    finished = subprocess.run(cmd, cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=600)
+    finished = subprocess.run(cmd, cwd=REPO, env=_env(8), capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert any(logged > saved for logged, saved in kills)  # steps logged after the last checkpoint were redone
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -199,8 +199,8 @@ def _complete(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, decoder
     samples = tokens.reshape(len(originals), per_image, res * res)
     panels = images.completion_panels(decoder, originals, samples, resolution=res, given_rows=given * factor)
     info.update(split=str(sample_cfg.split), images=len(originals), given_rows=given, samples_per_image=per_image)
-    files = {"grid": workpath / "completions.png", "tokens": workpath / "completions.npy",
-             "originals": workpath / "originals.npy"}
+    files = {"grid": workpath / workdir_files.COMPLETIONS_GRID, "tokens": workpath / workdir_files.COMPLETIONS,
+             "originals": workpath / workdir_files.ORIGINALS}
     if jax.process_index() == 0:
         images.save_npy(files["tokens"], samples)
         images.save_npy(files["originals"], originals)
@@ -218,7 +218,7 @@ def _unconditional(loaded: Pretrained, sample_cfg: ml_collections.ConfigDict, de
     tokens, timing = generate_rows(loaded, np.zeros((n, 0), np.int32), sample_cfg)
     panels = images.sample_panels(decoder, tokens, resolution=int(loaded.data_cfg.resolution))
     info.update(num_samples=n)
-    files = {"grid": workpath / "samples.png", "tokens": workpath / "samples.npy"}
+    files = {"grid": workpath / workdir_files.SAMPLES_GRID, "tokens": workpath / workdir_files.SAMPLES}
     if jax.process_index() == 0:
         images.save_npy(files["tokens"], tokens)
     return {"samples": tokens}, panels, files, timing

@@ -3,6 +3,7 @@ the packages below it, no module imports a job (main runs them through the regis
 function-local imports are kept for optional heavy dependencies."""
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def resolve(name: str) -> str | None:
     return name if name and name != "igpt_jax" else None
 
 
+@functools.cache
 def graph() -> dict[str, set[str]]:
+    """Module -> the igpt_jax modules it imports (read once per session)."""
     return {m: {t for n, _ in imports_of(p) if n.startswith("igpt_jax") and (t := resolve(n)) and t != m}
             for m, p in MODULES.items()}
 

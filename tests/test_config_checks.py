@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cli_runner
 import pytest
 
 from igpt_jax.config import checks as config_checks
@@ -69,41 +70,53 @@ CLI_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("args,message", CLI_ERRORS, ids=[m.split(" ")[0][:40] for _, m in CLI_ERRORS])
-def test_bad_config_is_one_line_before_any_work(tmp_path, args, message):
-    workdir = tmp_path / "run"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))  # the data_dir of a run
-    result = _main(*args, f"--workdir={workdir}", env=env)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.splitlines() == [f"error: {message}"]
-    assert not workdir.exists() and not (tmp_path / "tfds").exists()  # no workdir, config.json or import
+@pytest.fixture(scope="module")
+def cli_errors(tmp_path_factory):
+    """Each CLI_ERRORS command's (result, its workdir, its TFDS data_dir), run through main in forked processes."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    dirs = [(root / f"{i}" / "run", root / f"{i}" / "tfds") for i in range(len(CLI_ERRORS))]
+    results = cli_runner.run_commands([
+        {"args": [*args, f"--workdir={workdir}"], "env": {"TFDS_DATA_DIR": str(tfds)}}  # the data_dir of a run
+        for (args, _), (workdir, tfds) in zip(CLI_ERRORS, dirs)] + [
+        {"args": ["--config=configs/demo.py", "--config.job=probe", f"--config.checkpoint.source_workdir={root / 'x'}",
+                  f"--workdir={root / 'probe'}"], "env": {"TFDS_DATA_DIR": str(root / "tfds")}},
+        {"args": ["--config=configs/demo.py", "--list"]},  # no --workdir needed
+        {"args": ["--help"]},
+    ])
+    return list(zip(results, dirs)) + [(r, (root, None)) for r in results[len(CLI_ERRORS):]]
 
 
-def test_a_missing_pretrained_source_is_one_line_and_writes_nothing(tmp_path):
-    workdir, source = tmp_path / "run", tmp_path / "nothing"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-    result = _main("--config=configs/demo.py", "--config.job=probe", f"--config.checkpoint.source_workdir={source}",
-                   f"--workdir={workdir}", env=env)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr  # before it, only the start-up log lines
-    assert result.stderr.splitlines()[-1] == (
+@pytest.mark.parametrize("case", range(len(CLI_ERRORS)), ids=[m.split(" ")[0][:40] for _, m in CLI_ERRORS])
+def test_bad_config_is_one_line_before_any_work(cli_errors, case):
+    result, (workdir, tfds) = cli_errors[case]
+    assert result["returncode"] == 2, result["stderr"][-2000:]
+    assert result["stderr"].splitlines() == [f"error: {CLI_ERRORS[case][1]}"]
+    assert not workdir.exists() and not tfds.exists()  # no workdir, config.json or import
+
+
+def test_a_missing_pretrained_source_is_one_line_and_writes_nothing(cli_errors):
+    result, (root, _) = cli_errors[len(CLI_ERRORS)]
+    source = root / "x"
+    assert result["returncode"] == 2, result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"]  # before it, only the start-up log lines
+    assert result["stderr"].splitlines()[-1] == (
         f"error: no checkpoint in {source}/checkpoints and no converted model in {source}: expected a pretraining "
-        "run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.pretrained.convert (model_config.json, "
-        "palette.json, params/)")
-    assert not workdir.exists()
+        "run's workdir (checkpoints/<step>) or a folder written by python -m igpt_jax.pretrained.convert "
+        "(model_config.json, palette.json, params/)")
+    assert not (root / "probe").exists()
 
 
-def test_list_prints_jobs_and_every_field_with_its_default_and_comment():
-    result = _main("--config=configs/demo.py", "--list")  # no --workdir needed
-    assert result.returncode == 0, result.stderr[-2000:]
-    out = result.stdout
+def test_list_prints_jobs_and_every_field_with_its_default_and_comment(cli_errors):
+    result = cli_errors[len(CLI_ERRORS) + 1][0]
+    assert result["returncode"] == 0, result["stderr"][-2000:]
+    out = result["stdout"]
     assert "  probe      linear probe of every layer's features of a pretraining checkpoint" in out
     assert "  train.batch_size = 64 [128]  # global, over all processes and devices\n" in out
     assert "  train.lr = 0.003  # peak learning rate (Adam)\n" in out
     assert "  model.vocab_size = 16  # number of palette colours (token ids are 0..vocab_size-1). (0: data.n_colors)" in out
     assert "  data.augment = 'shift' ['none']  # cifar | shift | imagenet | none (training only); auto:" in out
     assert "  then = ('probe', 'sample') [()]  # Jobs to run after `job`" in out
-    usage = _main("--help").stdout
+    usage = cli_errors[len(CLI_ERRORS) + 2][0]["stdout"]
     assert "--list" in usage and f"({', '.join(config_checks.JOBS)})" in usage.replace("\n", " ")
 
 

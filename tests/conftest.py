@@ -10,9 +10,12 @@ import tempfile
 # Must happen before jax is imported anywhere in the session. CPU only: with libtpu installed (for the AOT compile
 # tests, which describe TPU topologies without a TPU backend) JAX would otherwise probe for a TPU in every process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# LLVM's backend optimisation takes most of XLA:CPU's compile time, and the tests' tiny models run for milliseconds:
+# compile at level 0 (the comparisons are between programs compiled alike, and with the level-0 flag the committed
+# legacy workdir still resumes to its recorded losses bit for bit). Subprocesses inherit both flags.
+for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 # One persistent compilation cache for the session, inherited by every subprocess the tests start (the CLI, signal
 # and multi-process tests): a program compiled once (the tiny models' train steps recur in dozens of tests and

@@ -246,7 +246,7 @@ def _main_command(workdir, data_dir, *extra):
 
 def _env(devices: int) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")  # other flags stay
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

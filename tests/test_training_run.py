@@ -79,7 +79,10 @@ def uninterrupted(request, tmp_path_factory):
 def kill_after_first_checkpoint(job: str, data_dir: str, source: str, workdir: Path, output: Path) -> list[int]:
     """Starts the job's short run through the command line, SIGKILLs it once its first checkpoint is complete (it
     then saves at every step) and returns the complete steps left on disk."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1")
+    # One device (the command line's mesh covers every device); the session's other XLA flags stay, so that the
+    # killed run's steps are computed exactly as the in-process runs'.
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
     with open(output, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "igpt_jax.main", f"--config=tests/tiny_runs.py:{job},{data_dir},{source}",

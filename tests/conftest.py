@@ -49,6 +49,16 @@ def digits_data_dir(tmp_path_factory):
     return data_dir
 
 
+@pytest.fixture
+def digits_cfg(digits_data_dir):
+    """A fresh data config of the session's digits (its tests may change it)."""
+    from igpt_jax.data.config import default_data_config  # noqa: PLC0415
+
+    cfg = default_data_config("digits")
+    cfg.data_dir = digits_data_dir
+    return cfg
+
+
 @pytest.fixture(scope="session")
 def pretrained_digits_run(digits_data_dir, tmp_path_factory):
     """(data_dir, workdir) of a finished tiny pretraining run (`tiny_runs.downstream_config`), made once."""

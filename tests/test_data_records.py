@@ -14,51 +14,46 @@ from igpt_jax.data.config import default_data_config
 flags.FLAGS.mark_as_parsed()
 
 
-@pytest.fixture
-def cfg(digits_data_dir):
-    cfg = default_data_config('digits')
-    cfg.data_dir = digits_data_dir
-    return cfg
 
 
-def test_validation_is_the_end_of_the_tfds_train_split(cfg):
-    assert [records.split_bounds(cfg, s) for s in records.SPLITS] == [
+def test_validation_is_the_end_of_the_tfds_train_split(digits_cfg):
+    assert [records.split_bounds(digits_cfg, s) for s in records.SPLITS] == [
         ('train', 0, 1350), ('train', 1350, 1500), ('test', 0, 297)]
-    assert [records.num_examples(cfg, s) for s in records.SPLITS] == [1350, 150, 297]
-    assert records.num_classes(cfg) == 10
-    cfg.fold_val = True  # trains on the validation records too; 'validation' is unchanged
-    assert records.split_bounds(cfg, 'train') == ('train', 0, 1500)
-    assert records.split_bounds(cfg, 'validation') == ('train', 1350, 1500)
-    cfg.test_split = 'train'
-    assert records.split_bounds(cfg, 'test') == ('train', 0, 1500)
+    assert [records.num_examples(digits_cfg, s) for s in records.SPLITS] == [1350, 150, 297]
+    assert records.num_classes(digits_cfg) == 10
+    digits_cfg.fold_val = True  # trains on the validation records too; 'validation' is unchanged
+    assert records.split_bounds(digits_cfg, 'train') == ('train', 0, 1500)
+    assert records.split_bounds(digits_cfg, 'validation') == ('train', 1350, 1500)
+    digits_cfg.test_split = 'train'
+    assert records.split_bounds(digits_cfg, 'test') == ('train', 0, 1500)
 
 
-def test_bad_splits_are_refused(cfg):
+def test_bad_splits_are_refused(digits_cfg):
     with pytest.raises(ValueError, match='split must be one of'):
-        records.split_bounds(cfg, 'val')
-    cfg.val_fraction = 0.0
+        records.split_bounds(digits_cfg, 'val')
+    digits_cfg.val_fraction = 0.0
     with pytest.raises(ValueError, match='no validation split'):
-        records.num_examples(cfg, 'validation')
-    cfg.val_fraction = 1.0
+        records.num_examples(digits_cfg, 'validation')
+    digits_cfg.val_fraction = 1.0
     with pytest.raises(ValueError, match=r'val_fraction must be in \[0, 1\)'):
-        records.num_examples(cfg, 'train')
-    cfg.val_fraction, cfg.test_split = 0.1, 'dev'
+        records.num_examples(digits_cfg, 'train')
+    digits_cfg.val_fraction, digits_cfg.test_split = 0.1, 'dev'
     with pytest.raises(ValueError, match="has no split 'dev'"):
-        records.num_examples(cfg, 'test')
+        records.num_examples(digits_cfg, 'test')
 
 
 def test_tokens_kind():
-    cfg = default_data_config('digits')
-    assert records.tokens_kind(cfg) == 'palette'
-    del cfg.tokens  # a config written before data.tokens existed
-    assert records.tokens_kind(cfg) == 'palette'
-    cfg.tokens = 'pixels'
+    digits_cfg = default_data_config('digits')
+    assert records.tokens_kind(digits_cfg) == 'palette'
+    del digits_cfg.tokens  # a config written before data.tokens existed
+    assert records.tokens_kind(digits_cfg) == 'palette'
+    digits_cfg.tokens = 'pixels'
     with pytest.raises(ValueError, match='data.tokens must be one of'):
-        records.tokens_kind(cfg)
+        records.tokens_kind(digits_cfg)
 
 
-def test_image_records_read_decode_and_pad(cfg):
-    reader = records.image_records(cfg, 'validation', 10, 20, pad_to=12)
+def test_image_records_read_decode_and_pad(digits_cfg):
+    reader = records.image_records(digits_cfg, 'validation', 10, 20, pad_to=12)
     assert len(reader) == 12 and (reader.start, reader.stop) == (1360, 1370)
     first = reader[0]
     assert first['image'].shape == (8, 8, 1) and first['image'].dtype == np.uint8

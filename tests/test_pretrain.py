@@ -2,6 +2,8 @@
 kills, changed settings on resume, NaN guard, multi-host. What every training job shares (resume after SIGKILL,
 SIGTERM and Ctrl-C, FINISHED, a finished run relaunched) is tested once for all of them in test_training_run.py."""
 
+import ast
+import importlib.util
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 from tiny_runs import pretrain_config as tiny_config
 
 from igpt_jax import sharding
+from igpt_jax.config import checks as config_checks
 from igpt_jax.config import defaults as config_defaults
 from igpt_jax.data import palette_cache
 from igpt_jax.jobs import pretrain
@@ -244,6 +247,24 @@ def _main_command(workdir, data_dir, *extra):
     ]
 
 
+def _config_like_main(command: list[str]):
+    """The config that `command` (a `_main_command`) runs, built in this process as main builds it: the config file,
+    then each --config.FIELD=VALUE override, then resolved (for a reference run in this process, on its 8 devices)."""
+    spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(None)
+    for arg in command:
+        if arg.startswith("--config."):
+            field, value = arg.removeprefix("--config.").split("=", 1)
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # a string, e.g. a path
+            config.update_from_flattened_dict({field: value})
+    return config_checks.resolve(config)
+
+
 def _env(devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = env["XLA_FLAGS"].replace("device_count=8", f"device_count={devices}")  # other flags stay
@@ -276,11 +297,9 @@ def _free_port() -> int:
 
 
 def _one_and_two_process_losses(data_dir, tmp_path, common: list[str]) -> tuple[list[float], list[float]]:
-    """Runs the demo with `common` flags in one process with 8 devices and in two processes with 4 each."""
+    """Runs the demo with `common` flags in this process on 8 devices and through main in two processes with 4 each."""
     palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
-    single = subprocess.run(_main_command(tmp_path / "one", data_dir, *common), cwd=REPO, env=_env(8),
-                            capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    pretrain.run(_config_like_main(_main_command(tmp_path / "one", data_dir, *common)), str(tmp_path / "one"))
     port = _free_port()
     procs = [
         subprocess.Popen(

@@ -4,8 +4,10 @@ line."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -253,3 +255,15 @@ def test_progress_summary():
 )
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+def test_a_new_event_file_sorts_after_every_earlier_one_even_in_the_same_second(tmp_path):
+    # TensorBoard reads event files in name order; a name starts with the second it was made, then the host, the
+    # process id and a counter, compared as text. An earlier file whose counter is "9" made this very second would
+    # sort after a new one whose counter is "10": the new writer starts its file in a later second instead.
+    earlier = tmp_path / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.99999"
+    earlier.write_bytes(b"")
+    with TensorBoardWriter(str(tmp_path)) as writer:
+        writer.scalars(1, {"loss": 1.0})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and names[0] == earlier.name

@@ -69,6 +69,7 @@ class TensorBoardWriter:
         self.logdir = str(logdir)  # str() of a pathlib / epath path ('gs://...' stays a URL)
         self._copy = "://" in self.logdir if copy_on_flush is None else copy_on_flush
         self._local_dir = tempfile.mkdtemp(prefix="tensorboard-") if self._copy else self.logdir
+        _wait_until_after_newest_event_file(self.logdir)
         self._writer = tensorboard_summary.Writer(self._local_dir)
         self._flush_secs = flush_secs
         self._closed = False
@@ -116,6 +117,25 @@ class TensorBoardWriter:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _wait_until_after_newest_event_file(logdir: str) -> None:
+    """Waits (at most a second) until the clock has passed the newest event file's second in `logdir`.
+
+    TensorBoard reads a directory's event files in name order, and a file's name starts with its creation second
+    (``events.out.tfevents.<seconds>.<host>.<pid>.<counter>``): a file made in the same second as an earlier one,
+    by a resumed run or a second writer, would sort by process id or counter (as text), not by time, and its steps
+    could be read before the earlier file's. Starting every file in a later second keeps name order the time order.
+    """
+    directory = epath.Path(logdir)
+    seconds = []
+    if directory.exists():
+        for path in directory.iterdir():
+            parts = path.name.split(".")
+            if EVENT_FILE_MARK in path.name and len(parts) > 3 and parts[3].isdigit():
+                seconds.append(int(parts[3]))
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.02)
 
 
 def drop_events_after(logdir: str, step: int) -> int:

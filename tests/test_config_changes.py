@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from igpt_jax import workdir as workdir_files
 from igpt_jax.config import changes as config_changes
 from igpt_jax.config import checks as config_checks
 from igpt_jax.config import defaults as config_defaults
@@ -30,7 +31,7 @@ def test_changes_compare_as_stored_and_the_history_records_each(tmp_path):
     assert diff == [("train.log_every", 10, 5), ("train.lr", 3e-3, 1e-3)]
     config_changes.record(tmp_path, 7, diff)
     config_changes.record(tmp_path, 9, diff[:1])
-    lines = [json.loads(line) for line in (tmp_path / config_changes.HISTORY_FILE).read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / workdir_files.CONFIG_HISTORY).read_text().splitlines()]
     assert [(r["step"], r["field"], r["old"], r["new"]) for r in lines] == [
         (7, "train.log_every", 10, 5), (7, "train.lr", 3e-3, 1e-3), (9, "train.log_every", 10, 5)]
     with pytest.raises(ValueError, match=r"would change train.lr from 0.003 to 0.001: set "):

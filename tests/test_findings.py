@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt_jax.probing.tracking import HISTORY_FILE, Evaluation
+from igpt_jax import workdir as workdir_files
+from igpt_jax.probing.tracking import Evaluation
 from igpt_jax.reports import findings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def run_dir(pretrained_digits_run, probe_results, finetune_results, tmp_path_fac
     history = [Evaluation(step=s, val_loss=loss, layers=[0, 1, 2], accuracies=[0.5, acc, 0.6], C=[1.0, 1.0, 1.0],
                           best_layer=1, best_accuracy=acc, seconds=1.0)
                for s, loss, acc in ((20, 1.9, 0.7), (40, 1.6, 0.8))]
-    (root / HISTORY_FILE).write_text(json.dumps([dataclasses.asdict(e) for e in history]))
+    (root / workdir_files.TRACKING_HISTORY).write_text(json.dumps([dataclasses.asdict(e) for e in history]))
     return root
 
 

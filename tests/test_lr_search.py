@@ -12,6 +12,7 @@ import jax
 import pytest
 from tiny_runs import pretrain_config
 
+from igpt_jax import workdir as workdir_files
 from igpt_jax.config import checks as config_checks
 from igpt_jax.errors import ConfigError
 from igpt_jax.jobs import lr_search
@@ -144,7 +145,7 @@ def test_diverged_trials_count_as_infinite_and_ended_trials_are_read_back(data_d
     assert (tmp_path / "lr_search.txt").read_text() == out["table"]
     assert (tmp_path / "lr_search.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "lr_0.0003").exists()
-    trial = json.loads((tmp_path / "lr_0.01" / lr_search.TRIAL_FILE).read_text())
+    trial = json.loads((tmp_path / "lr_0.01" / workdir_files.LR_SEARCH_TRIAL).read_text())
     assert trial["status"] == "diverged" and trial["error"].startswith("loss is nan at step 3")
 
     monkeypatch.setattr(pretrain, "run", lambda *a, **k: pytest.fail("an ended trial was run again"))

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing import event_file_loader
 from tiny_runs import pretrain_config
 
 from igpt_jax import sharding
+from igpt_jax import workdir as workdir_files
 from igpt_jax.config import checks as config_checks
 from igpt_jax.errors import ConfigError
 from igpt_jax.jobs import pretrain, probe
@@ -92,7 +93,7 @@ def test_evaluations_land_in_metrics_tensorboard_history_and_plot_at_their_steps
         assert record["track/best_layer"] == evaluation["best_layer"]
         assert record["track/best_accuracy"] == max(evaluation["accuracies"])
         assert record["track/val_loss"] == evaluation["val_loss"] > 0
-    with Image.open(workdir / representation_tracking.PLOT_FILE) as img:
+    with Image.open(workdir / workdir_files.TRACKING_PLOT) as img:
         assert img.format == "PNG" and img.size == (900, 600)
     # The progress line after an evaluation shows its seconds and tracking's share of the wall time.
     progress = [line for line in lines if line.startswith("step ") and "tok/s" in line]
@@ -115,7 +116,7 @@ def test_a_killed_and_resumed_run_continues_its_history_and_redoes_an_evaluation
         patch.setattr(representation_tracking.Tracker, "evaluate", evaluate_then_die)
         with pytest.raises(Killed):
             pretrain.run(config, str(tmp_path), devices=jax.devices()[:1])
-    killed = json.loads((tmp_path / representation_tracking.HISTORY_FILE).read_text())
+    killed = json.loads((tmp_path / workdir_files.TRACKING_HISTORY).read_text())
     assert [e["step"] for e in killed] == [2, 4]
     resumed, _ = run_logging_progress(config, tmp_path)
     assert resumed["start_step"] == 3 and [e["step"] for e in resumed["tracking"]] == [2, 4, 6]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from tiny_runs import VQVAE_VOCAB, vqvae_config
 
+from igpt_jax import workdir as workdir_files
 from igpt_jax.config import defaults as config_defaults
 from igpt_jax.data import iterators
 from igpt_jax.jobs import pretrain, probe, sample, tokenize
@@ -124,8 +125,8 @@ def test_vqvae_trained_reconstructs_better_than_the_mean_image(trained, data_dir
     mean_mse = float(np.mean((images - images.mean(0)) ** 2))
     assert test["mse"] < 0.6 * mean_mse, (test["mse"], mean_mse)
     assert test["codes_used"] >= 8
-    assert os.path.exists(os.path.join(workdir, vqvae_job.GRID_FILE))
-    saved = json.load(open(os.path.join(workdir, vqvae_job.RESULTS_FILE)))
+    assert os.path.exists(os.path.join(workdir, workdir_files.VQVAE_GRID))
+    saved = json.load(open(os.path.join(workdir, workdir_files.VQVAE_RESULTS)))
     assert saved["mse"] == pytest.approx(test["mse"])
     history = result["history"]
     assert history[0]["revived"] > VOCAB // 2  # the first step fills the codebook from encoder outputs

@@ -31,7 +31,6 @@ from igpt_jax import workdir as workdir_files
 from igpt_jax.config import settings
 from igpt_jax.errors import ConfigError
 
-HISTORY_FILE = workdir_files.CONFIG_HISTORY
 # What a resumed run may do with a field of each role.
 KIND_OF_ROLE = {settings.ARCHITECTURE: "fixed", settings.TOKENS: "fixed", settings.DATA: "fixed",
                 settings.SCHEDULE: "schedule", settings.RUNTIME: "free", settings.JOB: "free"}
@@ -91,7 +90,7 @@ def check_resume(stored: ml_collections.ConfigDict | dict, current: ml_collectio
             raise ConfigError(
                 f"resuming {workdir} (checkpoint step {step}) would change {field} from {old!r} to {new!r}: set "
                 f"--config.checkpoint.allow_changes=True to change optimizer or schedule settings mid-run (each "
-                f"change is recorded in {HISTORY_FILE})")
+                f"change is recorded in {workdir_files.CONFIG_HISTORY})")
     return diff
 
 
@@ -102,7 +101,7 @@ def record(workpath: epath.Path, step: int, diff: list[tuple[str, Any, Any]]) ->
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     lines = "".join(json.dumps({"step": step, "field": f, "old": old, "new": new, "time": now}) + "\n"
                     for f, old, new in diff)
-    path = workpath / HISTORY_FILE
+    path = workpath / workdir_files.CONFIG_HISTORY
     path.write_text((path.read_text() if path.exists() else "") + lines)
 
 
@@ -112,6 +111,6 @@ def settle(workpath: epath.Path, step: int, diff: list[tuple[str, Any, Any]], co
     settings in force to ``config.json`` (process 0's job)."""
     for field, old, new in diff:
         logging.warning("resumed at step %d with %s changed from %r to %r (recorded in %s)", step, field, old, new,
-                        HISTORY_FILE)
+                        workdir_files.CONFIG_HISTORY)
     record(workpath, step, diff)
     (workpath / workdir_files.CONFIG_JSON).write_text(config.to_json_best_effort(indent=2))

@@ -56,9 +56,7 @@ from igpt_jax.training.loop import Evaluation, TrainingRun
 from igpt_jax.training.segments import total_seconds
 from igpt_jax.workdir import jsonable
 
-RESULTS = workdir_files.RESULTS
 # Validation accuracy at every evaluation, kept in the run's own file (local or gs://), cut back on resume.
-VAL_HISTORY = workdir_files.VAL_HISTORY
 
 
 @flax.struct.dataclass
@@ -277,9 +275,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         results = final_results(config, start, state, stopping, run)  # before FINISHED
         table = format_table(results)
         if run.primary:
-            (run.workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
+            (run.workpath / workdir_files.RESULTS).write_text(json.dumps(jsonable(results), indent=2))
             print(table, flush=True)
-            print(f"Fine-tuning results: {run.workpath / RESULTS}", flush=True)
+            print(f"Fine-tuning results: {run.workpath / workdir_files.RESULTS}", flush=True)
         return {**run.finish(), **results, "table": table}
 
 
@@ -388,7 +386,8 @@ class EarlyStopping:
                                           max_to_keep=1, async_save=False)
         run.close_later(self.best.close)
         # Evaluations after the restored step are redone, so their records are dropped.
-        self.history = [rec for rec in _read_list(run.workpath / VAL_HISTORY) if rec["step"] <= run.start_step]
+        earlier = _read_list(run.workpath / workdir_files.VAL_HISTORY)
+        self.history = [rec for rec in earlier if rec["step"] <= run.start_step]
 
     def stopped(self, state: FinetuneState) -> bool:
         """Whether `patience` evaluations in a row did not improve on the best (0: never stop early)."""
@@ -415,7 +414,7 @@ class EarlyStopping:
             {"val_accuracy_single_mask": acc["accuracy_single_mask"]} if "accuracy_single_mask" in acc else {})}
         self.history.append(rec)
         if self.run.primary:
-            (self.run.workpath / VAL_HISTORY).write_text(json.dumps(self.history))
+            (self.run.workpath / workdir_files.VAL_HISTORY).write_text(json.dumps(self.history))
         self.run.log.append([rec])
         if self.run.log.writer:
             self.run.log.writer.scalars(step, {"val/accuracy": acc["accuracy"]})
@@ -460,7 +459,7 @@ def final_results(config: ml_collections.ConfigDict, start: StartingPoint, state
 
 def _read_results(workpath: epath.Path) -> dict[str, Any]:
     """The results a finished run wrote (none: {})."""
-    path = workpath / RESULTS
+    path = workpath / workdir_files.RESULTS
     return json.loads(path.read_text()) if path.exists() else {}
 
 

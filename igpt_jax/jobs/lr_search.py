@@ -45,7 +45,6 @@ from igpt_jax.errors import ConfigError
 from igpt_jax.training import lr_ladder
 from igpt_jax.workdir import jsonable, workpath_of
 
-TRIAL_FILE, RESULT_FILE = workdir_files.LR_SEARCH_TRIAL, workdir_files.LR_SEARCH_RESULT
 ENDED = ("finished", "diverged")  # a trial with one of these statuses is read back, not rerun
 
 
@@ -100,7 +99,7 @@ def full_run_command(lr: float, workdir: str, argv: list[str] | None = None) -> 
 
 
 def _read_record(trial_dir: str) -> dict[str, Any] | None:
-    path = workpath_of(trial_dir) / TRIAL_FILE
+    path = workpath_of(trial_dir) / workdir_files.LR_SEARCH_TRIAL
     return json.loads(path.read_text()) if path.exists() else None
 
 
@@ -108,7 +107,7 @@ def _write_record(trial_dir: str, record: dict[str, Any]) -> None:
     if jax.process_index() == 0:
         path = workpath_of(trial_dir)
         path.mkdir(parents=True, exist_ok=True)
-        (path / TRIAL_FILE).write_text(json.dumps(jsonable(record), indent=2) + "\n")
+        (path / workdir_files.LR_SEARCH_TRIAL).write_text(json.dumps(jsonable(record), indent=2) + "\n")
 
 
 def _check_same_settings(trial_dir: str, trial_cfg: ml_collections.ConfigDict) -> None:
@@ -233,7 +232,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
     if jax.process_index() == 0:
         workpath = workpath_of(workdir)
         workpath.mkdir(parents=True, exist_ok=True)
-        (workpath / RESULT_FILE).write_text(json.dumps(jsonable(result), indent=2) + "\n")
+        (workpath / workdir_files.LR_SEARCH_RESULT).write_text(json.dumps(jsonable(result), indent=2) + "\n")
         (workpath / workdir_files.LR_SEARCH_TABLE).write_text(text)
         lr_ladder.plot(str(workpath / workdir_files.LR_SEARCH_PLOT), outcome)
     print(f"Learning-rate search ({len(outcome.trials)} of {len(lrs)} trials, {workdir}):\n{text}", end="", flush=True)

@@ -47,8 +47,6 @@ from igpt_jax.reports import plots
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.workdir import jsonable, workpath_of
 
-RESULTS, LAYERS_PLOT, LOSS_PLOT = workdir_files.RESULTS, workdir_files.PROBE_LAYERS_PLOT, workdir_files.PROBE_LOSS_PLOT
-
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict[str, Any]:
     """Runs the probe job; returns the results (also written to ``{workdir}/results.json``).
@@ -288,13 +286,13 @@ def _write_results(results: dict[str, Any], workpath: epath.Path, *, plot: bool)
     table = format_table(results)
     if jax.process_index() == 0:
         workpath.mkdir(parents=True, exist_ok=True)
-        (workpath / RESULTS).write_text(json.dumps(jsonable(results), indent=2))
+        (workpath / workdir_files.RESULTS).write_text(json.dumps(jsonable(results), indent=2))
         if plot:
-            plot_layers(results, str(workpath / LAYERS_PLOT))
+            plot_layers(results, str(workpath / workdir_files.PROBE_LAYERS_PLOT))
             if len(results["checkpoints"]) > 1:
-                plot_vs_loss(results, str(workpath / LOSS_PLOT))
+                plot_vs_loss(results, str(workpath / workdir_files.PROBE_LOSS_PLOT))
         print(table, flush=True)
-        print(f"Probe results: {workpath / RESULTS}", flush=True)
+        print(f"Probe results: {workpath / workdir_files.RESULTS}", flush=True)
     results["table"] = table
     return results
 

@@ -46,8 +46,6 @@ from igpt_jax.pretrained.vqvae import (
 from igpt_jax.reports import images
 from igpt_jax.training.loop import TrainingRun
 
-RESULTS_FILE, GRID_FILE = workdir_files.VQVAE_RESULTS, workdir_files.VQVAE_GRID
-
 
 def train_step(state: dict[str, Any], batch: dict[str, jax.Array], key: jax.Array, *, cfg: vq.VQVAEConfig,
                tx: optax.GradientTransformation) -> tuple[dict[str, Any], dict[str, jax.Array]]:
@@ -147,14 +145,14 @@ def test_reconstruction(config, vq_cfg: vq.VQVAEConfig, state, data_cfg, workpat
     summary = {k: v for k, v in test.items() if k not in ("originals", "reconstructions")}
     summary["params_outside_codebook"] = vq.count_params(params)
     if jax.process_index() == 0:
-        (workpath / RESULTS_FILE).write_text(json.dumps(summary, indent=2))
+        (workpath / workdir_files.VQVAE_RESULTS).write_text(json.dumps(summary, indent=2))
         if n_grid:
             panels = np.stack([test["originals"], test["reconstructions"]])  # [2, n, R, R, C]
-            images.save_png(workpath / GRID_FILE,
+            images.save_png(workpath / workdir_files.VQVAE_GRID,
                               images.image_grid(panels, scale=images.default_scale(data_cfg.resolution)))
     message = (f"VQ-VAE test reconstruction: MSE {summary['mse']:.5f} ([-1, 1] units), RMSE "
                f"{summary['rmse_grey_levels']:.2f} grey levels; {summary['codes_used']} of {vq_cfg.vocab_size} codes "
-               f"used (perplexity {summary['perplexity']:.1f}); {workpath / RESULTS_FILE}")
+               f"used (perplexity {summary['perplexity']:.1f}); {workpath / workdir_files.VQVAE_RESULTS}")
     logging.info("%s", message)
     print(message, flush=True)
     return {"test": summary}

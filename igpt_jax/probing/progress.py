@@ -28,8 +28,6 @@ from igpt_jax import workdir as workdir_files
 from igpt_jax.probing import features as features_lib
 from igpt_jax.workdir import jsonable, write_atomic
 
-DIRNAME = workdir_files.PROBE_PROGRESS
-
 
 def fingerprint(identity: Any) -> str:
     """A short hash of a JSON-able description (keys sorted)."""
@@ -47,7 +45,7 @@ class ProbeProgress:
     """
 
     def __init__(self, workdir: epath.Path, *, enabled: bool = True, writer: bool = True):
-        self.directory = workdir / DIRNAME
+        self.directory = workdir / workdir_files.PROBE_PROGRESS
         self.enabled = enabled
         self.writer = writer and enabled
         self.reused: list[str] = []  # names of the pieces found, in order

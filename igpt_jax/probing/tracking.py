@@ -49,7 +49,6 @@ from igpt_jax.probing import linear_probe
 from igpt_jax.reports import plots
 from igpt_jax.workdir import write_atomic
 
-HISTORY_FILE, PLOT_FILE = workdir_files.TRACKING_HISTORY, workdir_files.TRACKING_PLOT
 PREFIX = "track/"  # the tag prefix of every tracking scalar in TensorBoard and metrics.jsonl
 
 
@@ -131,7 +130,8 @@ class Tracker:
                                                        self.layers, batch_size=batch_size(config),
                                                        seed=int(config.probe.seed))
         self.primary = jax.process_index() == 0
-        self.history_path, self.plot_path = workpath / HISTORY_FILE, workpath / PLOT_FILE
+        self.history_path = workpath / workdir_files.TRACKING_HISTORY
+        self.plot_path = workpath / workdir_files.TRACKING_PLOT
         self.dataset = config.data.name
         self.history = [h for h in self._read_history() if h["step"] <= start_step]
         if self.primary and self.history_path.exists():

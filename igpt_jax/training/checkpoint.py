@@ -37,7 +37,6 @@ from igpt_jax.data import iterators
 from igpt_jax.errors import MissingSource
 
 STATE, DATA, CONFIG, PALETTE = "state", "data", "config", "palette"
-UNREADABLE_DIR = workdir_files.CHECKPOINTS_UNREADABLE  # next to checkpoints/, outside Orbax's step discovery
 
 
 class UnreadableCheckpoint(Exception):
@@ -182,7 +181,8 @@ class Checkpointer:
         return restored[STATE]
 
     def _move_aside(self, step: int) -> epath.Path:
-        target = self.directory.parent / UNREADABLE_DIR / f"{step}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        moved_at = time.strftime('%Y%m%dT%H%M%S', time.gmtime())
+        target = self.directory.parent / workdir_files.CHECKPOINTS_UNREADABLE / f"{step}-{moved_at}"
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)

@@ -24,8 +24,6 @@ from igpt_jax.training.metric_writers import (
     drop_events_after,
 )
 
-FINISHED_MARKER = workdir_files.FINISHED
-
 
 class PreemptionWatcher:
     """Turns SIGTERM (preemption) or SIGINT (Ctrl-C) into a request to checkpoint and stop, agreed on by all

@@ -1,6 +1,6 @@
 """Test session set-up: 8 fake CPU devices for sharding tests, a persistent compilation cache for the whole session,
-absl flags parsed for Grain workers, and the shared fixtures (the digits dataset prepared once, a tiny pretraining run
-made once per session, and its probe and fine-tuning jobs)."""
+absl flags parsed for Grain workers, and the shared fixtures (the digits dataset prepared once per worker; a tiny
+pretraining run and its probe and fine-tuning jobs made once per session and shared by the xdist workers)."""
 
 import atexit
 import os
@@ -37,6 +37,37 @@ if not flags.FLAGS.is_parsed():
 import pytest  # noqa: E402
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """The value of a session fixture built once for the whole session, however many xdist workers ask for it.
+
+    The first worker to ask builds it (``build(folder)``, the folder shared by all workers) under a file lock and
+    pickles the value beside it; the others wait for the lock and load the value. Without xdist it is built in place.
+    """
+    import fcntl  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, which holds each worker's own basetemp
+    value_file = root / f"{name}.pickle"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if value_file.exists():
+            return pickle.loads(value_file.read_bytes())
+        folder = root / name
+        shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to build it left
+        folder.mkdir()
+        value = build(folder)
+        value_file.write_bytes(pickle.dumps(value))
+        return value
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory):
+    """`built_once` for a test module's own session-wide values: ``build_once(name, build)``."""
+    return lambda name, build: built_once(tmp_path_factory, name, build)
+
+
 @pytest.fixture(scope="session")
 def digits_data_dir(tmp_path_factory):
     """A TFDS data_dir holding the embedded 8x8 digits and their 16-colour palette, prepared once per session."""
@@ -67,9 +98,11 @@ def pretrained_digits_run(digits_data_dir, tmp_path_factory):
 
     from igpt_jax.jobs import pretrain  # noqa: PLC0415
 
-    workdir = str(tmp_path_factory.mktemp("pretrain"))
-    pretrain.run(downstream_config(digits_data_dir), workdir, devices=jax.devices()[:1])
-    return digits_data_dir, workdir
+    def build(folder):
+        pretrain.run(downstream_config(digits_data_dir), str(folder), devices=jax.devices()[:1])
+        return digits_data_dir, str(folder)
+
+    return built_once(tmp_path_factory, "pretrain", build)
 
 
 @pytest.fixture(scope="session")
@@ -83,8 +116,8 @@ def probe_results(pretrained_digits_run, tmp_path_factory):
     config = probe_config(pretrained_digits_run, checkpoint_steps=(PRETRAIN_STEPS // 2, PRETRAIN_STEPS),
                           concat_layers=2, low_data_budgets=(20,), low_data_subsets=2, C=(0.01, 1.0, 100.0),
                           solver="lbfgs", C_widen=0)
-    workdir = tmp_path_factory.mktemp("probe")
-    return config, workdir, probe.run(config, str(workdir), devices=jax.devices()[:1])
+    return built_once(tmp_path_factory, "probe",
+                      lambda folder: (config, folder, probe.run(config, str(folder), devices=jax.devices()[:1])))
 
 
 @pytest.fixture(scope="session")
@@ -95,5 +128,6 @@ def finetune_results(pretrained_digits_run, tmp_path_factory):
 
     from igpt_jax.jobs import finetune  # noqa: PLC0415
 
-    workdir = tmp_path_factory.mktemp("finetune")
-    return workdir, finetune.run(finetune_config(pretrained_digits_run), str(workdir), devices=jax.devices()[:1])
+    config = finetune_config(pretrained_digits_run)
+    return built_once(tmp_path_factory, "finetune",
+                      lambda folder: (folder, finetune.run(config, str(folder), devices=jax.devices()[:1])))

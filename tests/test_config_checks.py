@@ -213,7 +213,9 @@ def test_explicit_settings_win_and_contradictions_are_one_line(gray_dataset, tmp
 def test_new_dataset_trains_from_its_name_alone_and_starts_quietly(gray_dataset, tmp_path):
     """A real run: no override but the name (and a tiny model); no libtpu start-up lines on this CPU machine."""
     data_dir, name = gray_dataset
+    # As a user's shell: no JAX_PLATFORMS and no fake devices (XLA's optimisation level stays at the session's 0).
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
     result = _main("--config=configs/demo.py", f"--workdir={tmp_path / 'run'}", f"--config.data.name={name}",
                    f"--config.data.data_dir={data_dir}", "--config.then=()", "--config.model.d_model=32",
                    "--config.model.n_head=2", "--config.model.n_layer=1", "--config.train.batch_size=8",

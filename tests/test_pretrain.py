@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+import cli_runner
 from tiny_runs import pretrain_config as tiny_config
 
 from igpt_jax import sharding
@@ -301,16 +302,13 @@ def _one_and_two_process_losses(data_dir, tmp_path, common: list[str]) -> tuple[
     palette_cache.load_or_fit_palette(tiny_config(data_dir).data)
     pretrain.run(_config_like_main(_main_command(tmp_path / "one", data_dir, *common)), str(tmp_path / "one"))
     port = _free_port()
-    procs = [
-        subprocess.Popen(
-            _main_command(tmp_path / "two", data_dir, *common, f"--coordinator_address=127.0.0.1:{port}",
-                          "--num_processes=2", f"--process_id={i}"),
-            cwd=REPO, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    env = {"XLA_FLAGS": _env(4)["XLA_FLAGS"]}
+    results = cli_runner.run_commands([
+        {"args": _main_command(tmp_path / "two", data_dir, *common, f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}")[3:], "env": env}
+        for i in range(2)], parallel=True)
+    for result in results:
+        assert result["returncode"] == 0, result["stderr"][-3000:]
     return _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
 
 

@@ -27,10 +27,10 @@ JOB_MODULES = {"pretrain": pretrain, "finetune": finetune, "vqvae": vqvae}
 
 
 def data_and_source(request, job: str) -> tuple[str, str]:
-    """(data_dir, source workdir) of a job's tiny run: fine-tuning reads the session's pretraining run."""
-    if job == "finetune":
-        return request.getfixturevalue("pretrained_digits_run")
-    return request.getfixturevalue("digits_data_dir"), ""
+    """(data_dir, source workdir) of a job's tiny run: fine-tuning reads the session's pretraining run. Every job
+    reads the data_dir of that run, which all xdist workers share, so that `uninterrupted` can be shared too."""
+    data_dir, source = request.getfixturevalue("pretrained_digits_run")
+    return data_dir, source if job == "finetune" else ""
 
 
 def job_config(request, job: str):
@@ -61,16 +61,16 @@ def every_file(workdir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(request, tmp_path_factory):
-    """job -> (config, workdir, result) of the job's short run without interruption, made once per job."""
+@pytest.fixture(scope="session")
+def uninterrupted(request, build_once):
+    """job -> (config, workdir, result) of the job's short run without interruption, made once per job and session."""
     made = {}
 
     def get(job: str):
         if job not in made:
             config = job_config(request, job)
-            workdir = tmp_path_factory.mktemp(f"uninterrupted_{job}")
-            made[job] = config, workdir, run_job(job, config, workdir)
+            made[job] = build_once(f"uninterrupted_{job}",
+                                   lambda workdir: (config, workdir, run_job(job, config, workdir)))
         return made[job]
 
     return get

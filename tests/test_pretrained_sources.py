@@ -66,7 +66,7 @@ def job_config(cifar_subset, source: str, job: str) -> ml_collections.ConfigDict
     config.model.attention = "dense"
     config.mesh.shape = (1, 1, 1)
     config.checkpoint.source_workdir = source
-    config.probe.update(C=(1.0,), baselines=False, plots=False, batch_size=50)
+    config.probe.update(C=(1.0,), C_widen=0, solver="lbfgs", baselines=False, plots=False, batch_size=50)
     config.evaluate.batch_size = 50
     return config
 

@@ -217,7 +217,7 @@ def test_vqvae_tokenize_pretrain_probe_end_to_end(trained, data_dir, tmp_path):
 
     result = pretrain.run(config, str(tmp_path / "pretrain"), devices=ONE)
     assert result["finished"] and result["history"][-1]["loss"] < result["history"][0]["loss"]
-    config.probe.update(layers="1", baselines=False, C=(1.0,), max_iter=200, batch_size=128)
+    config.probe.update(layers="1", baselines=False, C=(1.0,), C_widen=0, solver="lbfgs", max_iter=200, batch_size=128)
     config.checkpoint.source_workdir = str(tmp_path / "pretrain")
     config.job = "probe"
     probed = probe.run(config, str(tmp_path / "probe"), devices=ONE)

@@ -128,13 +128,13 @@ def test_mesh_shapes_with_and_without_the_context_axis():
     assert dict(sharding.make_mesh((-1, 1, 1), jax.devices()[:8]).shape) == {"data": 8, "fsdp": 1, "context": 1, "tensor": 1}
 
 
-def test_the_pretraining_job_with_the_sequence_split_equals_one_device(tmp_path):
+def test_the_pretraining_job_with_the_sequence_split_equals_one_device(digits_data_dir, tmp_path):
     """The whole job (input pipeline, loss, checkpointed state) on mesh (data 2, context 4) vs one device."""
     from igpt_jax.jobs import pretrain  # noqa: PLC0415
 
     config = config_defaults.base_config()  # digits 8x8 (64 tokens), 2 layers of width 64, auto attention
     config.data = config_defaults.default_data_config("digits")
-    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.data_dir = digits_data_dir
     config.train.update(batch_size=16, num_steps=3, warmup_steps=1, lr=1e-3, log_every=1, eval_every=0)
     config.checkpoint.every_steps = 3
     config_checks.resolve(config, read_data=False)

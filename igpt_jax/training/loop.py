@@ -68,9 +68,31 @@ class Evaluation:
 
     every: int
     fn: Callable[[int, State], State | None]
+    setting: str = ""  # the setting that gives `every` (e.g. 'train.eval_every'), named in a warning
+
 
     def due(self, step: int, final: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or final)
+
+
+def long_periods(num_steps: int, every_steps: int, evaluations: tuple[Evaluation, ...] | list[Evaluation] = ()
+                 ) -> list[str]:
+    """One warning line for each period longer than the run: it then acts only at the last step.
+
+    Args:
+      num_steps: the step the run ends at.
+      every_steps: ``checkpoint.every_steps``.
+      evaluations: the job's evaluations (each names its setting).
+    """
+    lines = []
+    if every_steps > num_steps:
+        lines.append(f"checkpoint.every_steps={every_steps} is longer than the run ({num_steps} steps): a checkpoint "
+                     "is saved only at the last step (and on SIGTERM or Ctrl-C)")
+    for e in evaluations:
+        if e.every > num_steps:
+            lines.append(f"{e.setting or 'an evaluation period'}={e.every} is longer than the run ({num_steps} "
+                         "steps): it runs only at the last step")
+    return lines
 
 
 def finished_step(workpath) -> int | None:
@@ -215,6 +237,8 @@ class TrainingRun:
         def done(s: State) -> bool:
             return stop_early is not None and stop_early(s)
 
+        for line in long_periods(self.num_steps, self.every_steps, evaluations):
+            logging.warning("%s", line)
         step = self.start_step
         while step < self.num_steps and not done(state):
             state, metrics = train_step(state, next_batch())

@@ -23,6 +23,7 @@ METRICS = "metrics.jsonl"  # one JSON record per logged step (local workdirs)
 TENSORBOARD = "tensorboard"  # TensorBoard event files
 SEGMENTS = "segments.json"  # each invocation's steps and wall time
 FINISHED = "FINISHED"  # written when the last step is saved (launch/relaunch.sh waits for it)
+LEASE = "lease.json"  # the running run's lease on the workdir: one writer at a time (igpt_jax.training.lease)
 TRACKING_HISTORY, TRACKING_PLOT = "tracking.json", "tracking.png"  # representation tracking while pretraining
 
 # ------------------------------------------------------------------------------------------------ downstream jobs

@@ -225,6 +225,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
         Setting("allow_changes", False, JOB,
                 "resuming with changed schedule settings (train.lr, train.schedule, ...; --list's role 'schedule'); "
                 "see igpt_jax/config/changes.py"),
+        Setting("take_over", False, JOB,
+                "take the workdir's lease from a run that still holds it (that run stops at its next heartbeat); "
+                "a stale lease is taken over without it (igpt_jax/training/lease.py)"),
         Setting("step", -1, JOB, "jobs that read a checkpoint: -1 = latest"),
         Setting("source_workdir", "", JOB, "probe/finetune/sample/evaluate: a pretraining run or a converted model"),
     )),

@@ -129,8 +129,8 @@ def _final_val_loss(trial_dir: str, steps: int) -> float:
             if record.get("step") == steps and "val_loss" in record:
                 return float(record["val_loss"])
     raise ConfigError(
-        f"{trial_dir} is finished but its validation loss at step {steps} is not in its metrics.jsonl (written for "
-        "local workdirs only): delete that directory to rerun the trial")
+        f"{trial_dir} is finished but its validation loss at step {steps} is not in its metrics.jsonl: delete "
+        "that directory to rerun the trial")
 
 
 class _Trials:

@@ -279,7 +279,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
                 "'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token "
                 "grid's four quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model "
                 "on raw pixels sees)"),
-        Setting("solver", "jax_lbfgs", JOB,
+        Setting("solver", "auto", JOB,
+                "auto: jax_lbfgs where it is faster (layers x examples x features of at least "
+                "igpt_jax.probing.linear_probe.AUTO_JAX_FROM), else lbfgs; "
                 "jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers in one compiled call "
                 "(CIFAR/STL in the paper); lbfgs: scikit-learn itself (the reference, slower); sgd: JAX SGD (large "
                 "datasets, ImageNet)"),

@@ -110,6 +110,7 @@ def test_a_real_full_tmpfs_is_one_line_without_traceback_and_the_run_resumes(dig
     assert (out / "full.rc").read_text().strip() == "1", err[-3000:]
     assert "Traceback" not in err and "Event loop is closed" not in err, err[-3000:]
     assert line.startswith("error: could not save step ") and f" to {mnt}/run" in line, line
+    assert "No space left on device; newest intact checkpoint: step " in line, line
     intact = [int(s) for s in (out / "full.steps").read_text().split() if s.isdigit()]
     assert intact and line.endswith(f"newest intact checkpoint: step {intact[-1]} (the run resumes from it once the "
                                     "cause is fixed)"), line

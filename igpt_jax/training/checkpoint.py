@@ -60,6 +60,14 @@ def _short_error(err: BaseException) -> str:
     return text[:300]
 
 
+def _short_cause(text: str) -> str:
+    """TensorStore's chain of a failed write in short: its status and first clause, then the final reason
+    ('RESOURCE_EXHAUSTED: Error writing local file "F": No space left on device'), without its JSON spec."""
+    text = re.sub(r"\s*\[(tensorstore_spec|os_error_code).*", "", text)
+    parts = text.split(": ")
+    return (": ".join(parts[:2] + parts[-1:]) if len(parts) > 3 else text)[:400]
+
+
 def _from_abandoned_restore(unraisable) -> bool:
     """Whether an unraisable error comes from the reads a failed restore left behind: "Event loop is closed" from
     TensorStore callbacks, or the failed read coroutines of Orbax that nobody awaits any more."""
@@ -241,7 +249,7 @@ class Checkpointer:
             detail = innermost.strerror + (f" (writing {innermost.filename})" if innermost.filename and
                                            str(innermost.filename) != path else "")
         else:
-            detail = _short_error(err)
+            detail = _short_cause(str(innermost).splitlines()[0] if str(innermost) else type(innermost).__name__)
         newest = ("unknown (the storage could not be listed)" if intact is None else
                   f"step {intact[-1]} (the run resumes from it once the cause is fixed)" if intact else
                   "none (the run starts from scratch once the cause is fixed)")

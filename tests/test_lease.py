@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from igpt_jax.config import checks as config_checks
 from igpt_jax.errors import WorkdirInUse
 from igpt_jax.jobs import pretrain
 from igpt_jax.training import lease as lease_lib
+from igpt_jax.training.loop import TrainingRun
+from igpt_jax.training.run_log import RunLog
 
 
 def held_by(workdir: Path, **holder) -> lease_lib.Holder:
@@ -86,35 +87,31 @@ def test_the_holder_whose_lease_was_taken_stops_and_heartbeats_renew_it(tmp_path
     assert not (tmp_path / "lease.json").exists()
 
 
-def test_two_concurrent_runs_the_second_refused_the_first_intact(digits_data_dir, tmp_path):
-    """The first run trains here; a second, started in a thread once the first has saved step 20, is refused and
-    then stops the first with SIGTERM (it saves its current step and returns)."""
+def test_two_concurrent_runs_the_second_refused_the_first_intact(digits_data_dir, tmp_path, monkeypatch):
+    """The second run starts while the first is at step 3 (from inside the first's step loop, so the timing is
+    exact), is refused, and then stops the first with SIGTERM (it saves step 3 and returns)."""
     workdir = tmp_path / "run"
-    config = config_checks.resolve(pretrain_config(digits_data_dir, num_steps=2000))
-    config.checkpoint.every_steps = 20
+    config = config_checks.resolve(pretrain_config(digits_data_dir))  # 6 steps, a checkpoint every 2
     refused = []
+    add = RunLog.add
 
-    def second_run() -> None:
-        try:
-            deadline = time.time() + 240
-            while not (workdir / "checkpoints" / "20").exists() and time.time() < deadline:
-                time.sleep(0.02)
-            pretrain.run(config, str(workdir), devices=jax.devices()[:1])
-        except WorkdirInUse as err:
-            refused.append(str(err))
-        finally:
+    def add_then_start_a_second_run(self, step, metrics):
+        add(self, step, metrics)
+        if step == 3:
+            try:  # the skeleton of any training job: pretrain.run itself would start inside this run's mesh
+                with TrainingRun(str(workdir), config.checkpoint, num_steps=6, log_every=1):
+                    refused.append(None)  # not reached: entering takes the lease
+            except WorkdirInUse as err:
+                refused.append(str(err))
             os.kill(os.getpid(), signal.SIGTERM)
 
-    second = threading.Thread(target=second_run)
-    second.start()
+    monkeypatch.setattr(RunLog, "add", add_then_start_a_second_run)
     first = pretrain.run(config, str(workdir), devices=jax.devices()[:1])
-    second.join()
     (message,) = refused
     assert re.fullmatch(rf"workdir {workdir} is in use by another run \(host .*, pid {os.getpid()}, started .*, last "
                         r"heartbeat \d+ s ago\): stop that run, .*", message)
-    assert first["preempted"] and 20 <= first["step"] < 2000
+    assert first["preempted"] and first["step"] == 3
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, first["step"] + 1))  # every step of the first run once, nothing of the second
-    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == first["step"] and all(s % 20 == 0 for s in saved[:-1])  # its cadence, then the SIGTERM step
+    assert steps == [1, 2, 3]  # every step of the first run once, nothing of the second
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 3]
     assert not (workdir / "lease.json").exists()  # the first run released it

@@ -47,7 +47,6 @@ def get_config(arg=None):
     config.then = ("probe", "sample")  # then: linear probes per layer (+ baselines) and a completion grid
     config.probe.checkpoint_steps = (500, 1000, 1500)  # probe accuracy against validation loss (paper Figure 3)
     config.probe.pooling = "quadrants"  # a layer's feature: the means of its four 4x4-token quadrants
-    config.probe.solver = "lbfgs"  # 1,350 x 512 problems: scikit-learn is faster than compiling the JAX solver
     config.sample.num_images = 8
     config.sample.samples_per_image = 4
     return config

@@ -13,3 +13,14 @@ class ConfigError(ValueError):
 class MissingSource(FileNotFoundError):
     """The checkpoint or converted model a job reads is not where the config and workdir say, in one line that
     names the path and what was expected (the command line reports it like a `ConfigError`)."""
+
+
+class WorkdirInUse(RuntimeError):
+    """Another run holds the workdir's lease (`igpt_jax.training.lease`), in one line that names it and how to take
+    over (the command line reports it like a `ConfigError`)."""
+
+
+class StorageError(RuntimeError):
+    """Writing to the workdir failed (a full disk or quota, an unwritable directory, a vanished bucket), in one line
+    that names the path, the step being saved and the newest intact checkpoint (the command line prints it and exits
+    with status 1; ``--verbose`` shows the traceback)."""

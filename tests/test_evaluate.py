@@ -92,7 +92,7 @@ def test_a_job_reading_a_run_takes_its_tokens_from_the_run_without_overrides(tmp
     from igpt_jax.jobs import pretrain  # noqa: PLC0415
 
     data_dir = str(tmp_path / "tfds")
-    run_config = pretrain_config(data_dir, num_steps=2)
+    run_config = pretrain_config(data_dir, num_steps=2, warmup_steps=1)
     run_config.data.update(resolution=6, n_colors=8)
     run_config.model.update(vocab_size=8, n_ctx=36)
     pretrain.run(run_config, str(tmp_path / "run"), devices=jax.devices()[:1])

@@ -107,8 +107,11 @@ def test_trial_config_is_the_run_at_that_lr_with_its_schedule_shrunk(data_dir):
     trial = lr_search.trial_config(config, 3e-4)
     assert (trial.job, trial.then, trial.train.lr, trial.train.num_steps, trial.train.warmup_steps,
             trial.checkpoint.every_steps, trial.track.every) == ("pretrain", (), 3e-4, 2, 0, 2, 0)
-    config.train.warmup_steps = -1  # one epoch
+    config.train.warmup_steps = -1  # one epoch: of the full run's 80 steps 40, of the trial's 20 steps 10
+    config.train.num_steps = 80
     assert lr_search.trial_config(config, 3e-4, steps_per_epoch=40).train.warmup_steps == 10
+    config.train.num_steps = 8  # an epoch longer than the run: the run's warmup is shortened to 0 (optim)
+    assert lr_search.trial_config(config, 3e-4, steps_per_epoch=40).train.warmup_steps == 0
     assert (config.job, config.train.lr, config.train.num_steps) == ("lr_search", 3e-3, 8)  # unchanged
     assert lr_search.trial_workdir("gs://b/run/", 3e-4) == "gs://b/run/lr_0.0003"
 

@@ -135,3 +135,22 @@ def test_grid_widening_stops_at_the_bound_and_after_C_widen_values(monkeypatch):
 def test_ties_choose_the_stronger_regularisation():
     search = linear_probe.GridSearch([{0.1: 0.5, 1.0: 0.7, 10.0: 0.7}], [{}])
     assert search.best(0) == 1.0
+
+
+def test_auto_fits_small_problems_with_scikit_learn_and_large_ones_with_the_jax_solver(monkeypatch):
+    """'auto' (the default) picks by problems x examples x features against the measured crossover."""
+    assert linear_probe.ProbeSettings().solver == "auto"
+    at = linear_probe.AUTO_JAX_FROM
+    assert linear_probe.solver_for("auto", 1, at, 1) == "jax_lbfgs"
+    assert linear_probe.solver_for("auto", 1, at - 1, 1) == "lbfgs"
+    assert linear_probe.solver_for("lbfgs", 1, at, 1) == "lbfgs"  # an explicit solver is kept
+    calls = []
+    monkeypatch.setattr(logreg_jax, "fit", lambda x, *a, **k: calls.append("jax") or (
+        np.zeros((len(x), x.shape[2], 3)), np.zeros((len(x), 3)), None))
+    monkeypatch.setattr(linear_probe, "_lbfgs_fit", lambda x, *a: calls.append("sklearn") or (
+        np.zeros((x.shape[1], 3)), np.zeros(3)))
+    y = np.arange(8) % 3
+    for d in (at // 16 - 1, at // 16):  # 2 problems x 8 examples x d features: just below and at the crossover
+        linear_probe.fit_logistic(np.zeros((2, 8, d), np.float32), y, np.ones(2), linear_probe.ProbeSettings(),
+                                  num_classes=3)
+    assert calls == ["sklearn", "sklearn", "jax"]

@@ -6,11 +6,9 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import cli_runner
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,7 +19,6 @@ from igpt_jax.config import checks as config_checks
 from igpt_jax.jobs import finetune, pretrain, vqvae
 from igpt_jax.training.run_log import RunLog
 
-REPO = Path(__file__).resolve().parents[1]
 ONE = jax.devices()[:1]
 JOB_MODULES = {"pretrain": pretrain, "finetune": finetune, "vqvae": vqvae}
 
@@ -79,19 +76,8 @@ def uninterrupted(request, build_once):
 def kill_after_first_checkpoint(job: str, data_dir: str, source: str, workdir: Path, output: Path) -> list[int]:
     """Starts the job's short run through the command line, SIGKILLs it once its first checkpoint is complete (it
     then saves at every step) and returns the complete steps left on disk."""
-    # One device (the command line's mesh covers every device); the session's other XLA flags stay, so that the
-    # killed run's steps are computed exactly as the in-process runs'.
-    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
-    env = dict(os.environ, XLA_FLAGS=flags, PYTHONUNBUFFERED="1")
-    with open(output, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "igpt_jax.main", f"--config=tests/tiny_runs.py:{job},{data_dir},{source}",
-             f"--workdir={workdir}"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
-    while not checkpoint_steps(workdir) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait(timeout=60)
+    cli_runner.kill_when([f"--config=tests/tiny_runs.py:{job},{data_dir},{source}", f"--workdir={workdir}"],
+                         lambda: bool(checkpoint_steps(workdir)), output)
     return checkpoint_steps(workdir)
 
 

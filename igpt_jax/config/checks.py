@@ -203,6 +203,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         _non_negative(config.finetune, "finetune", ("batch_size", "eval_batch_size", "warmup_steps", "patience",
                                                     "num_classes"))
         _check_positive_number(config.finetune, "finetune", "lr")
+        check_warmup("finetune", config.finetune.warmup_steps, config.finetune.num_steps)
         _one_of(config.finetune, "finetune", "objective", ("gen+clf", "clf"))
         _one_of(config.finetune, "finetune", "init", ("pretrained", "random"))
         batch = config.finetune.batch_size or config.train.batch_size
@@ -333,6 +334,7 @@ def _check_training(config: ml_collections.ConfigDict, dp: int | None) -> None:
     _one_of(t, "train", "schedule", ("cosine", "constant"))
     if t.warmup_steps < -1:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be -1 (one epoch) or a count >= 0")
+    check_warmup("train", t.warmup_steps, t.num_steps)
     if not (0.0 <= t.b1 < 1.0 and 0.0 <= t.b2 < 1.0):
         raise ConfigError(f"train.b1={t.b1} and train.b2={t.b2} must lie in [0, 1)")
     _check_batch("train.batch_size", t.batch_size, dp)
@@ -341,6 +343,20 @@ def _check_training(config: ml_collections.ConfigDict, dp: int | None) -> None:
         _check_batch("train.eval_batch_size", t.eval_batch_size or t.batch_size, dp)
     c = config.checkpoint
     _positive(c, "checkpoint", ("every_steps", "max_to_keep"))
+
+
+def check_warmup(section: str, warmup_steps: int, num_steps: int) -> None:
+    """An explicit warmup (> 0) shorter than the run: one at least ``num_steps`` long would keep the learning rate
+    below its peak to the end (and never start the cosine). Warmup -1 (one epoch) is shortened by the job instead,
+    which knows the epoch (`igpt_jax.training.optim.warmup_steps_for`).
+
+    Raises:
+      ConfigError: naming both fields and numbers.
+    """
+    if warmup_steps > 0 and warmup_steps >= num_steps:
+        raise ConfigError(f"{section}.warmup_steps={warmup_steps} is at least the whole run ({section}.num_steps="
+                          f"{num_steps}): the learning rate would never reach its peak; choose fewer than {num_steps} "
+                          f"warmup steps (e.g. {num_steps // 10})")
 
 
 def check_grad_accum(batch_size: int, grad_accum_steps: int, dp: int | None) -> None:

@@ -197,7 +197,8 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
         Setting("batch_size", 128, SCHEDULE, "global, over all processes and devices"),
         Setting("num_steps", 1000, SCHEDULE, "optimizer steps in all (a resumed run continues to this many)"),
         Setting("lr", 3e-3, SCHEDULE, "peak learning rate (Adam)"),
-        Setting("warmup_steps", -1, SCHEDULE, "-1: one epoch of the training split (paper)"),
+        Setting("warmup_steps", -1, SCHEDULE, "-1: one epoch of the training split (paper; a tenth of the "
+                "run, with a warning, when the epoch is at least the run); a count must be below num_steps"),
         Setting("schedule", "cosine", SCHEDULE, "cosine (to 0) | constant (after warmup)"),
         Setting("b1", 0.9, SCHEDULE, "Adam beta1"),
         Setting("b2", 0.95, SCHEDULE, "Adam beta2"),
@@ -224,6 +225,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
         Setting("allow_changes", False, JOB,
                 "resuming with changed schedule settings (train.lr, train.schedule, ...; --list's role 'schedule'); "
                 "see igpt_jax/config/changes.py"),
+        Setting("take_over", False, JOB,
+                "take the workdir's lease from a run that still holds it (that run stops at its next heartbeat); "
+                "a stale lease is taken over without it (igpt_jax/training/lease.py)"),
         Setting("step", -1, JOB, "jobs that read a checkpoint: -1 = latest"),
         Setting("source_workdir", "", JOB, "probe/finetune/sample/evaluate: a pretraining run or a converted model"),
     )),
@@ -275,7 +279,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
                 "'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token "
                 "grid's four quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model "
                 "on raw pixels sees)"),
-        Setting("solver", "jax_lbfgs", JOB,
+        Setting("solver", "auto", JOB,
+                "auto: jax_lbfgs where it is faster (layers x examples x features of at least "
+                "igpt_jax.probing.linear_probe.AUTO_JAX_FROM), else lbfgs; "
                 "jax_lbfgs: scikit-learn's objective, full-batch L-BFGS in JAX, all layers in one compiled call "
                 "(CIFAR/STL in the paper); lbfgs: scikit-learn itself (the reference, slower); sgd: JAX SGD (large "
                 "datasets, ImageNet)"),
@@ -324,7 +330,7 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
                 "-1: mean of the final norm's output (paper); l: mean of block l's ln_1 output"),
         Setting("lr", 3e-4, SCHEDULE,
                 "Adam (b1, b2, eps, clipping from config.train), constant after warmup (no cosine)"),
-        Setting("warmup_steps", 0, SCHEDULE, "linear warmup steps"),
+        Setting("warmup_steps", 0, SCHEDULE, "linear warmup steps (below finetune.num_steps)"),
         Setting("num_steps", 1000, SCHEDULE, "fine-tuning steps"),
         Setting("batch_size", 0, SCHEDULE, "global; 0: train.batch_size"),
         Setting("eval_every", 100, JOB, "validation accuracy every this many steps (and at step 0); keeps the best"),

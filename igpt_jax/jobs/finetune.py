@@ -266,7 +266,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             if run.start_step == 0 and float(state.best_accuracy) < 0:
                 state = stopping.evaluate(0, state)  # the zero-initialised head
             state = run.train(
-                state, train_step=step_fn, evaluations=[Evaluation(int(fcfg.eval_every), stopping.evaluate)],
+                state, train_step=step_fn, evaluations=[Evaluation(int(fcfg.eval_every), stopping.evaluate,
+                                                                       setting="finetune.eval_every")],
                 stop_early=stopping.stopped, next_batch=lambda: multihost.make_global_batch(
                     {k: v for k, v in next(train_iter).items() if k in ("tokens", "label")}, mesh,
                     sharding.batch_axes(rules), train_rows))

@@ -42,7 +42,7 @@ from igpt_jax.config import changes as config_changes
 from igpt_jax.config import checks as config_checks
 from igpt_jax.data import records
 from igpt_jax.errors import ConfigError
-from igpt_jax.training import lr_ladder
+from igpt_jax.training import lr_ladder, optim
 from igpt_jax.workdir import jsonable, workpath_of
 
 ENDED = ("finished", "diverged")  # a trial with one of these statuses is read back, not rerun
@@ -72,8 +72,8 @@ def trial_config(config: ml_collections.ConfigDict, lr: float, *, steps_per_epoc
     trial.then = ()
     trial.train.lr = float(lr)
     trial.train.num_steps = _scaled(config.train.num_steps, fraction)
-    warmup = steps_per_epoch if config.train.warmup_steps == -1 else config.train.warmup_steps
-    trial.train.warmup_steps = int(round(warmup * fraction))
+    warmup = optim.warmup_steps_for(config.train, steps_per_epoch or 1)  # -1: the full run's (shortened) epoch
+    trial.train.warmup_steps = min(int(round(warmup * fraction)), trial.train.num_steps - 1)  # shorter than the trial
     trial.checkpoint.every_steps = _scaled(config.checkpoint.every_steps, fraction)
     trial.track.every = 0  # representation tracking is for full runs; a trial only compares validation losses
     return trial
@@ -129,8 +129,8 @@ def _final_val_loss(trial_dir: str, steps: int) -> float:
             if record.get("step") == steps and "val_loss" in record:
                 return float(record["val_loss"])
     raise ConfigError(
-        f"{trial_dir} is finished but its validation loss at step {steps} is not in its metrics.jsonl (written for "
-        "local workdirs only): delete that directory to rerun the trial")
+        f"{trial_dir} is finished but its validation loss at step {steps} is not in its metrics.jsonl: delete "
+        "that directory to rerun the trial")
 
 
 class _Trials:

@@ -134,7 +134,7 @@ def evaluations_of(config: ml_collections.ConfigDict, run: TrainingRun, model_cf
         run.log.validation(step, val)
         run.result["val_loss"] = val["nll"]
 
-    evaluations = [Evaluation(int(train_cfg.eval_every), validation)]
+    evaluations = [Evaluation(int(train_cfg.eval_every), validation, setting="train.eval_every")]
     tracker = representation_tracking.make_tracker(config, model_cfg, layout, mesh, rules, palette, run.workpath,
                                                    start_step=run.start_step)
     if tracker:
@@ -144,5 +144,5 @@ def evaluations_of(config: ml_collections.ConfigDict, run: TrainingRun, model_cf
             run.log.scalars(step, tracker.evaluate(step, state.params).scalars())
             run.log.notes["track"] = tracker.progress_note()
 
-        evaluations.append(Evaluation(tracker.every, track))
+        evaluations.append(Evaluation(tracker.every, track, setting="track.every"))
     return evaluations

@@ -7,7 +7,9 @@ Everything here works on host arrays, independent of how the features were made:
   * the training split always has one mask (the probe is fitted on features of in-distribution, masked inputs).
 
 Solvers:
-  * 'jax_lbfgs' (default): multinomial L2 logistic regression with scikit-learn's objective, fitted by full-batch
+  * 'auto' (default): 'jax_lbfgs' for problems of at least `AUTO_JAX_FROM` problems x examples x features, where it is
+    faster, compilation included; 'lbfgs' below, where compiling costs more than it saves (`solver_for`).
+  * 'jax_lbfgs': multinomial L2 logistic regression with scikit-learn's objective, fitted by full-batch
     L-BFGS in JAX (`igpt_jax.probing.logreg_jax`): all layers (or all low-data subsets) in one compiled call,
     warm-started along the C grid; its accuracies equal scikit-learn's within a few tenths of a point
     (tests/test_probe_solver.py).
@@ -38,15 +40,28 @@ import optax
 
 from igpt_jax.probing import logreg_jax
 
-SOLVERS = ("jax_lbfgs", "lbfgs", "sgd")
-LOGISTIC_SOLVERS = ("jax_lbfgs", "lbfgs")  # C-grid solvers with scikit-learn's objective
+SOLVERS = ("auto", "jax_lbfgs", "lbfgs", "sgd")
+LOGISTIC_SOLVERS = ("auto", "jax_lbfgs", "lbfgs")  # C-grid solvers with scikit-learn's objective
+# 'auto' fits with the JAX solver from this many problems x examples x features on, with scikit-learn below it,
+# where the JAX solver's compilation costs more than it saves. Measured (bench/bench_solver_crossover.py,
+# bench/RESULTS.md "Probe solver: where 'auto' switches"): the JAX solver was faster at every size from 8.19M on
+# (2-4.5x), scikit-learn at 9 of the 11 sizes of 2.05M and below.
+AUTO_JAX_FROM = 8_000_000
+
+
+def solver_for(solver: str, problems: int, n: int, d: int) -> str:
+    """The solver that fits `problems` problems of n examples x d features: `solver`, or for 'auto' the JAX L-BFGS
+    from `AUTO_JAX_FROM` problems x n x d on and scikit-learn's below."""
+    if solver != "auto":
+        return solver
+    return "jax_lbfgs" if problems * n * d >= AUTO_JAX_FROM else "lbfgs"
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSettings:
     """How a probe is fitted; built from ``config.probe`` with `ProbeSettings.from_config`."""
 
-    solver: str = "jax_lbfgs"
+    solver: str = "auto"
     C: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     max_iter: int = 1000
     C_widen: int = 4
@@ -229,8 +244,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: np.ndarray, settings: ProbeSet
       x: [problems, n, d] features (already standardised).
       y: [n] labels shared by every problem, or [problems, n].
       C: [problems] inverse L2 strengths.
-      settings: 'jax_lbfgs' (all problems in one compiled call, warm-started from ``init``) or 'lbfgs'
-        (scikit-learn, one by one).
+      settings: 'jax_lbfgs' (all problems in one compiled call, warm-started from ``init``), 'lbfgs'
+        (scikit-learn, one by one) or 'auto' (`solver_for`: by problems x n x d).
       num_classes: number of classes.
       init: (w [problems, d, k], b [problems, k]) warm start; used by 'jax_lbfgs' only.
 
@@ -239,7 +254,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, C: np.ndarray, settings: ProbeSet
     """
     x = np.asarray(x)
     y = np.broadcast_to(np.asarray(y), x.shape[:2])
-    if settings.solver == "jax_lbfgs":
+    if solver_for(settings.solver, *x.shape) == "jax_lbfgs":
         w, b, _ = logreg_jax.fit(x, y, C, num_classes=num_classes, init=init, max_iter=settings.max_iter)
         return w, b
     fits = [_lbfgs_fit(x[p], y[p], float(C[p]), settings.max_iter, num_classes) for p in range(x.shape[0])]

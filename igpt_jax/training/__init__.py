@@ -4,6 +4,7 @@
                   cadence, SIGTERM/SIGINT, segments, FINISHED, cleanup (`TrainingRun`, `Evaluation`)
   optim           Adam/AdamW with warmup and cosine or constant schedules
   step            the pure pretraining train step, its state, layout and jitted forms; the evaluation step
+  lease           one writer per workdir: the lease a running run holds (heartbeat, take-over of a stale one)
   checkpoint      Orbax checkpoints: save, resume from the newest readable step, read a step's config and palette
   run_log         metrics (progress line, TensorBoard, ``metrics.jsonl``) and the preemption watcher (SIGTERM/SIGINT)
   metric_writers  the progress line and TensorBoard event files

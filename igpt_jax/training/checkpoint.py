@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 
 from igpt_jax import workdir as workdir_files
 from igpt_jax.data import iterators
-from igpt_jax.errors import MissingSource
+from igpt_jax.errors import MissingSource, StorageError
 
 STATE, DATA, CONFIG, PALETTE = "state", "data", "config", "palette"
 
@@ -47,12 +47,25 @@ class UnreadableCheckpoint(Exception):
         self.step, self.item, self.detail = step, item, detail
 
 
-def _short_error(err: BaseException) -> str:
-    """The innermost cause of a restore error, on one line, without TensorStore's JSON spec."""
+def _innermost(err: BaseException) -> BaseException:
     while (err.__cause__ or err.__context__) is not None:
         err = err.__cause__ or err.__context__
+    return err
+
+
+def _short_error(err: BaseException) -> str:
+    """The innermost cause of a restore or save error, on one line, without TensorStore's JSON spec."""
+    err = _innermost(err)
     text = re.sub(r"\s*\[tensorstore_spec.*", "", str(err).splitlines()[0] if str(err) else type(err).__name__)
     return text[:300]
+
+
+def _short_cause(text: str) -> str:
+    """TensorStore's chain of a failed write in short: its status and first clause, then the final reason
+    ('RESOURCE_EXHAUSTED: Error writing local file "F": No space left on device'), without its JSON spec."""
+    text = re.sub(r"\s*\[(tensorstore_spec|os_error_code).*", "", text)
+    parts = text.split(": ")
+    return (": ".join(parts[:2] + parts[-1:]) if len(parts) > 3 else text)[:400]
 
 
 def _from_abandoned_restore(unraisable) -> bool:
@@ -106,6 +119,8 @@ class Checkpointer:
             create=create,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step of the save started last, until it is known to be complete
+        self._failure: StorageError | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -207,7 +222,44 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, *, data_iterator: Any = None, config: ml_collections.ConfigDict | None = None,
              palette: np.ndarray | None = None, force: bool = False) -> bool:
-        """Starts saving `step` (asynchronously); returns whether a save was started."""
+        """Starts saving `step` (asynchronously); returns whether a save was started.
+
+        Raises:
+          StorageError: this save, or the one before it still being written, failed (`storage_failure`).
+        """
+        self.wait()  # the previous save's failure is named with its own step
+        self._saving = step
+        try:
+            return self.manager.save(step, args=self._save_args(state, data_iterator, config, palette), force=force)
+        except Exception as err:  # noqa: BLE001 -- any failure to write is named in one line
+            raise self.storage_failure(err) from err
+
+    def storage_failure(self, err: BaseException, step: int | None = None, path: str | None = None) -> StorageError:
+        """The one-line error of a failed write: the path, the step being saved (default: the save under way) and
+        the newest intact checkpoint. A checkpoint save's own failure is remembered, so that closing is quiet."""
+        step = self._saving if step is None else step
+        self._quiet_restore_noise()  # the failed save's abandoned TensorStore and asyncio work
+        try:
+            self.manager.reload()
+            intact = [s for s in self.all_steps() if s != step]
+        except Exception:  # noqa: BLE001 -- the storage is gone: nothing can be said about what is on it
+            intact = None
+        innermost = _innermost(err)
+        if isinstance(innermost, OSError) and innermost.strerror:
+            detail = innermost.strerror + (f" (writing {innermost.filename})" if innermost.filename and
+                                           str(innermost.filename) != path else "")
+        else:
+            detail = _short_cause(str(innermost).splitlines()[0] if str(innermost) else type(innermost).__name__)
+        newest = ("unknown (the storage could not be listed)" if intact is None else
+                  f"step {intact[-1]} (the run resumes from it once the cause is fixed)" if intact else
+                  "none (the run starts from scratch once the cause is fixed)")
+        failure = StorageError(f"could not save step {step} to {path or self.directory}: {detail}; newest intact "
+                               f"checkpoint: {newest}")
+        if path is None:
+            self._failure = failure
+        return failure
+
+    def _save_args(self, state, data_iterator, config, palette) -> ocp.args.Composite:
         items = {STATE: ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items[DATA] = iterators.iterator_save_args(data_iterator)
@@ -215,7 +267,7 @@ class Checkpointer:
             items[CONFIG] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
         if palette is not None:
             items[PALETTE] = ocp.args.JsonSave({"centres": np.asarray(palette, np.float64).tolist()})
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        return ocp.args.Composite(**items)
 
     def restore(self, step: int, abstract_state: Any, *, data_iterator: Any = None) -> Any:
         """Restores the train state at `step` onto the shardings of `abstract_state` (and the iterator in place)."""
@@ -234,11 +286,28 @@ class Checkpointer:
         return np.asarray(restored[PALETTE]["centres"], np.float32)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save under way.
+
+        Raises:
+          StorageError: it failed (named once: after that, waiting and closing are quiet).
+        """
+        if self._failure is not None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            raise self.storage_failure(err) from err
+        self._saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 -- after a failed save, closing re-raises it: named already
+                if self._failure is None:
+                    raise
 
 
 def resolve_step(ckpt: Checkpointer, step: int) -> int:

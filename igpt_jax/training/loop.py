@@ -30,6 +30,12 @@ What it does for every job:
 * Finished: `finish` writes ``FINISHED`` (the last step) after the job's final work, so that launch/relaunch.sh,
   which waits for it, stops only when the results are written. A run is finished when ``FINISHED`` names its newest
   checkpoint and that checkpoint is the last step (or, for a job that stops early, wherever it stopped).
+* One writer: the run holds a lease on its workdir (`igpt_jax.training.lease`) from entering to leaving; a second
+  run there is refused in one line naming the holder, a stale lease (a killed run) is taken over with a warning, and
+  a run whose lease was taken over stops before it writes a metric or a checkpoint again.
+* Storage: a failure to write (a full disk or quota, an unwritable workdir, a vanished bucket) is one line
+  (`igpt_jax.errors.StorageError`) naming the path, the step being saved and the newest intact checkpoint, from
+  which a rerun resumes once the cause is fixed.
 * Cleanup: the checkpointer, the run log, the signal handlers and whatever the job hands to `close_later` are
   closed in one place, on leaving the ``with`` block, also after an error.
 """
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -45,10 +52,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from igpt_jax import workdir as workdir_files
 from igpt_jax.config import changes as config_changes
+from igpt_jax.errors import MissingSource, StorageError, WorkdirInUse
 from igpt_jax.training import checkpoint as ckpt_lib
+from igpt_jax.training.lease import WorkdirLease
 from igpt_jax.training.run_log import PreemptionWatcher, RunLog
 from igpt_jax.training.segments import Segments
 from igpt_jax.workdir import workpath_of
@@ -68,9 +78,50 @@ class Evaluation:
 
     every: int
     fn: Callable[[int, State], State | None]
+    setting: str = ""  # the setting that gives `every` (e.g. 'train.eval_every'), named in a warning
+
 
     def due(self, step: int, final: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or final)
+
+
+def _names_storage_failures(method):
+    """A `TrainingRun` method whose failure to write (an OSError: a full disk, an unwritable directory) is raised as
+    one line naming the path, the step and the newest intact checkpoint (`Checkpointer.storage_failure`)."""
+
+    @functools.wraps(method)
+    def wrapped(self: TrainingRun, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            if isinstance(err, MissingSource):
+                raise
+            path = str(err.filename or self.run_dir)
+            if self.ckpt is None:
+                raise StorageError(f"could not write {path}: {err.strerror or err}") from err
+            raise self.ckpt.storage_failure(err, step=self.step, path=path) from err
+
+    return wrapped
+
+
+def long_periods(num_steps: int, every_steps: int, evaluations: tuple[Evaluation, ...] | list[Evaluation] = ()
+                 ) -> list[str]:
+    """One warning line for each period longer than the run: it then acts only at the last step.
+
+    Args:
+      num_steps: the step the run ends at.
+      every_steps: ``checkpoint.every_steps``.
+      evaluations: the job's evaluations (each names its setting).
+    """
+    lines = []
+    if every_steps > num_steps:
+        lines.append(f"checkpoint.every_steps={every_steps} is longer than the run ({num_steps} steps): a checkpoint "
+                     "is saved only at the last step (and on SIGTERM or Ctrl-C)")
+    for e in evaluations:
+        if e.every > num_steps:
+            lines.append(f"{e.setting or 'an evaluation period'}={e.every} is longer than the run ({num_steps} "
+                         "steps): it runs only at the last step")
+    return lines
 
 
 def finished_step(workpath) -> int | None:
@@ -104,22 +155,69 @@ class TrainingRun:
         self.stop_at_step, self.stops_early = stop_at_step, stops_early
         self.t_start = t_start
         self.primary = jax.process_index() == 0
+        self.step, self.ckpt = 0, None
         self.stopped = False  # set when a signal (or stop_at_step) stopped the run: its step is saved
         self.result: dict[str, Any] = {}  # what run() returns; the job adds its own entries
         self._exit = contextlib.ExitStack()
 
     # ------------------------------------------------------------------------------------------------ opening
+    @_names_storage_failures
     def __enter__(self) -> TrainingRun:
         if self.primary:
             self.workpath.mkdir(parents=True, exist_ok=True)
+        self._take_lease()
         cfg = self.checkpoint_cfg
         self.ckpt = ckpt_lib.Checkpointer(self.run_dir, every_steps=self.every_steps, max_to_keep=cfg.max_to_keep,
                                           async_save=cfg.async_save)
         self._exit.callback(self.ckpt.close)
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._exit.close()  # in reverse order of opening: the signal handlers, the run log, ..., the checkpointer
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self._exit.close()  # in reverse order of opening: the signal handlers, the run log, ..., the checkpointer
+            return
+        try:  # leaving on an error: that error is the one to report, not what closing on a full disk raises next
+            self._exit.close()
+        except Exception as close_err:  # noqa: BLE001
+            logging.info("while closing the run after an error: %s", close_err)
+
+    def _take_lease(self) -> None:
+        """Process 0 takes the workdir's lease (`igpt_jax.training.lease`) and tells the others the outcome.
+
+        Raises:
+          WorkdirInUse: another run holds the workdir (nothing has been written).
+        """
+        refused = None
+        self.lease = None
+        if self.primary:
+            lease = WorkdirLease(self.workpath, take_over=bool(self.checkpoint_cfg.get("take_over", False)))
+            try:
+                self.lease = self._exit.enter_context(lease)
+            except WorkdirInUse as err:
+                refused = err
+        self._raise_everywhere(refused, f"workdir {self.run_dir} is in use by another run")
+
+    def _check_lease(self, *, read: bool = False) -> None:
+        """Stops the run (every process) when another run has taken its workdir's lease since.
+
+        Raises:
+          WorkdirInUse: naming the new holder.
+        """
+        lost = None
+        if self.lease is not None:
+            try:
+                self.lease.check(read=read)
+            except WorkdirInUse as err:
+                lost = err
+        self._raise_everywhere(lost, f"another run took over workdir {self.run_dir}")
+
+    @staticmethod
+    def _raise_everywhere(error: WorkdirInUse | None, said: str) -> None:
+        """Raises process 0's lease error (None: none) on every process; `said` is what the others say."""
+        if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)):
+            error = error or WorkdirInUse(f"{said} (process 0 says so)")
+        if error is not None:
+            raise error
 
     def close_later(self, close: Callable[[], Any]) -> None:
         """Calls `close` when the run is left (before what was opened earlier is closed)."""
@@ -143,6 +241,7 @@ class TrainingRun:
         return {"step": latest, "start_step": latest, "finished": True, "resumed": True}
 
     # ------------------------------------------------------------------------------------------------ start
+    @_names_storage_failures
     def restore_or_create(self, abstract_state: State, create: Callable[[], State], *, data_iterator: Any,
                           config: ml_collections.ConfigDict, tokens_per_step: int, palette: np.ndarray | None = None,
                           check: Callable[[int, ml_collections.ConfigDict], None] | None = None) -> State:
@@ -197,6 +296,7 @@ class TrainingRun:
         self.result.update(resumed=resumed, start_step=self.start_step)
 
     # ------------------------------------------------------------------------------------------------ the loop
+    @_names_storage_failures
     def train(self, state: State, *, train_step: Callable[[State, Batch], tuple[State, dict[str, jax.Array]]],
               next_batch: Callable[[], Batch], evaluations: tuple[Evaluation, ...] | list[Evaluation] = (),
               stop_early: Callable[[State], bool] | None = None) -> State:
@@ -215,6 +315,8 @@ class TrainingRun:
         def done(s: State) -> bool:
             return stop_early is not None and stop_early(s)
 
+        for line in long_periods(self.num_steps, self.every_steps, evaluations):
+            logging.warning("%s", line)
         step = self.start_step
         while step < self.num_steps and not done(state):
             state, metrics = train_step(state, next_batch())
@@ -225,6 +327,7 @@ class TrainingRun:
             due = [e for e in evaluations if e.due(step, final)]
             save = final or stop or step % self.every_steps == 0
             if save or due or step % self.log_every == 0:
+                self._check_lease()  # nothing is written over a run that took this workdir over
                 self.log.flush(last_good=self.ckpt.latest_step(), directory=self.ckpt.directory)  # raises on NaN/Inf
             for evaluation in due:
                 changed = evaluation.fn(step, state)
@@ -241,6 +344,7 @@ class TrainingRun:
         return state
 
     def _save(self, step: int, state: State) -> None:
+        self._check_lease(read=True)
         self.log.sync()  # every metric up to this step is on disk before the checkpoint is
         self.ckpt.save(step, state, data_iterator=self.data_iterator, config=self.config, palette=self.palette,
                        force=True)
@@ -260,6 +364,7 @@ class TrainingRun:
         self.result["segments"] = self.segments.save(self.step)
         return self.result["segments"]
 
+    @_names_storage_failures
     def finish(self) -> dict[str, Any]:
         """Writes FINISHED (call it after the job's final work) and returns the run's result."""
         if self.primary:

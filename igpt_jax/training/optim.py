@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import optax
+from absl import logging
 
 SCHEDULES = ("cosine", "constant")
 
@@ -47,9 +48,20 @@ def make_optimizer(train_cfg: Any, schedule: optax.Schedule) -> optax.GradientTr
 
 
 def warmup_steps_for(train_cfg: Any, steps_per_epoch: int) -> int:
-    """``train.warmup_steps``, where -1 means one epoch of the training split (the paper)."""
+    """``train.warmup_steps``, where -1 means one epoch of the training split (the paper).
+
+    One epoch that is at least the whole run (``train.num_steps``) would keep the learning rate below its peak to
+    the end and never start the cosine: it is shortened to a tenth of the run, with a one-line warning naming both
+    numbers. An explicit count at least the run is refused by the config checks (`igpt_jax.config.checks`).
+    """
     if train_cfg.warmup_steps == -1:
-        return max(1, steps_per_epoch)
+        epoch, num_steps = max(1, steps_per_epoch), int(train_cfg.num_steps)
+        if epoch < num_steps:
+            return epoch
+        shortened = num_steps // 10
+        logging.warning("train.warmup_steps=-1 is one epoch of %d steps, at least the whole run (train.num_steps=%d): "
+                        "warmup shortened to %d steps (a tenth of the run)", epoch, num_steps, shortened)
+        return shortened
     if train_cfg.warmup_steps < 0:
         raise ValueError(f"train.warmup_steps={train_cfg.warmup_steps}: use -1 (one epoch) or a count >= 0")
     return int(train_cfg.warmup_steps)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 from typing import Any
@@ -68,7 +67,7 @@ class PreemptionWatcher:
 
 
 class RunLog:
-    """The run's metrics: progress lines, TensorBoard, and ``metrics.jsonl`` (local workdirs), from process 0.
+    """The run's metrics: progress lines, TensorBoard, and ``metrics.jsonl``, from process 0.
 
     Metrics stay on the device until a flush, so logging never stalls the step pipeline; a flush fetches every
     pending step, raises on the first non-finite loss, and records them all. `sync()` puts everything recorded on
@@ -80,7 +79,10 @@ class RunLog:
     def __init__(self, workpath: epath.Path, *, num_steps: int, start_step: int, tokens_per_step: int, local: bool):
         primary = jax.process_index() == 0
         self.progress = ProgressLogger(num_steps, start_step=start_step, tokens_per_step=tokens_per_step)
-        self.metrics_file = workpath / workdir_files.METRICS if primary and local else None
+        self.metrics_file = workpath / workdir_files.METRICS if primary else None
+        # Local: appended at each record. Remote (gs://, whose objects cannot be appended to): records wait here and
+        # the whole file is rewritten at each `sync` (before every checkpoint) and on closing.
+        self.local, self.unsynced = local, []
         if primary:
             self._drop_after(workpath, start_step)
         self.writer = TensorBoardWriter(str(workpath / workdir_files.TENSORBOARD)) if primary else None
@@ -94,16 +96,18 @@ class RunLog:
             lines = self.metrics_file.read_text().splitlines(keepends=True)
             kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
             if len(kept) < len(lines):
-                partial = self.metrics_file.parent / (self.metrics_file.name + ".partial")
-                partial.write_text("".join(kept))
-                os.replace(partial, self.metrics_file)  # a kill leaves the old or the new file
+                workdir_files.write_atomic(self.metrics_file, "".join(kept).encode())  # a kill leaves old or new
                 dropped += len(lines) - len(kept)
         if dropped:
             logging.info("dropped %d metric records of steps after %d (logged by a run stopped after its last "
                          "checkpoint; they are redone now)", dropped, step)
 
     def sync(self) -> None:
-        """Puts every metric recorded so far on disk (``metrics.jsonl`` is written through at each record)."""
+        """Puts every metric recorded so far on disk (a local ``metrics.jsonl`` is written through at each record)."""
+        if self.unsynced:
+            old = self.metrics_file.read_text() if self.metrics_file.exists() else ""
+            self.metrics_file.write_text(old + "".join(self.unsynced))
+            self.unsynced = []
         if self.writer:
             self.writer.flush()
 
@@ -146,10 +150,16 @@ class RunLog:
 
     def append(self, records: list[dict[str, float]]) -> None:
         """Appends records (each with its ``step``) to metrics.jsonl as they are; nothing goes to TensorBoard."""
-        if self.metrics_file is not None:
+        if self.metrics_file is None:
+            return
+        lines = [json.dumps(r) + "\n" for r in records]
+        if self.local:
             with open(self.metrics_file, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+                f.writelines(lines)
+        else:
+            self.unsynced.extend(lines)
 
     def close(self) -> None:
+        self.sync()
         if self.writer:
             self.writer.close()

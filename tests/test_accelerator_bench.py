@@ -3,23 +3,16 @@ the train, sampling and prefill rows with TFLOP/s per device from the shared FLO
 budget skips what is left and says so. The Hugging Face peer's rows (torch and transformers imported, a few steps of
 the port) take too long for the default suite: `pytest -m slow -n 0 tests/test_accelerator_bench.py`."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from igpt_jax.training import mfu
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "accelerator.py"
-
 
 @pytest.fixture(scope="module")
-def accelerator():
-    spec = importlib.util.spec_from_file_location("bench_accelerator", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def accelerator(bench_script):
+    return bench_script("accelerator")
 
 
 def _tiny(accelerator, out, *flags):

@@ -2,12 +2,7 @@
 instructions count (top-level ones, not a fusion's insides; loops and tuples not), where they run (the layer loop or
 outside), their kind, element types and model part."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "roofline_bytes.py"
 
 HLO = """HloModule m
 
@@ -42,11 +37,8 @@ ENTRY %main (p: f32[8,16]) -> f32[8,16] {
 
 
 @pytest.fixture(scope="module")
-def roofline():
-    spec = importlib.util.spec_from_file_location("bench_roofline_bytes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def roofline(bench_script):
+    return bench_script("roofline_bytes")
 
 
 def test_breakdown_of_a_small_module(roofline):

@@ -1,6 +1,6 @@
 r"""Which HLO ops carry the bytes of the compile job's roofline estimate: a breakdown of XLA's 'bytes accessed'.
 
-    python bench/roofline_bytes.py --config=configs/igpt_xl.py:pod=v4-1024 [--config.model.dtype=bfloat16 ...]
+    python bench/roofline_bytes.py --config=configs/igpt_xl.py:pod=v4-1024 [--loop_aware] [--config.model.dtype=bfloat16 ...]
 
 Compiles the config's train step for its TPU slice exactly as the compile job does (`compile_train_step`, libtpu,
 no TPU), prints the job's ESTIMATE line, then splits the per-device bytes of the optimised HLO's top-level
@@ -20,6 +20,11 @@ Bytes of an instruction = its operands' and result's sizes (per device), roughly
 top-level op (XLA:TPU's ``AllocateBuffer`` custom calls, buffers reserved for a zero broadcast, count nothing); the
 total is printed next to XLA's own 'bytes accessed', which it does not match exactly (XLA counts a fusion's operands
 by how its body reads them): read the shares, not the absolute figures. An estimate's anatomy, not a measurement.
+
+``--loop_aware`` compiles the step a second time with ``model.scan_unroll`` doubled: the difference of XLA's two
+'bytes accessed' is the bytes of the extra layers in the body, so the step's bytes can be counted with the body once
+per layer and the rest (optimizer, gradient norms, embedding, head, loss) once, where the compile job's estimate
+multiplies everything by the layer count (`loop_aware_bytes`).
 """
 
 from __future__ import annotations
@@ -173,6 +178,37 @@ def format_breakdown(b: dict[str, Any], xla_bytes: float, top: int) -> str:
     return "\n".join(lines)
 
 
+def loop_aware_bytes(bytes_1: float, bytes_2: float, n_layer: int, unroll: int, accum: int = 1) -> dict[str, float]:
+    """XLA's bytes with the layer scan's body counted once per layer and the rest once per step.
+
+    `bytes_1` is XLA's 'bytes accessed' of the step as configured (the scan body, `unroll` layers, counted once),
+    `bytes_2` of the same step with the body unrolled twice as far; their difference is `unroll` layers' bytes. The
+    compile job's estimate multiplies `bytes_1` by n_layer x micro-batches, i.e. also the optimizer, the embedding,
+    the head and the loss; here the body runs n_layer x `accum` times and everything else once (the per-micro-batch
+    embedding, head and loss are then under-counted when `accum` > 1).
+    """
+    per_layer = (bytes_2 - bytes_1) / unroll
+    outside = bytes_1 - unroll * per_layer
+    return {"per_layer": per_layer, "outside": outside, "total": outside + n_layer * accum * per_layer}
+
+
+def _loop_aware(compile_job: Any, config: Any, report: dict[str, Any]) -> str:
+    """Compiles the step again with the scan unrolled twice as far; the loop-aware estimate line."""
+    unroll, n_layer = int(config.model.scan_unroll), int(report["model"]["n_layer"])
+    doubled = config.copy_and_resolve_references()
+    doubled.model.scan_unroll = 2 * unroll
+    report_2, _ = compile_job.compile_train_step(doubled)
+    e, f = report["estimate"], report["flops"]
+    b = loop_aware_bytes(e["xla_bytes_per_device"], report_2["estimate"]["xla_bytes_per_device"], n_layer, unroll,
+                         int(report["grad_accum_steps"]))
+    memory_s = b["total"] / e["hbm_bytes_per_device"] * e["memory_seconds"]
+    seconds = max(e["compute_seconds"], memory_s)
+    mfu = f["model_per_step"] / (seconds * report["devices"] * f["peak_per_device"])
+    return (f"  LOOP-AWARE      step {seconds:.3g} s (HBM {memory_s:.3g} s for {b['total'] / 1024**3:.2f} GiB: "
+            f"{b['per_layer'] / 1024**3:.3f} GiB per layer x {n_layer} + {b['outside'] / 1024**3:.3f} GiB once), "
+            f"MFU {100 * mfu:.1f} % -- XLA's bytes with the body counted per layer (unroll {unroll} vs {2 * unroll})")
+
+
 def main(argv: list[str]) -> None:
     del argv
     if ROOT not in sys.path:
@@ -185,6 +221,8 @@ def main(argv: list[str]) -> None:
     if flags.FLAGS.hlo_out:
         with open(flags.FLAGS.hlo_out, "w") as f:
             f.write(hlo)
+    if flags.FLAGS.loop_aware:
+        print(_loop_aware(compile_job, flags.FLAGS.config, report), flush=True)
     b = breakdown(hlo, int(report["model"]["n_layer"]))
     print(format_breakdown(b, report["estimate"].get("xla_bytes_per_device", 0.0), flags.FLAGS.top), flush=True)
 
@@ -195,4 +233,6 @@ if __name__ == "__main__":  # the flags are defined here only, so that tests can
     config_flags.DEFINE_config_file("config", None, "the config file[:variant], as for igpt_jax.main")
     flags.DEFINE_integer("top", 12, "largest single instructions to list")
     flags.DEFINE_string("hlo_out", "", "also write the optimised HLO text here")
+    flags.DEFINE_bool("loop_aware", False, "compile again with the scan unrolled twice as far and print the "
+                      "loop-aware estimate (the layer body's bytes counted per layer, the rest once)")
     app.run(main)

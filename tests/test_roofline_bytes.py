@@ -58,3 +58,12 @@ def test_a_known_trip_count_is_the_loops(roofline):
     hlo = HLO.replace("body=%body", 'body=%body, backend_config={"known_trip_count":{"n":"8"}}')
     trips = roofline.top_level(*roofline.split_computations(hlo), loop_trips=4)
     assert trips == {"main": 1, "cond": 1, "body": 8}
+
+
+def test_loop_aware_bytes_count_the_body_per_layer_and_the_rest_once(roofline):
+    # 7 outside the scan, 3 per layer: the step as configured counts 7 + 3, unrolled twice as far 7 + 6.
+    assert roofline.loop_aware_bytes(10.0, 13.0, n_layer=24, unroll=1) == {"per_layer": 3.0, "outside": 7.0,
+                                                                           "total": 7.0 + 24 * 3.0}
+    # The same step configured with unroll 2 (7 + 6; unrolled to 4: 7 + 12) gives the same answer.
+    assert roofline.loop_aware_bytes(13.0, 19.0, n_layer=24, unroll=2)["total"] == 79.0
+    assert roofline.loop_aware_bytes(10.0, 13.0, n_layer=24, unroll=1, accum=2)["total"] == 7.0 + 48 * 3.0

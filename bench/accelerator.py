@@ -66,6 +66,7 @@ SIZES = {
                  prefill_batch=4, max_batch_per_device=4),
 }
 ATTENTIONS = {"tpu": ("dense", "splash"), "gpu": ("dense", "cudnn"), "cpu": ("dense", "blockwise")}
+PEER_ATTENTIONS = ("eager", "sdpa")  # the port's own attention, and SDPA swapped into it
 MEMORY_FRACTION = 0.85  # of the device's bytes_limit that the auto batch may plan to use
 
 
@@ -263,6 +264,10 @@ def _sdpa_attn(self, query, key, value, attention_mask=None):  # noqa: ARG001
 
 def peer_rows(size: dict[str, Any], batch: int, steps: int, clock: Clock) -> tuple[list[dict[str, Any]], str]:
     """The Hugging Face port's train step, eager and with SDPA swapped in; ([], why) when it cannot run here."""
+    if clock.elapsed() >= clock.budget_s:  # say so without importing torch
+        for name in PEER_ATTENTIONS:
+            clock.allows(f"Hugging Face port ({name})")
+        return [], ""
     try:
         import torch  # noqa: PLC0415
         from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling  # noqa: PLC0415
@@ -280,7 +285,7 @@ def peer_rows(size: dict[str, Any], batch: int, steps: int, clock: Clock) -> tup
                             attn_pdrop=0.0)
     eager = modeling_imagegpt.ImageGPTAttention._attn
     rows = []
-    for name, attn in (("eager", eager), ("sdpa", _sdpa_attn)):
+    for name, attn in zip(PEER_ATTENTIONS, (eager, _sdpa_attn), strict=True):
         if not clock.allows(f"Hugging Face port ({name})"):
             continue
         modeling_imagegpt.ImageGPTAttention._attn = attn

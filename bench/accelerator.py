@@ -24,9 +24,11 @@ the 'data' mesh axis):
   our best row's batch or half of it until it fits. Our best tokens/s over each is printed as the ratio. On a TPU
   (no torch device) and without torch the peer rows are skipped and say why.
 
-Everything runs in one process within ``--budget_s`` (default 270 s, compiles included): a measurement that
-would start after it is skipped and listed under ``skipped``. The JSON (``--out``) holds the device, versions,
-shapes, every row, the ratios and the skipped; the table goes to stdout.
+Everything runs within ``--budget_s`` (default 270 s, compiles included): a measurement that would start after it
+is skipped and listed under ``skipped``. Where an NVIDIA GPU is present (``--isolate=auto``) igpt_jax's measurements
+and then the peer's run in two child processes, one after the other, so that neither holds the GPU's memory (JAX
+reserves most of it) while the other runs; elsewhere in this process. The JSON (``--out``) holds the device,
+versions, shapes, every row, the ratios and the skipped; the table goes to stdout.
 
 On a Cloud TPU VM: ``pip install -e '.[tpu]' 'jax[tpu]'`` then ``python bench/accelerator.py``. On a GPU machine:
 ``pip install -e '.[test]' 'jax[cuda12]'`` (torch with CUDA for the peer: ``pip install torch`` from PyTorch's CUDA
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -83,6 +86,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer", default="auto", choices=["auto", "off"], help="the Hugging Face port's rows")
     p.add_argument("--budget_s", type=float, default=270.0, help="skip what would start after this many seconds")
     p.add_argument("--out", default="accelerator.json", help="the JSON report")
+    p.add_argument("--isolate", default="auto", choices=["auto", "yes", "no"],
+                   help="run JAX's and torch's measurements in child processes, one after the other, so that neither "
+                        "holds device memory while the other runs (auto: where an NVIDIA GPU is present)")
+    p.add_argument("--_part", default="", choices=["", "jax", "peer"], help=argparse.SUPPRESS)
+    p.add_argument("--_part_out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--_peer_batch", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--_platform", default="", help=argparse.SUPPRESS)
+    p.add_argument("--_peer_steps", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -262,7 +273,8 @@ def _sdpa_attn(self, query, key, value, attention_mask=None):  # noqa: ARG001
     return F.scaled_dot_product_attention(query, key, value, is_causal=True), None
 
 
-def peer_rows(size: dict[str, Any], batch: int, steps: int, clock: Clock) -> tuple[list[dict[str, Any]], str]:
+def peer_rows(size: dict[str, Any], batch: int, steps: int, clock: Clock, platform: str
+              ) -> tuple[list[dict[str, Any]], str]:
     """The Hugging Face port's train step, eager and with SDPA swapped in; ([], why) when it cannot run here."""
     if clock.elapsed() >= clock.budget_s:  # say so without importing torch
         for name in PEER_ATTENTIONS:
@@ -274,7 +286,6 @@ def peer_rows(size: dict[str, Any], batch: int, steps: int, clock: Clock) -> tup
         from transformers.models.imagegpt import modeling_imagegpt  # noqa: PLC0415
     except ImportError as err:
         return [], f"torch/transformers not installed ({err}); pip install -e '.[test]'"
-    platform = jax.devices()[0].platform
     if platform == "gpu" and not torch.cuda.is_available():
         return [], "torch has no CUDA here (a CPU build): install torch from PyTorch's CUDA index"
     if platform not in ("gpu", "cpu"):
@@ -361,10 +372,10 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measures everything the module docstring lists; returns the report (also written to ``args.out``)."""
+def measure_jax(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    """The device's facts and igpt_jax's rows: the train steps, then sampling and prefill."""
     devices = jax.devices()[:args.devices] if args.devices else jax.devices()
-    clock, size, facts = Clock(args.budget_s), SIZES[args.size], device_facts(devices)
+    size, facts = SIZES[args.size], device_facts(devices)
     sample_batches = [int(b) for b in args.sample_batches.split(",") if b] or list(size["sample_batches"])
     attentions = [a for a in args.attention.split(",") if a] or list(ATTENTIONS.get(facts["platform"], ("dense",)))
     steps = args.steps or (2 if facts["platform"] == "cpu" else 10)
@@ -381,15 +392,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows.append(train_row(model_config(size, attention, remat, args.dtype), batch, steps, devices))
                 print(f"  train {attention}/{remat}: batch {rows[-1]['batch']}, {rows[-1]['tokens_per_s']:,.0f} "
                       f"tokens/s ({clock.elapsed():.0f} s)", flush=True)
-    best = max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
     rows += sampling_rows(model_config(size, "auto", "none", args.dtype), size, sample_batches, clock)
-    peers, note = ([], "--peer=off") if args.peer == "off" else peer_rows(
-        size, best["batch"] if best else size["probe_batch"], steps, clock)
-    account = mfu.FlopsAccount.of(model_config(size, "dense", "none", args.dtype), devices[:1])
-    rows += [{**p, **account.rates(p["tokens_per_s"])} for p in peers]  # torch runs on one device
-    report = {**facts, "size": args.size, "shape": size, "dtype": args.dtype, "steps": steps, "rows": rows,
+    return {"facts": facts, "rows": rows, "steps": steps, "skipped": clock.skipped}
+
+
+def measure_peer(args: argparse.Namespace, clock: Clock) -> dict[str, Any]:
+    rows, note = peer_rows(SIZES[args.size], args._peer_batch, args._peer_steps, clock, args._platform)
+    return {"rows": rows, "note": note, "skipped": clock.skipped}
+
+
+def _has_nvidia_gpu() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia")
+
+
+def _part(args: argparse.Namespace, part: str, clock: Clock, isolate: bool, **extra: Any) -> dict[str, Any]:
+    """A part's result, measured here or in a child process (which holds the device only while it runs)."""
+    if not isolate:
+        ns = argparse.Namespace(**{**vars(args), **{f"_{k}": v for k, v in extra.items()}})
+        return measure_jax(ns, clock) if part == "jax" else measure_peer(ns, clock)
+    out = f"{args.out}.{part}.json"
+    argv = [f"--{k}={v}" for k, v in vars(args).items() if not k.startswith("_") and k not in ("budget_s", "out")]
+    argv += [f"--budget_s={max(0.0, clock.budget_s - clock.elapsed())}", f"--out={out}", f"--_part={part}",
+             f"--_part_out={out}", *(f"--_{k}={v}" for k, v in extra.items())]
+    subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
+    with open(out) as f:
+        result = json.load(f)
+    os.remove(out)
+    clock.skipped += result["skipped"]
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Measures everything the module docstring lists; returns the report (also written to ``args.out``)."""
+    clock, size = Clock(args.budget_s), SIZES[args.size]
+    if args._part:  # a child of `_part`
+        result = measure_jax(args, clock) if args._part == "jax" else measure_peer(args, clock)
+        with open(args._part_out, "w") as f:
+            json.dump(result, f)
+        return result
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and _has_nvidia_gpu())
+    ours = _part(args, "jax", clock, isolate)
+    facts, rows = ours["facts"], ours["rows"]
+    train = [r for r in rows if r["what"] == "train"]
+    best = max(train, key=lambda r: r["tokens_per_s"]) if train else None
+    peers, note = [], "--peer=off"
+    if args.peer != "off":
+        theirs = _part(args, "peer", clock, isolate, peer_batch=best["batch"] if best else size["probe_batch"],
+                       peer_steps=ours["steps"], platform=facts["platform"])
+        peers, note = theirs["rows"], theirs["note"]
+    account = mfu.FlopsAccount(flops_per_token=mfu.model_flops_per_token(model_config(size, "dense", "none",
+                                                                                       args.dtype))["total"],
+                               devices=1, peak_per_device=facts["peak_flops_per_device"])  # torch: one device
+    rows += [{**p, **account.rates(p["tokens_per_s"])} for p in peers]
+    report = {**facts, "size": args.size, "shape": size, "dtype": args.dtype, "steps": ours["steps"], "rows": rows,
               "ratios": {p["attention"]: best["tokens_per_s"] / p["tokens_per_s"] for p in peers} if best else {},
-              "peer_note": note, "skipped": clock.skipped, "seconds": clock.elapsed(),
+              "peer_note": note, "skipped": clock.skipped, "seconds": clock.elapsed(), "isolated": isolate,
               "load_average": os.getloadavg()[0]}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)

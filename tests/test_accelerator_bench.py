@@ -1,6 +1,6 @@
 """bench/accelerator.py runs on the CPU with tiny shapes, so that the accelerator command cannot rot: its JSON holds
 the train, sampling and prefill rows with TFLOP/s per device from the shared FLOP accounting, and a spent time
-budget skips what is left and says so. The Hugging Face peer's rows (torch and transformers imported, a few steps of
+budget skips what is left and says so. The Hugging Face peer's rows, measured in child processes, (torch and transformers imported, a few steps of
 the port) take too long for the default suite: `pytest -m slow -n 0 tests/test_accelerator_bench.py`."""
 
 import json
@@ -36,7 +36,7 @@ def test_tiny_run_on_cpu_writes_the_report(accelerator, tmp_path, capsys):
     assert (sample["batch"], prefill["batch"]) == (1, 4)
     assert sample["tokens_per_s"] == pytest.approx(64 / sample["seconds"])
     assert prefill["tokens_per_s"] == pytest.approx(4 * 64 / prefill["seconds"])
-    assert report["peer_note"] == "--peer=off" and report["ratios"] == {}
+    assert report["peer_note"] == "--peer=off" and report["ratios"] == {} and not report["isolated"]
     table = capsys.readouterr().out
     assert "TFLOP/s/dev" in table and "peer: --peer=off" in table
 
@@ -44,7 +44,9 @@ def test_tiny_run_on_cpu_writes_the_report(accelerator, tmp_path, capsys):
 @pytest.mark.slow
 def test_the_hugging_face_peer_rows_and_ratios(accelerator, tmp_path):
     pytest.importorskip("transformers")
-    report = _tiny(accelerator, tmp_path / "accelerator.json", "--sample_batches=1")
+    # In child processes, one after the other, as on a GPU (where JAX's memory would otherwise starve torch).
+    report = _tiny(accelerator, tmp_path / "accelerator.json", "--sample_batches=1", "--isolate=yes")
+    assert report["isolated"] and sorted(p.name for p in tmp_path.iterdir()) == ["accelerator.json"]
     train = report["rows"][0]
     peers = [r for r in report["rows"] if r["what"] == "peer"]
     assert [p["attention"] for p in peers] == ["HF eager", "HF sdpa"] and report["peer_note"] == ""

@@ -247,7 +247,8 @@ def sampling_rows(cfg: ModelConfig, size: dict[str, Any], batches: list[int], cl
             continue
         prefix, rng = jnp.zeros((batch, 0), jnp.int32), jax.random.key(3)
         t0 = time.perf_counter()
-        fn = jax.jit(lambda p, x, r: decoding.generate(cfg, p, x, r, temperature=1.0)).lower(params, prefix, rng).compile()
+        generate = jax.jit(lambda p, x, r: decoding.generate(cfg, p, x, r, temperature=1.0))
+        fn = generate.lower(params, prefix, rng).compile()
         compile_s = time.perf_counter() - t0
         seconds = _timed(lambda fn=fn, prefix=prefix, rng=rng: fn(params, prefix, rng), repeats=1)
         rows.append({"what": "sample", "batch": batch, "tokens_per_s": batch * cfg.n_ctx / seconds,

@@ -1,6 +1,7 @@
 r"""Which HLO ops carry the bytes of the compile job's roofline estimate: a breakdown of XLA's 'bytes accessed'.
 
-    python bench/roofline_bytes.py --config=configs/igpt_xl.py:pod=v4-1024 [--loop_aware] [--config.model.dtype=bfloat16 ...]
+    python bench/roofline_bytes.py --config=configs/igpt_xl.py:pod=v4-1024 [--loop_aware] \
+        [--config.model.dtype=bfloat16 ...]
 
 Compiles the config's train step for its TPU slice exactly as the compile job does (`compile_train_step`, libtpu,
 no TPU), prints the job's ESTIMATE line, then splits the per-device bytes of the optimised HLO's top-level

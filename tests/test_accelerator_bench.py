@@ -1,7 +1,8 @@
 """bench/accelerator.py runs on the CPU with tiny shapes, so that the accelerator command cannot rot: its JSON holds
 the train, sampling and prefill rows with TFLOP/s per device from the shared FLOP accounting, and a spent time
-budget skips what is left and says so. The Hugging Face peer's rows, measured in child processes, (torch and transformers imported, a few steps of
-the port) take too long for the default suite: `pytest -m slow -n 0 tests/test_accelerator_bench.py`."""
+budget skips what is left and says so. The Hugging Face peer's rows (measured in child processes; torch and
+transformers imported, a few steps of the port) take too long for the default suite:
+`pytest -m slow -n 0 tests/test_accelerator_bench.py`."""
 
 import json
 

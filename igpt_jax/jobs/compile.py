@@ -414,7 +414,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"remat recomputation included); XLA's cost_analysis {f['xla_per_device']:.4g} per device (counts the "
         "scan over layers once)",
         f"                  model {f['model_per_token']:.4g} per token = 6N {f['model_per_token_6N']:.4g} + attention "
-        f"{f['model_per_token_attention']:.4g} ({attention}); {f['model_per_step']:.4g} per step of {f['tokens_per_step']:,} tokens",
+        f"{f['model_per_token_attention']:.4g} ({attention}); {f['model_per_step']:.4g} per step of "
+        f"{f['tokens_per_step']:,} tokens",
     ]
     if f["peak_per_device"]:
         lines.append(f"                  MFU = {f['model_per_step']:.4g} / (step seconds x {r['devices']} x "

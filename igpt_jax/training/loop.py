@@ -21,8 +21,8 @@ What it does for every job:
   in force go to ``config.json``).
 * Steps: each step's metrics go to the run log (`igpt_jax.training.run_log.RunLog`; with the job's
   `igpt_jax.training.mfu.FlopsAccount` the progress line, ``metrics.jsonl`` and TensorBoard also get TFLOP/s per
-  device and MFU) and are fetched every ``log_every`` steps, before each evaluation and before each save; a non-finite loss stops the run there, naming the
-  last good checkpoint.
+  device and MFU) and are fetched every ``log_every`` steps, before each evaluation and before each save; a
+  non-finite loss stops the run there, naming the last good checkpoint.
 * Checkpoints: every ``checkpoint.every_steps`` steps, after an evaluation that changed the state, at the last step
   and when asked to stop. The metrics are on disk before each save, and ``segments.json`` (each invocation's steps
   and wall time) is written with it.

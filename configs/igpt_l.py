@@ -24,6 +24,9 @@ Hardware:  a Cloud TPU slice, `:pod=TYPE` (default v4-1024), each proven to fit 
            attention 'auto' (the Pallas splash kernel on TPU; the figures below are for dense), and no
            rematerialisation: the step needs at most 54 % of a v3 core's 16 GiB (48x48 on v3-1024; 20 % at 32x32)
            and 40 % of a v4 chip's 32 GiB, so recomputing activations would cost FLOPs for nothing.
+           bfloat16 compute (`--config.model.dtype=bfloat16`): 2.8 instead of 3.4 GiB on v4-1024 at 32x32, and the
+           compile job's ESTIMATE 0.072 s per step against 0.085 s in float32 (bench/RESULTS.md "Roofline
+           estimates"); not the default until a TPU run shows its loss curve.
 Time:      1M steps of batch 128; about 2500 V100-days in the paper (OpenAI's post).
 Result:    paper: CIFAR-10 linear probe 96.3 %, fine-tune 99.0 %; ImageNet probe 60.3 % (IR 32), 65.2 % (IR 48).
 """

@@ -27,6 +27,9 @@ Hardware:  a Cloud TPU slice, `:pod=TYPE` (default v4-1024), each proven to fit 
            and layer do not fit: XLA needs 42.7 GiB of temporaries on v4-1024 (30.75 GiB usable); with
            'dots_no_batch' the step needs 8.5 GiB of 32 (v4-1024) and 4.3 of 16 (v3-1024). With splash (the TPU
            default) 8.4 GiB, and without remat 26.6 GiB: it fits (`--config.model.remat=none`, 8 % fewer FLOPs).
+           bfloat16 compute (`--config.model.dtype=bfloat16`; parameters, norm statistics, softmax, logits and loss
+           stay float32): 4.4 GiB on v4-1024, and the compile job's ESTIMATE 0.339 s per step against 0.468 s in
+           float32 (bench/RESULTS.md "Roofline estimates"); not the default until a TPU run shows its loss curve.
 Time:      the paper trains XL at batch 64 on ImageNet for fewer steps than L.
 Result:    paper: ImageNet linear probe 72.0 % with concatenated features (IR 64).
            Learning rate: not published for XL; 0.001 (L's at 32x32) is our choice.

@@ -98,6 +98,11 @@ def test_evaluations_land_in_metrics_tensorboard_history_and_plot_at_their_steps
     # The progress line after an evaluation shows its seconds and tracking's share of the wall time.
     progress = [line for line in lines if line.startswith("step ") and "tok/s" in line]
     assert any("| track " in line and "s (" in line and "%)" in line for line in progress), progress
+    # After the first interval the line shows the model's TFLOP/s per device, and MFU as n/a on the CPU.
+    assert all(" TFLOP/s/dev | MFU n/a | ETA " in line for line in progress[1:]), progress
+    rates = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in rates if "tflops_per_device" in r]
+    assert rates and all("mfu" not in r and r["tflops_per_device"] > 0 for r in rates)
 
 
 @pytest.mark.slow

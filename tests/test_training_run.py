@@ -39,8 +39,13 @@ def run_job(job: str, config, workdir: Path, **kwargs) -> dict:
     return JOB_MODULES[job].run(config, str(workdir), devices=ONE, **kwargs)
 
 
+WALL_CLOCK = ("tokens_per_sec", "tflops_per_device", "mfu")  # the rates a flush adds: timing, not computation
+
+
 def metric_records(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records without the wall-clock rates."""
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:

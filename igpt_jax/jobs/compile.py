@@ -9,14 +9,15 @@ state and temporaries from XLA's `memory_analysis()`, the device's HBM and wheth
 FLOPs next to the model FLOPs per token, so that a measured step time turns into MFU. The same numbers go to
 ``WORKDIR/compile_report.json``.
 
-Model FLOPs (the standard count, PaLM appendix B): per token, ``6 N + 12 L T d``, where N counts the parameters
-that take part in matmuls (the blocks' q, k, v, o, fc, proj and the output head ``wtet``: ``12 L d^2 + V d``; the
-embedding lookups are gathers), L the layers, T the sequence length (resolution^2) and d the width; ``12 L T d`` is
-the attention's two [T, T] matmuls forward and backward, without discounting the causal mask. MFU = model FLOPs
-per step / (step seconds x devices x peak FLOP/s per device). The step's own matmul FLOPs, counted from its jaxpr
-over all layers, add the remat recomputation (hardware FLOPs; a Pallas kernel counts its body's matmuls once per
-grid step, masked blocks included, and a `shard_map` body once per device); XLA's `cost_analysis()` of the
-compiled step is printed too, but it counts the body of the scan over layers once and a Pallas kernel not at all.
+Model FLOPs per token and the chip's peak are `igpt_jax.training.mfu`'s, the accounting the training loop logs
+with (MaxText's way): ``6 N`` for the matmuls with weights (the blocks' q, k, v, o, fc, proj and the output head
+``wtet``: N = ``12 L d^2 + V d``; the embedding lookups are gathers) plus attention's two [T, T] products, ``6 L T d``
+for a causal model (counted once: a token attends to T/2 keys on average) and ``12 L T d`` for BERT. MFU = model
+FLOPs per step / (step seconds x devices x peak FLOP/s per device). The step's own matmul FLOPs, counted from its
+jaxpr over all layers, add the remat recomputation and the masked half of a dense causal attention (hardware
+FLOPs; a Pallas kernel counts its body's matmuls once per grid step, masked blocks included, and a `shard_map` body
+once per device); XLA's `cost_analysis()` of the compiled step is printed too, but it counts the body of the scan
+over layers once and a Pallas kernel not at all.
 
 ESTIMATED step time and MFU (a roofline, not a measurement): compute time = the step's matmul FLOPs per device /
 the chip's peak FLOP/s; memory time = the step's bytes per device / the chip's HBM bandwidth, where the bytes are
@@ -43,7 +44,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.extend.core as jax_core
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
@@ -54,25 +54,11 @@ from igpt_jax.config import checks as config_checks
 from igpt_jax.data import multihost
 from igpt_jax.models import attention as attention_lib
 from igpt_jax.models.igpt import ModelConfig, count_params
-from igpt_jax.training import optim
+from igpt_jax.training import mfu, optim
 from igpt_jax.training import step as train
 from igpt_jax.workdir import workpath_of
 
 GIB = 1024**3
-
-# HBM and peak dense bf16 FLOP/s per chip, by generation. v2/v3/v4/v5p chips have two TensorCores: a JAX device
-# is one core (v2, v3; HBM split evenly) or, with megacore (v4, v5p), the whole chip. HBM bandwidth per chip in
-# GB/s (Cloud TPU documentation), for the roofline estimate.
-CHIPS = {
-    "v2": dict(hbm_gib=16, peak_tflops=45, hbm_gbps=700),
-    "v3": dict(hbm_gib=32, peak_tflops=123, hbm_gbps=900),
-    "v4": dict(hbm_gib=32, peak_tflops=275, hbm_gbps=1228),
-    "v5e": dict(hbm_gib=16, peak_tflops=197, hbm_gbps=819),
-    "v5litepod": dict(hbm_gib=16, peak_tflops=197, hbm_gbps=819),
-    "v5p": dict(hbm_gib=95, peak_tflops=459, hbm_gbps=2765),
-    "v6e": dict(hbm_gib=32, peak_tflops=918, hbm_gbps=1640),
-}
-MEGACORE = ("v4", "v5p")
 
 # What the pretraining pipeline yields per example (igpt_jax.data.iterators); the step reads only 'tokens'.
 BATCH_FIELDS = {"label": jnp.int32, "mask": jnp.bool_, "index": jnp.int32}
@@ -101,7 +87,7 @@ def describe_topology(compile_cfg: Any) -> tuple[list[Any], str]:
     generation = name.split(":")[0]
     chip_config = str(compile_cfg.chip_config)
     if chip_config == "auto":
-        chip_config = "megacore" if generation in MEGACORE else "default"
+        chip_config = "megacore" if generation in mfu.MEGACORE else "default"
     kwargs: dict[str, Any] = dict(chip_config_name=chip_config)
     if compile_cfg.chips_per_host_bounds:
         kwargs["chips_per_host_bounds"] = tuple(int(x) for x in compile_cfg.chips_per_host_bounds)
@@ -125,7 +111,7 @@ def device_facts(devices: list[Any], generation: str, compile_cfg: Any) -> dict[
     """Chips, hosts, HBM and peak FLOP/s per JAX device of a described slice."""
     per_chip = collections.Counter((d.process_index, tuple(getattr(d, "coords", (d.id,)))) for d in devices)
     devices_per_chip = max(per_chip.values())
-    chip = CHIPS.get(generation)
+    chip = mfu.CHIPS.get(generation)
     hbm_gib = float(compile_cfg.hbm_gib) or (chip["hbm_gib"] / devices_per_chip if chip else 0.0)
     if not hbm_gib:
         raise CompileError(f"no HBM size known for TPU generation {generation!r}: set config.compile.hbm_gib")
@@ -136,54 +122,9 @@ def device_facts(devices: list[Any], generation: str, compile_cfg: Any) -> dict[
         "devices_per_chip": devices_per_chip,
         "hosts": len({d.process_index for d in devices}),
         "hbm_bytes": int(hbm_gib * GIB),
-        "peak_flops_per_device": chip["peak_tflops"] * 1e12 / devices_per_chip if chip else None,
+        "peak_flops_per_device": mfu.peak_flops_per_device(devices[0]),
         "hbm_bytes_per_second_per_device": chip["hbm_gbps"] * 1e9 / devices_per_chip if chip else None,
     }
-
-
-def model_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
-    """6 N + 12 L T d (see the module docstring), with N the matmul parameters and T the sequence length."""
-    matmul_params = cfg.n_layer * (4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_mlp) + cfg.vocab_size * cfg.d_model
-    attention = 12 * cfg.n_layer * (seq_len or cfg.n_ctx) * cfg.d_model
-    return {"matmul_params": matmul_params, "6N": 6.0 * matmul_params, "attention": float(attention),
-            "total": 6.0 * matmul_params + attention}
-
-
-def _repeats(eqn: Any) -> int:
-    """How many times an equation runs its inner jaxprs: a scan's length, a Pallas kernel's grid steps, a
-    `shard_map` body once per device of its mesh."""
-    name = eqn.primitive.name
-    if name == "scan":
-        return eqn.params["length"]
-    if name == "pallas_call":
-        return math.prod(eqn.params["grid_mapping"].grid)
-    if name == "shard_map":
-        return eqn.params["mesh"].size
-    return 1
-
-
-def matmul_flops(jaxpr: Any) -> float:
-    """FLOPs of the matmuls (dot_general: 2 x output size x contracted size) of a jaxpr, for the whole global batch.
-
-    Loops count their trip count (scan ``length``; XLA's `cost_analysis()` counts a loop body once), the remat
-    recomputation is in the step's jaxpr explicitly, and of a `cond`'s branches the most expensive counts. A
-    Pallas kernel counts its body once per grid step (masked blocks too), a `shard_map` body once per device.
-    """
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # ClosedJaxpr -> Jaxpr
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval
-            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
-            continue
-        inner = []
-        for value in eqn.params.values():
-            values = value if isinstance(value, (tuple, list)) else (value,)
-            inner.append([matmul_flops(v) for v in values if isinstance(v, (jax_core.ClosedJaxpr, jax_core.Jaxpr))])
-        sub = sum(max(branches) if eqn.primitive.name == "cond" else sum(branches) for branches in inner if branches)
-        total += sub * _repeats(eqn)
-    return total
 
 
 def _bytes_per_device(abstract_tree: Any) -> int:
@@ -383,16 +324,17 @@ def _flops(compiled: Any, traced: Any, step: _Step, facts: dict[str, Any]) -> tu
     """The report's FLOP counts (see the module docstring), and XLA's 'bytes accessed' per device."""
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    per_token = model_flops_per_token(step.model_cfg, step.seq_len)
+    per_token = mfu.model_flops_per_token(step.model_cfg, step.seq_len)
     tokens_per_step = step.global_batch * step.seq_len
-    step_matmul = matmul_flops(traced.jaxpr)
+    step_matmul = mfu.matmul_flops(traced.jaxpr)
     flops = {
         "xla_per_device": float(cost.get("flops", 0.0)),  # XLA's count of the partitioned step: each layer once
         "step_matmul": step_matmul,  # the step's matmuls, all layers, remat recomputation included
         "step_matmul_per_device": step_matmul / facts["devices"],
         "model_per_token": per_token["total"],
         "model_per_token_6N": per_token["6N"],
-        "model_per_token_attention": per_token["attention"],
+        "model_per_token_attention": per_token["attention"],  # causal: counted once (6 L T d)
+        "model_per_token_attention_unmasked": per_token["attention_unmasked"],  # 12 L T d
         "matmul_params": per_token["matmul_params"],
         "model_per_step": per_token["total"] * tokens_per_step,
         "tokens_per_step": tokens_per_step,
@@ -448,6 +390,7 @@ def format_report(r: dict[str, Any]) -> str:
     m, f = r["memory"], r["flops"]
     gib = lambda b: f"{b / GIB:8.3f} GiB"  # noqa: E731
     mesh = " x ".join(f"{k} {v}" for k, v in r["mesh"].items())
+    attention = "causal, counted once" if r["model"]["objective"] == "ar" else "bidirectional"
     lines = [
         f"Compiled the train step for {r['topology']} ({r['device_kind']}): {r['devices']} devices = {r['chips']} "
         f"chips x {r['devices_per_chip']}, {r['hosts']} hosts",
@@ -471,7 +414,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"remat recomputation included); XLA's cost_analysis {f['xla_per_device']:.4g} per device (counts the "
         "scan over layers once)",
         f"                  model {f['model_per_token']:.4g} per token = 6N {f['model_per_token_6N']:.4g} + attention "
-        f"{f['model_per_token_attention']:.4g}; {f['model_per_step']:.4g} per step of {f['tokens_per_step']:,} tokens",
+        f"{f['model_per_token_attention']:.4g} ({attention}); {f['model_per_step']:.4g} per step of "
+        f"{f['tokens_per_step']:,} tokens",
     ]
     if f["peak_per_device"]:
         lines.append(f"                  MFU = {f['model_per_step']:.4g} / (step seconds x {r['devices']} x "

@@ -51,7 +51,7 @@ from igpt_jax.pretrained import sources as pretrained
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
 from igpt_jax.training import checkpoint as ckpt_lib
-from igpt_jax.training import optim
+from igpt_jax.training import mfu, optim
 from igpt_jax.training.loop import Evaluation, TrainingRun
 from igpt_jax.training.segments import total_seconds
 from igpt_jax.workdir import jsonable
@@ -250,7 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
         state = run.restore_or_create(
             layout.abstract, lambda: start.initial_state(tx, layout, mesh, rules, jax.random.fold_in(base_rng, 1)),
             data_iterator=train_iter, config=start.stored_config(config), palette=start.palette.centres,
-            tokens_per_step=batch_size * start.data_cfg.resolution**2)
+            tokens_per_step=batch_size * start.data_cfg.resolution**2,
+            flops=mfu.FlopsAccount.of(start.model_cfg, mesh.devices, start.data_cfg.resolution**2))
         step_fn = jax.jit(
             lambda s, b: finetune_step(s, b, model_cfg=start.model_cfg, tx=tx, schedule=schedule,
                                        base_rng=jax.random.fold_in(base_rng, 2), head_layer=start.head_layer,

@@ -28,7 +28,7 @@ from igpt_jax.config import checks as config_checks
 from igpt_jax.data import iterators, multihost, palette_cache, records
 from igpt_jax.models.igpt import ModelConfig, count_params
 from igpt_jax.probing import tracking as representation_tracking
-from igpt_jax.training import optim
+from igpt_jax.training import mfu, optim
 from igpt_jax.training import step as train
 from igpt_jax.training.loop import Evaluation, TrainingRun
 from igpt_jax.training.segments import total_seconds
@@ -77,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None, stop_a
             layout.abstract, lambda: train.create_state(model_cfg, tx, layout, mesh, rules,
                                                         jax.random.fold_in(base_rng, 1)),
             data_iterator=train_iter, config=config, palette=palette.centres,
-            tokens_per_step=global_batch * data_cfg.resolution**2)
+            tokens_per_step=global_batch * data_cfg.resolution**2,
+            flops=mfu.FlopsAccount.of(model_cfg, mesh.devices, data_cfg.resolution**2))
         step_fn = train.jitted_train_step(model_cfg, tx, schedule, layout, sharding.batch_sharding(mesh, rules), mesh,
                                           accum_steps=int(train_cfg.grad_accum_steps))
         step_rng = jax.random.fold_in(base_rng, 2)

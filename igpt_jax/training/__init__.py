@@ -8,6 +8,7 @@
   checkpoint      Orbax checkpoints: save, resume from the newest readable step, read a step's config and palette
   run_log         metrics (progress line, TensorBoard, ``metrics.jsonl``) and the preemption watcher (SIGTERM/SIGINT)
   metric_writers  the progress line and TensorBoard event files
+  mfu             FLOP accounting: model FLOPs per token (causal attention counted once), device peaks, TFLOP/s, MFU
   segments        each invocation's steps and wall time (``segments.json``)
   validation      exact held-out NLL over a whole split
   lr_ladder       the learning-rate search's ladder and its stopping rule

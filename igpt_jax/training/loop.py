@@ -19,9 +19,10 @@ What it does for every job:
   named and moved aside), after that step's stored config is checked against this invocation's
   (`igpt_jax.config.changes.check_resume`: a change is refused, or recorded in ``config_history.jsonl``; the settings
   in force go to ``config.json``).
-* Steps: each step's metrics go to the run log (`igpt_jax.training.run_log.RunLog`) and are fetched every
-  ``log_every`` steps, before each evaluation and before each save; a non-finite loss stops the run there, naming the
-  last good checkpoint.
+* Steps: each step's metrics go to the run log (`igpt_jax.training.run_log.RunLog`; with the job's
+  `igpt_jax.training.mfu.FlopsAccount` the progress line, ``metrics.jsonl`` and TensorBoard also get TFLOP/s per
+  device and MFU) and are fetched every ``log_every`` steps, before each evaluation and before each save; a
+  non-finite loss stops the run there, naming the last good checkpoint.
 * Checkpoints: every ``checkpoint.every_steps`` steps, after an evaluation that changed the state, at the last step
   and when asked to stop. The metrics are on disk before each save, and ``segments.json`` (each invocation's steps
   and wall time) is written with it.
@@ -59,6 +60,7 @@ from igpt_jax.config import changes as config_changes
 from igpt_jax.errors import MissingSource, StorageError, WorkdirInUse
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.training.lease import WorkdirLease
+from igpt_jax.training.mfu import FlopsAccount
 from igpt_jax.training.run_log import PreemptionWatcher, RunLog
 from igpt_jax.training.segments import Segments
 from igpt_jax.workdir import workpath_of
@@ -244,7 +246,8 @@ class TrainingRun:
     @_names_storage_failures
     def restore_or_create(self, abstract_state: State, create: Callable[[], State], *, data_iterator: Any,
                           config: ml_collections.ConfigDict, tokens_per_step: int, palette: np.ndarray | None = None,
-                          check: Callable[[int, ml_collections.ConfigDict], None] | None = None) -> State:
+                          check: Callable[[int, ml_collections.ConfigDict], None] | None = None,
+                          flops: FlopsAccount | None = None) -> State:
         """The newest readable checkpoint's state, or `create()` when there is none; then opens the run log.
 
         Args:
@@ -256,6 +259,7 @@ class TrainingRun:
           tokens_per_step: the global batch's tokens (or pixels), for the progress line's throughput.
           palette: the palette's centres, stored with every checkpoint (jobs that read tokens).
           check: the job's own check of a step's stored config, before the resume rules.
+          flops: the model's FLOP accounting (`igpt_jax.training.mfu`): the log then shows TFLOP/s per device and MFU.
 
         Raises:
           ConfigError: a change of settings that a resume may not make (nothing is written).
@@ -282,12 +286,12 @@ class TrainingRun:
             # The run goes on (e.g. a finished run extended to more steps): an earlier FINISHED no longer holds, and
             # launch/relaunch.sh must not stop on it.
             (self.workpath / workdir_files.FINISHED).unlink(missing_ok=True)
-        self._open_log(resumed=step is not None, tokens_per_step=tokens_per_step)
+        self._open_log(resumed=step is not None, tokens_per_step=tokens_per_step, flops=flops)
         return state
 
-    def _open_log(self, *, resumed: bool, tokens_per_step: int) -> None:
+    def _open_log(self, *, resumed: bool, tokens_per_step: int, flops: FlopsAccount | None) -> None:
         self.log = RunLog(self.workpath, num_steps=self.num_steps, start_step=self.start_step,
-                          tokens_per_step=tokens_per_step, local="://" not in self.run_dir)
+                          tokens_per_step=tokens_per_step, local="://" not in self.run_dir, flops=flops)
         self._exit.callback(self.log.close)
         self.watcher = PreemptionWatcher(self.stop_at_step)
         self._exit.callback(self.watcher.close)

@@ -21,7 +21,10 @@ Only process 0 of a multi-host job should create a writer (the caller's concern)
 
 `ProgressLogger` formats a human-readable line per logging step:
 
-    step  120/1000 | loss 3.2143 | lr 1.20e-03 | grad_norm 0.532 | 5,321 tok/s | ETA 4m12s
+    step  120/1000 | loss 3.2143 | lr 1.20e-03 | grad_norm 0.532 | 5,321 tok/s | 3.9 TFLOP/s/dev | MFU 1.4 % | ETA 4m12s
+
+(the TFLOP/s per device and MFU when it is given the run's `igpt_jax.training.mfu.FlopsAccount`; ``MFU n/a`` on a
+device without a known peak, such as a CPU).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from tensorboard import summary as tensorboard_summary
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from igpt_jax.training.mfu import FlopsAccount
 
 __all__ = [
     "TensorBoardWriter",
@@ -231,12 +236,14 @@ class ProgressLogger:
       log_fn: where lines go (`logging.info` by default; `print` works).
       clock: seconds as a float; `time.monotonic` by default (tests inject a fake).
       window: number of recent intervals the rate is averaged over.
+      flops: the run's FLOP accounting: the line then shows TFLOP/s per device and MFU (n/a without a known peak).
     """
 
     def __init__(self, total_steps: int, *, start_step: int = 0, tokens_per_step: int,
                  log_fn: Callable[[str], Any] = logging.info, clock: Callable[[], float] = time.monotonic,
-                 window: int = 10):
+                 window: int = 10, flops: FlopsAccount | None = None):
         self.total_steps = int(total_steps)
+        self.flops = flops
         self.start_step = int(start_step)
         self.tokens_per_step = int(tokens_per_step)
         self._log_fn = log_fn
@@ -260,6 +267,14 @@ class ProgressLogger:
         rate = self.steps_per_sec()
         return None if rate is None else rate * self.tokens_per_step
 
+    def throughput(self) -> dict[str, float]:
+        """The recent ``tokens_per_sec`` and, with a FLOP account, ``tflops_per_device`` and (with a known peak)
+        ``mfu``; empty before two `log()` calls."""
+        tok_rate = self.tokens_per_sec()
+        if tok_rate is None:
+            return {}
+        return {"tokens_per_sec": tok_rate, **(self.flops.rates(tok_rate) if self.flops else {})}
+
     def eta_seconds(self, step: int) -> float | None:
         rate = self.steps_per_sec()
         if step >= self.total_steps:
@@ -277,8 +292,11 @@ class ProgressLogger:
         for key, value in metrics.items():
             if key not in skip:
                 parts.append(f"{key} {_format_value(value, '.4g')}")
-        tok_rate = self.tokens_per_sec()
-        parts.append("tok/s n/a" if tok_rate is None else f"{tok_rate:,.0f} tok/s")
+        rates = self.throughput()
+        parts.append(f"{rates['tokens_per_sec']:,.0f} tok/s" if rates else "tok/s n/a")
+        if self.flops:
+            parts.append(f"{rates['tflops_per_device']:.3g} TFLOP/s/dev" if rates else "TFLOP/s/dev n/a")
+            parts.append(f"MFU {100 * rates['mfu']:.1f} %" if "mfu" in rates else "MFU n/a")
         eta = self.eta_seconds(step)
         parts.append(f"ETA {'n/a' if eta is None else format_duration(eta)}")
         return " | ".join(parts)

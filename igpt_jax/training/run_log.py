@@ -17,6 +17,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from igpt_jax import workdir as workdir_files
+from igpt_jax.training.mfu import FlopsAccount
 from igpt_jax.training.metric_writers import (
     ProgressLogger,
     TensorBoardWriter,
@@ -74,11 +75,16 @@ class RunLog:
     disk (call it before saving a checkpoint). A run that starts at `start_step` (resumed from that checkpoint)
     first drops what an earlier, killed run recorded after it, in ``metrics.jsonl`` and in TensorBoard's event
     files, so that every step appears once; the resumed run's TensorBoard events go to a new event file.
+
+    Each flush's last record also carries the wall-clock rates since the flushes before it (from the second flush
+    on): ``tokens_per_sec`` and, given the run's `FlopsAccount`, ``tflops_per_device`` and (with a known peak)
+    ``mfu``, in ``metrics.jsonl`` and as TensorBoard's ``perf/*``; the run's ``history`` leaves them out.
     """
 
-    def __init__(self, workpath: epath.Path, *, num_steps: int, start_step: int, tokens_per_step: int, local: bool):
+    def __init__(self, workpath: epath.Path, *, num_steps: int, start_step: int, tokens_per_step: int, local: bool,
+                 flops: FlopsAccount | None = None):
         primary = jax.process_index() == 0
-        self.progress = ProgressLogger(num_steps, start_step=start_step, tokens_per_step=tokens_per_step)
+        self.progress = ProgressLogger(num_steps, start_step=start_step, tokens_per_step=tokens_per_step, flops=flops)
         self.metrics_file = workpath / workdir_files.METRICS if primary else None
         # Local: appended at each record. Remote (gs://, whose objects cannot be appended to): records wait here and
         # the whole file is rewritten at each `sync` (before every checkpoint) and on closing.
@@ -127,11 +133,16 @@ class RunLog:
         if not records:
             return
         self.history.extend(records)
-        self.append(records)
         last = records[-1]
         self.progress.log(last["step"], {**last, **self.notes})
+        # The wall-clock rates (tokens/s, TFLOP/s per device, MFU) go with the flush's last step, to the files only:
+        # the history holds what the step computed, the same in a resumed run and an uninterrupted one.
+        rates = self.progress.throughput()
+        self.append(records[:-1] + [{**last, **rates}])
         if self.writer:
             self.writer.scalars(last["step"], {f"train/{k}": v for k, v in last.items() if k != "step"})
+            if rates:
+                self.writer.scalars(last["step"], {f"perf/{k}": v for k, v in rates.items()})
 
     def validation(self, step: int, val: dict[str, float]) -> None:
         logging.info("step %d: validation loss %.4f nats/token (%.4f bits/token) over %d tokens", step, val["nll"],

@@ -138,10 +138,10 @@ class OwnedSection:
 MODEL_ROLES: dict[str, str] = {
     "vocab_size": ARCHITECTURE, "n_ctx": ARCHITECTURE, "d_model": ARCHITECTURE, "n_head": ARCHITECTURE,
     "n_layer": ARCHITECTURE, "mlp_ratio": ARCHITECTURE, "objective": ARCHITECTURE, "bert_mask_rate": ARCHITECTURE,
-    "norm_eps": ARCHITECTURE, "param_dtype": ARCHITECTURE,
+    "norm_eps": ARCHITECTURE, "param_dtype": ARCHITECTURE, "mask": ARCHITECTURE,
     "attention": RUNTIME, "attention_block": RUNTIME, "splash_block_q": RUNTIME, "splash_block_kv": RUNTIME,
     "remat": RUNTIME, "scan_unroll": RUNTIME,
-    "dtype": SCHEDULE, "dropout": SCHEDULE,
+    "dtype": SCHEDULE, "dropout": SCHEDULE, "prefix_min": SCHEDULE, "prefix_max": SCHEDULE,
 }
 MODEL_AUTOS: dict[str, Auto] = {
     "vocab_size": Auto(AUTO, "data.n_colors", lambda config: int(config.data.n_colors)),

@@ -64,20 +64,27 @@ def pooling_grid(pooling: str, length: int | None = None) -> int:
 
 def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int, feature_grid: int = 1):
     """The pure extraction step: (params, batch) -> features [masks, batch, layers, d * feature_grid^2], NLL sum
-    and count (under the first mask), and the batch's label, mask, index and tokens."""
+    and count (under the first mask), and the batch's label, mask, index and tokens.
+
+    A prefix-causal model (``model.mask='prefix'``) is read bidirectionally, the whole image its prefix (AIM's
+    downstream use); that pass sees every target, so it scores no NLL (count 0: the split's loss is NaN)."""
     layers = jnp.asarray(list(layers), jnp.int32)
 
     def fn(params, batch):
         tokens = batch["tokens"]
         feats, out = [], {}
+        prefix = (jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if model_cfg.mask == "prefix" else None)
         for m in range(num_masks if model_cfg.objective == "bert" else 1):
             mask = None
             if model_cfg.objective == "bert":
                 mask = bert_masks(mask_key(seed, m), batch["index"], tokens.shape[1], model_cfg.bert_mask_rate)
-            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=m == 0,
-                                        feature_grid=feature_grid)
+            scored = m == 0 and prefix is None
+            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=scored,
+                                        feature_grid=feature_grid, prefix_len=prefix)
             feats.append(res.layer_features[:, layers])
-            if m == 0:
+            if m == 0 and not scored:
+                out["nll_sum"] = out["count"] = jnp.zeros((), jnp.float32)
+            elif m == 0:
                 nll = objectives.token_nll(res.logits, tokens)
                 weights = objectives.loss_weights(tokens, mask, batch["mask"])
                 out["nll_sum"], out["count"] = jnp.sum(nll * weights), jnp.sum(weights)
@@ -171,7 +178,7 @@ class FeatureExtractor:
         return SplitFeatures(
             features=feats.astype(np.float32), labels=np.concatenate(chunks["label"])[mask][order].astype(np.int32),
             index=index[order].astype(np.int32), tokens=np.concatenate(chunks["tokens"])[mask][order],
-            loss=nll_sum / max(count, 1.0))
+            loss=nll_sum / count if count else float("nan"))
 
 
 def pixel_features(tokens: np.ndarray, palette: Palette) -> np.ndarray:

@@ -271,6 +271,21 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
                 "'all' (0..n_layer; n_layer = the final norm) or comma-separated ids, e.g. '4,8,-1'"),
         Setting("batch_size", 0, RUNTIME,
                 "global feature-extraction batch; 0: train.eval_batch_size, else train.batch_size"),
+        Setting("head", "linear", JOB,
+                "'linear': logistic regressions on pooled features (the paper's); 'attentive': also AIM's attentive "
+                "probe on the same pass's token features (one learned query per head over every token, AdamW; "
+                "igpt_jax/probing/attentive.py), stored in bfloat16 in WORKDIR/tokens"),
+        Setting("average_layers", False, JOB,
+                "attentive head: one probe on the mean of probe.layers' token features (AIM's) instead of one per "
+                "layer"),
+        Setting("attentive_heads", 4, JOB, "attentive head: attention heads of the pooling query"),
+        Setting("attentive_lrs", (1e-2, 3e-3, 1e-3), JOB,
+                "attentive head: AdamW peak learning rates searched on validation"),
+        Setting("attentive_weight_decays", (0.0, 0.05), JOB,
+                "attentive head: AdamW decoupled weight decays searched on validation (every pair with the lrs)"),
+        Setting("attentive_epochs", 10, JOB,
+                "attentive head: epochs (cosine decay to 0); the best epoch on validation is kept (early stopping)"),
+        Setting("attentive_batch_size", 256, JOB, "attentive head: examples per AdamW step"),
         Setting("pooling", "mean", JOB,
                 "'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token "
                 "grid's four quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model "

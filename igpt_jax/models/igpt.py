@@ -331,12 +331,16 @@ def pool_grid(h: jax.Array, grid: int) -> jax.Array:
 
     Args:
       h: [batch, length, d]; with grid > 1, length must be a square whose side ``grid`` divides.
-      grid: 1 for the mean over all positions (the paper's probe feature), 2 for the four quadrants, ...
+      grid: 1 for the mean over all positions (the paper's probe feature), 2 for the four quadrants, ...; 0 for
+        no pooling (every position: the attentive probe's token features).
 
     Returns:
-      [batch, grid * grid * d] float32: region (row i, column j) of the grid at [(i * grid + j) * d, ... + d).
+      [batch, grid * grid * d] float32: region (row i, column j) of the grid at [(i * grid + j) * d, ... + d);
+      with grid 0, h itself [batch, length, d] in float32.
     """
     h = h.astype(jnp.float32)
+    if grid == 0:
+        return h
     if grid == 1:
         return jnp.mean(h, axis=1)
     batch, length, d = h.shape
@@ -414,8 +418,8 @@ class IGPT(nn.Module):
           logits: compute the [batch, length, vocab] logits (probe feature extraction can skip them).
           decode: run positions index..index+length-1 against the decode cache (see the class docstring).
           feature_grid: how ``layer_features`` pool the sequence (`pool_grid`): 1 the mean over all positions (the
-            paper's), 2 the means of the token grid's four quadrants, concatenated; ``final_features`` is always
-            the mean.
+            paper's), 2 the means of the token grid's four quadrants, concatenated, 0 none ([batch, L + 1, length,
+            d]: every token); ``final_features`` is always the mean.
           prefix_len: int [batch]: attend with the prefix-causal mask (`igpt_jax.models.attention`; autoregressive
             models only): the first prefix_len[b] positions of example b see each other, the rest causally; 0 is
             the causal model exactly, the length the whole sequence bidirectionally. None: causal. Any model may be

@@ -24,6 +24,7 @@ TENSORBOARD = "tensorboard"  # TensorBoard event files
 SEGMENTS = "segments.json"  # each invocation's steps and wall time
 FINISHED = "FINISHED"  # written when the last step is saved (launch/relaunch.sh waits for it)
 TRACKING_HISTORY, TRACKING_PLOT = "tracking.json", "tracking.png"  # representation tracking while pretraining
+TRACKING_TOKENS = "tracking_tokens"  # track.attentive: the subset's token features (overwritten each evaluation)
 
 # ------------------------------------------------------------------------------------------------ downstream jobs
 RESULTS = "results.json"  # probe and fine-tuning results

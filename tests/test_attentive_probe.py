@@ -161,3 +161,38 @@ def test_probe_job_attentive_baselines_and_low_data(pretrained_digits_run, tmp_p
     assert len(att["low_data"]["results"][0]["test_accuracies"]) == 1
     assert "attentive baseline, raw pixels" in results["table"]
 
+
+@pytest.mark.slow  # two tracking evaluations (pytest -m slow -n 0 tests/test_attentive_probe.py)
+def test_tracking_fits_the_attentive_head_when_asked(pretrained_digits_run, tmp_path):
+    from etils import epath  # noqa: PLC0415
+    from tiny_runs import PRETRAIN_STEPS, probe_config  # noqa: PLC0415
+
+    from igpt_jax import sharding  # noqa: PLC0415
+    from igpt_jax.models.layout import param_layout  # noqa: PLC0415
+    from igpt_jax.pretrained import sources  # noqa: PLC0415
+    from igpt_jax.probing import tracking  # noqa: PLC0415
+
+    config = probe_config(pretrained_digits_run, attentive_epochs=2, attentive_lrs=(3e-2,),
+                          attentive_weight_decays=(0.0,), attentive_batch_size=64, C=(1.0,), C_widen=0)
+    config.track.update(every=1, train_examples=128, val_examples=64, attentive=True)
+    mesh, rules = sharding.make_mesh((1, 1, 1), jax.devices()[:1]), sharding.DEFAULT_RULES
+    with sources.open_source(config, "unused") as source:
+        model_cfg, palette, data_cfg = source.settings(config, PRETRAIN_STEPS)
+        layout = param_layout(model_cfg, mesh, rules)
+        params = source.restore_params(PRETRAIN_STEPS, layout)
+    config.data = data_cfg
+    tracker = tracking.Tracker(config, model_cfg, layout, mesh, rules, palette, epath.Path(tmp_path), start_step=0)
+    got = tracker.evaluate(PRETRAIN_STEPS, params)
+    # The same head fitted on the tracker's token stores by the library gives the same validation accuracy.
+    train, val = (store_lib.open_store(str(tmp_path / "tracking_tokens" / f"tokens-{s}.npy"), "")
+                  for s in ("train", "validation"))
+    assert train.n == 128 and val.n == 64 and train.sets == 1  # the mean of every layer
+    head = attentive.fit(train, val, 0, attentive.AttentiveSettings.from_config(config.probe), num_classes=10)
+    assert got.attentive_accuracy == float(head.val_accuracy[0]) > 0.1
+    assert got.scalars()["track/attentive_accuracy"] == got.attentive_accuracy
+    config.track.attentive = False  # off (the default): no head, no scalar
+    (tmp_path / "off").mkdir()
+    off = tracking.Tracker(config, model_cfg, layout, mesh, rules, palette, epath.Path(tmp_path / "off"),
+                           start_step=0).evaluate(PRETRAIN_STEPS, params)
+    assert off.attentive_accuracy is None and "track/attentive_accuracy" not in off.scalars()
+    assert off.accuracies == got.accuracies  # the linear probes are the same with or without the tokens

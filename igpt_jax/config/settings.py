@@ -329,6 +329,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
         Setting("val_examples", 1000, JOB, "C chosen and accuracy measured on the first this many validation images"),
         Setting("C", (), JOB,
                 "inverse L2 strengths; (): probe.C (widened at its edges by probe.C_widen, as the probe's)"),
+        Setting("attentive", False, JOB,
+                "also fit the attentive head (probe.attentive_* settings) on the subset's tokens averaged over every "
+                "layer: track/attentive_accuracy (costs a head's training per evaluation)"),
     )),
     Section("finetune", FINETUNE, "Fine-tuning (job 'finetune', paper 2.3, 3.4, 4.5): a zero-initialised head on a "
                                   "sequence-mean feature.", (

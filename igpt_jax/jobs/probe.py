@@ -50,6 +50,7 @@ from igpt_jax.probing import attentive
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import fitting, linear_probe
 from igpt_jax.probing import progress as probe_progress
+from igpt_jax.probing import token_store
 from igpt_jax.reports import plots
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.workdir import jsonable, workpath_of
@@ -185,6 +186,12 @@ def _log_setup(setup: _Setup, source: pretrained.Source) -> None:
                  "(train/val/test); %d classes; features take %s per checkpoint", len(setup.steps), setup.steps,
                  source.path, len(setup.layers), setup.layers, setup.pooling, width,
                  "/".join(str(n[s]) for s in records.SPLITS), setup.num_classes, features_lib.human_bytes(size))
+    if setup.attentive:
+        sets = 1 if setup.extractor.token_sets == "average" else len(setup.layers)
+        disk = sum(token_store.TokenStore.nbytes(n[s], sets, setup.model_cfg.n_ctx, setup.model_cfg.d_model)
+                   for s in n)
+        logging.info("attentive probe: %d token feature set(s) (%s), bfloat16 on disk in %s: %s per model",
+                     sets, setup.extractor.token_sets, setup.token_dir, features_lib.human_bytes(disk))
 
 
 def _check_same_model(config: ml_collections.ConfigDict, source: pretrained.Source, setup: _Setup, step: int) -> None:
@@ -382,6 +389,13 @@ def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) 
         logging.info("probe: %s at the edge of the values tried for layers %s", hyper, edge)
 
 
+def _loss_text(loss: float | None, unit: str = " nats/token") -> str:
+    """A validation loss for the table; a prefix-causal model's features pass scores none (NaN, None in JSON)."""
+    if loss is None or not np.isfinite(loss):
+        return "none (a prefix model is read bidirectionally)" if unit else "-"
+    return f"{loss:.4f}{unit}"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed at the end of the job."""
     pct = linear_probe.format_percent
@@ -392,7 +406,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
              f"{'/'.join(str(results['examples'][s]) for s in records.SPLITS)} train/val/test; "
              f"{results.get('pooling', 'mean')} pooling), checkpoint step "
-             f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
+             f"{last['step']}, validation loss {_loss_text(last['val_loss'])}"]
     header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6} "
     if rand:
         header += f"  {'random-init test %':>18}"
@@ -439,7 +453,7 @@ def format_table(results: dict[str, Any]) -> str:
     if len(results["checkpoints"]) > 1:
         lines.append("checkpoints (step: validation loss -> best-layer test accuracy):")
         for c in results["checkpoints"]:
-            lines.append(f"  {c['step']:>8}: {c['val_loss']:.4f} -> {pct(c['best']['test_accuracy']).strip()}% "
+            lines.append(f"  {c['step']:>8}: {_loss_text(c['val_loss'], '')} -> {pct(c['best']['test_accuracy']).strip()}% "
                          f"(layer {c['best_layer']})")
     return "\n".join(lines)
 

@@ -25,10 +25,12 @@ SEGMENTS = "segments.json"  # each invocation's steps and wall time
 FINISHED = "FINISHED"  # written when the last step is saved (launch/relaunch.sh waits for it)
 LEASE = "lease.json"  # the running run's lease on the workdir: one writer at a time (igpt_jax.training.lease)
 TRACKING_HISTORY, TRACKING_PLOT = "tracking.json", "tracking.png"  # representation tracking while pretraining
+TRACKING_TOKENS = "tracking_tokens"  # track.attentive: the subset's token features (overwritten each evaluation)
 
 # ------------------------------------------------------------------------------------------------ downstream jobs
 RESULTS = "results.json"  # probe and fine-tuning results
 PROBE_PROGRESS = "progress"  # the probe's saved features and fits (a rerun reuses them)
+PROBE_TOKENS = "tokens"  # the attentive probe's token features, bfloat16 on disk (igpt_jax/probing/token_store.py)
 PROBE_LAYERS_PLOT, PROBE_LOSS_PLOT = "probe_layers.png", "probe_vs_val_loss.png"
 FINETUNE_BEST = "best"  # the fine-tuning run's best parameters (an Orbax directory)
 VAL_HISTORY = "val_history.json"  # fine-tuning's validation accuracy at every evaluation

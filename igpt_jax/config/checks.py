@@ -23,6 +23,7 @@ from igpt_jax.data import augment, auto_import, builders
 from igpt_jax.data import config as data_config
 from igpt_jax.errors import ConfigError
 from igpt_jax.models.igpt import ModelConfig
+from igpt_jax.probing import attentive
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
 
@@ -47,6 +48,7 @@ SOURCE_JOBS = ("pretrain", "vqvae")
 SOURCE_DATA_FIELDS = settings.names("data", settings.TOKENS)
 # Jobs `config.then` may hold.
 FOLLOW_UP_JOBS = CHECKPOINT_JOBS + ("tokenize", "pretrain")
+PROBE_HEADS = ("linear", "attentive")
 
 
 def did_you_mean(value: str, choices: Sequence[str]) -> str:
@@ -394,6 +396,12 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
                           "layer on validation and folds it back itself; set data.fold_val=False")
     try:
         linear_probe.ProbeSettings.from_config(config.probe)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+    if config.probe.head not in PROBE_HEADS:
+        raise ConfigError(f"probe.head={config.probe.head!r}: expected one of {PROBE_HEADS}")
+    try:
+        attentive.AttentiveSettings.from_config(config.probe)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
     pooling = config.probe.get("pooling", "mean")

@@ -138,10 +138,10 @@ class OwnedSection:
 MODEL_ROLES: dict[str, str] = {
     "vocab_size": ARCHITECTURE, "n_ctx": ARCHITECTURE, "d_model": ARCHITECTURE, "n_head": ARCHITECTURE,
     "n_layer": ARCHITECTURE, "mlp_ratio": ARCHITECTURE, "objective": ARCHITECTURE, "bert_mask_rate": ARCHITECTURE,
-    "norm_eps": ARCHITECTURE, "param_dtype": ARCHITECTURE,
+    "norm_eps": ARCHITECTURE, "param_dtype": ARCHITECTURE, "mask": ARCHITECTURE,
     "attention": RUNTIME, "attention_block": RUNTIME, "splash_block_q": RUNTIME, "splash_block_kv": RUNTIME,
     "remat": RUNTIME, "scan_unroll": RUNTIME,
-    "dtype": SCHEDULE, "dropout": SCHEDULE,
+    "dtype": SCHEDULE, "dropout": SCHEDULE, "prefix_min": SCHEDULE, "prefix_max": SCHEDULE,
 }
 MODEL_AUTOS: dict[str, Auto] = {
     "vocab_size": Auto(AUTO, "data.n_colors", lambda config: int(config.data.n_colors)),
@@ -275,6 +275,21 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
                 "'all' (0..n_layer; n_layer = the final norm) or comma-separated ids, e.g. '4,8,-1'"),
         Setting("batch_size", 0, RUNTIME,
                 "global feature-extraction batch; 0: train.eval_batch_size, else train.batch_size"),
+        Setting("head", "linear", JOB,
+                "'linear': logistic regressions on pooled features (the paper's); 'attentive': also AIM's attentive "
+                "probe on the same pass's token features (one learned query per head over every token, AdamW; "
+                "igpt_jax/probing/attentive.py), stored in bfloat16 in WORKDIR/tokens"),
+        Setting("average_layers", False, JOB,
+                "attentive head: one probe on the mean of probe.layers' token features (AIM's) instead of one per "
+                "layer"),
+        Setting("attentive_heads", 4, JOB, "attentive head: attention heads of the pooling query"),
+        Setting("attentive_lrs", (1e-2, 3e-3, 1e-3), JOB,
+                "attentive head: AdamW peak learning rates searched on validation"),
+        Setting("attentive_weight_decays", (0.0, 0.05), JOB,
+                "attentive head: AdamW decoupled weight decays searched on validation (every pair with the lrs)"),
+        Setting("attentive_epochs", 10, JOB,
+                "attentive head: epochs (cosine decay to 0); the best epoch on validation is kept (early stopping)"),
+        Setting("attentive_batch_size", 256, JOB, "attentive head: examples per AdamW step"),
         Setting("pooling", "mean", JOB,
                 "'mean': each layer's feature is its sequence mean (the paper's); 'quadrants': the means of the token "
                 "grid's four quadrants, concatenated (4 x width features; keeps the coarse layout that a linear model "
@@ -320,6 +335,9 @@ SECTIONS: tuple[Section | OwnedSection, ...] = (
         Setting("val_examples", 1000, JOB, "C chosen and accuracy measured on the first this many validation images"),
         Setting("C", (), JOB,
                 "inverse L2 strengths; (): probe.C (widened at its edges by probe.C_widen, as the probe's)"),
+        Setting("attentive", False, JOB,
+                "also fit the attentive head (probe.attentive_* settings) on the subset's tokens averaged over every "
+                "layer: track/attentive_accuracy (costs a head's training per evaluation)"),
     )),
     Section("finetune", FINETUNE, "Fine-tuning (job 'finetune', paper 2.3, 3.4, 4.5): a zero-initialised head on a "
                                   "sequence-mean feature.", (

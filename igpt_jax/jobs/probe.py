@@ -11,6 +11,12 @@ For each checkpoint step (``config.checkpoint.step``, or every step of ``config.
 Baselines in the same job, with the same splits and solver: raw pixels (the palette colours of the tokens, as the
 model sees them) and the same architecture with random weights (all layers, best chosen on validation).
 
+With ``probe.head='attentive'`` the same extraction pass also writes the probed layers' token features (each layer's,
+or their average with ``probe.average_layers``) to bfloat16 stores in ``{workdir}/tokens/`` and every linear result
+above gets its attentive counterpart (`igpt_jax.probing.attentive`: AIM's attention-pooling head, AdamW, learning
+rate, weight decay and epoch chosen on validation): ``attentive`` in each checkpoint's and baseline's results, on
+the raw-pixel baseline's tokens (colour and one-hot row and column) and the random-weights model's tokens.
+
 Progress: every split's features and every fitted probe are saved in ``{workdir}/progress/`` as they finish
 (`igpt_jax.probing.progress`; ``probe.resume``), so a stopped job (SIGTERM, SIGKILL) resumes from what it finished and
 a rerun with other solver settings reuses the features.
@@ -40,9 +46,11 @@ from igpt_jax.data.palette import Palette
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import Layout, param_layout, random_params
 from igpt_jax.pretrained import sources as pretrained
+from igpt_jax.probing import attentive
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import fitting, linear_probe
 from igpt_jax.probing import progress as probe_progress
+from igpt_jax.probing import token_store
 from igpt_jax.reports import plots
 from igpt_jax.training import checkpoint as ckpt_lib
 from igpt_jax.workdir import jsonable, workpath_of
@@ -117,6 +125,8 @@ class _Setup:
     feature_id: dict[str, Any]  # everything that determines the features
     result_id: dict[str, Any]  # ... and, with the solver settings, the fitted results
     progress: probe_progress.ProbeProgress
+    attentive: attentive.AttentiveSettings | None  # the attentive head's settings (None: the linear probe only)
+    token_dir: str  # where the attentive head's token features are written
 
     @property
     def max_train(self) -> int:
@@ -136,20 +146,30 @@ def _set_up(config: ml_collections.ConfigDict, settings: linear_probe.ProbeSetti
     masks = max(1, int(pcfg.bert_ensemble)) if model_cfg.objective == "bert" else 1
     pooling = str(pcfg.get("pooling", "mean"))
     layout = param_layout(model_cfg, mesh, rules)
+    head = attentive.AttentiveSettings.from_config(pcfg) if pcfg.head == "attentive" else None
+    token_sets = None if head is None else "average" if pcfg.average_layers else "each"
+    if head is not None and (jax.process_count() > 1 or "://" in str(workpath)):
+        raise ValueError("probe.head='attentive' writes token features to a local workdir read by one process: "
+                         f"run it in one process with a local workdir (got {jax.process_count()} processes, "
+                         f"workdir {workpath})")
     extractor = features_lib.FeatureExtractor(
         model_cfg, layout, mesh, rules, data_cfg, palette, layers, seed=int(pcfg.seed), pooling=pooling,
-        batch_size=int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size))
+        batch_size=int(pcfg.batch_size or config.train.eval_batch_size or config.train.batch_size),
+        token_sets=token_sets)
     feature_id = {"checkpoints": str(source.path), "model": model_cfg, "data": data_cfg.to_dict(),
                   "palette": palette.centres.tolist(), "layers": layers, "masks": masks, "seed": int(pcfg.seed),
                   "max_train_examples": int(pcfg.max_train_examples),
-                  **({"pooling": pooling} if pooling != "mean" else {})}  # mean: earlier runs' saved features
+                  **({"pooling": pooling} if pooling != "mean" else {}),  # mean: earlier runs' saved features
+                  **({"token_sets": token_sets} if token_sets else {})}
     result_id = {**feature_id, "settings": settings, "concat_layers": int(pcfg.concat_layers),
-                 "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)]}
+                 "low_data": [list(pcfg.low_data_budgets), int(pcfg.low_data_subsets)],
+                 **({"attentive": head} if head else {})}
     setup = _Setup(
         pcfg=pcfg, settings=settings, steps=steps, model_cfg=model_cfg, palette=palette, data_cfg=data_cfg,
         run_config=source.run_config(steps[-1]), num_classes=records.num_classes(data_cfg), layers=layers,
         masks=masks, pooling=pooling, layout=layout, extractor=extractor, feature_id=feature_id, result_id=result_id,
-        progress=probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=jax.process_index() == 0))
+        progress=probe_progress.ProbeProgress(workpath, enabled=bool(pcfg.resume), writer=jax.process_index() == 0),
+        attentive=head, token_dir=str(workpath / workdir_files.PROBE_TOKENS))
     _log_setup(setup, source)
     return setup
 
@@ -166,6 +186,12 @@ def _log_setup(setup: _Setup, source: pretrained.Source) -> None:
                  "(train/val/test); %d classes; features take %s per checkpoint", len(setup.steps), setup.steps,
                  source.path, len(setup.layers), setup.layers, setup.pooling, width,
                  "/".join(str(n[s]) for s in records.SPLITS), setup.num_classes, features_lib.human_bytes(size))
+    if setup.attentive:
+        sets = 1 if setup.extractor.token_sets == "average" else len(setup.layers)
+        disk = sum(token_store.TokenStore.nbytes(n[s], sets, setup.model_cfg.n_ctx, setup.model_cfg.d_model)
+                   for s in n)
+        logging.info("attentive probe: %d token feature set(s) (%s), bfloat16 on disk in %s: %s per model",
+                     sets, setup.extractor.token_sets, setup.token_dir, features_lib.human_bytes(disk))
 
 
 def _check_same_model(config: ml_collections.ConfigDict, source: pretrained.Source, setup: _Setup, step: int) -> None:
@@ -185,7 +211,7 @@ def _checkpoint_features(setup: _Setup, source: pretrained.Source, step: int) ->
     return fitting.extract_splits(
         setup.extractor, lambda: source.restore_params(step, setup.layout), masks=setup.masks,
         max_train=setup.max_train, progress=setup.progress, name=f"step{step}",
-        fingerprint=probe_progress.fingerprint({**setup.feature_id, "step": step}))
+        fingerprint=probe_progress.fingerprint({**setup.feature_id, "step": step}), token_dir=setup.token_dir)
 
 
 def _probe_checkpoint(setup: _Setup, step: int, splits: fitting.Splits, *, started: float) -> dict[str, Any]:
@@ -204,6 +230,8 @@ def _probe_checkpoint(setup: _Setup, step: int, splits: fitting.Splits, *, start
             res["low_data"] = {"layer": res["best_layer"], "results": fitting.low_data(
                 splits, setup.layers.index(res["best_layer"]), setup.settings, num_classes=setup.num_classes,
                 budgets=[int(b) for b in pcfg.low_data_budgets], subsets=int(pcfg.low_data_subsets))}
+        if setup.attentive:
+            res["attentive"] = _attentive_result(setup, splits, low_data=True)
         return res
 
     result = setup.progress.result_or_compute(
@@ -217,7 +245,8 @@ def _raw_pixel_baseline(setup: _Setup, step: int, splits: fitting.Splits) -> dic
     """The probe on the input pixels of the first checkpoint's splits, or the saved result."""
     result = setup.progress.result_or_compute(
         "raw_pixels", probe_progress.fingerprint({**setup.result_id, "step": step}),
-        lambda: fitting.pixel_baseline(splits, setup.palette, setup.settings, num_classes=setup.num_classes))
+        lambda: _with_attentive_pixels(setup, splits, fitting.pixel_baseline(
+            splits, setup.palette, setup.settings, num_classes=setup.num_classes)))
     logging.info("raw-pixel baseline: test %.4f", result["test_accuracy"])
     return result
 
@@ -230,17 +259,55 @@ def _random_init_baseline(setup: _Setup) -> dict[str, Any]:
     splits = fitting.extract_splits(
         setup.extractor, lambda: random_params(setup.model_cfg, setup.layout, mesh, rules, jax.random.key(seed)),
         masks=setup.masks, max_train=setup.max_train, progress=setup.progress, name="random",
-        fingerprint=probe_progress.fingerprint(setup.feature_id))
+        fingerprint=probe_progress.fingerprint(setup.feature_id), token_dir=setup.token_dir)
 
     def fit() -> dict[str, Any]:
         res = fitting.probe_splits(splits, setup.settings, num_classes=setup.num_classes, layers=setup.layers,
                                    n_layer=setup.model_cfg.n_layer)
         return {"layers": res["layers"], "best_layer": res["best_layer"], "best": res["best"],
-                "test_accuracy": res["best"]["test_accuracy"]}
+                "test_accuracy": res["best"]["test_accuracy"],
+                **({"attentive": _attentive_result(setup, splits)} if setup.attentive else {})}
 
     result = setup.progress.result_or_compute("random_init", probe_progress.fingerprint(setup.result_id), fit)
     logging.info("random-weights baseline: best layer %d, test %.4f (%.1fs)", result["best_layer"],
                  result["test_accuracy"], time.time() - t0)
+    return result
+
+
+def _feature_sets(setup: _Setup) -> tuple[list[int], list[str]]:
+    """The attentive head's feature sets: (layer ids, names); with ``probe.average_layers`` one set (named by its
+    layers, id the last of them)."""
+    n_layer = setup.model_cfg.n_layer
+    if setup.extractor.token_sets == "average":
+        return [setup.layers[-1]], [f"mean of layers {','.join(str(l) for l in setup.layers)}"]
+    return list(setup.layers), [features_lib.layer_name(l, n_layer) for l in setup.layers]
+
+
+def _attentive_result(setup: _Setup, splits: fitting.Splits, *, low_data: bool = False) -> dict[str, Any]:
+    """The attentive head on every feature set of `splits`, the best on validation; with `low_data` and
+    ``probe.low_data_budgets``, the low-data protocol on the best set."""
+    t0 = time.time()
+    layers, names = _feature_sets(setup)
+    res = fitting.attentive_probe(splits, setup.attentive, num_classes=setup.num_classes, layers=layers, names=names)
+    res["test_accuracy"] = res["best"]["test_accuracy"]
+    if setup.extractor.token_sets == "average":
+        res["average_layers"] = list(setup.layers)
+    budgets = [int(b) for b in setup.pcfg.low_data_budgets]
+    if low_data and budgets:
+        res["low_data"] = {"layer": res["best_layer"], "results": fitting.attentive_low_data(
+            splits, res["best"], layers.index(res["best_layer"]), setup.attentive, num_classes=setup.num_classes,
+            budgets=budgets, subsets=int(setup.pcfg.low_data_subsets))}
+    logging.info("attentive probe: best %s, validation %.4f, test %.4f (%.1fs)", res["best"]["name"],
+                 res["best"]["val_accuracy"], res["best"]["test_accuracy"], time.time() - t0)
+    return res
+
+
+def _with_attentive_pixels(setup: _Setup, splits: fitting.Splits, result: dict[str, Any]) -> dict[str, Any]:
+    """The raw-pixel baseline's result with the attentive head's on the pixels, when the job runs that head."""
+    if setup.attentive:
+        result["attentive"] = fitting.attentive_pixel_baseline(splits, setup.palette, setup.attentive,
+                                                               num_classes=setup.num_classes,
+                                                               token_dir=setup.token_dir)
     return result
 
 
@@ -268,9 +335,11 @@ def _results(config: ml_collections.ConfigDict, setup: _Setup, source: pretraine
         "model": {k: getattr(setup.model_cfg, k) for k in pretrained.ARCHITECTURE_FIELDS},
         "bert_masks": setup.masks,
         "pooling": setup.pooling,
+        "head": "attentive" if setup.attentive else "linear",
         "best_layer": last["best_layer"],
         "val_accuracy": last["best"]["val_accuracy"],
         "test_accuracy": last["best"]["test_accuracy"],
+        **({"attentive_test_accuracy": last["attentive"]["best"]["test_accuracy"]} if "attentive" in last else {}),
         "checkpoints": per_checkpoint,
         "baselines": baselines,
         "config": json.loads(config.to_json_best_effort()),
@@ -320,6 +389,13 @@ def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) 
         logging.info("probe: %s at the edge of the values tried for layers %s", hyper, edge)
 
 
+def _loss_text(loss: float | None, unit: str = " nats/token") -> str:
+    """A validation loss for the table; a prefix-causal model's features pass scores none (NaN, None in JSON)."""
+    if loss is None or not np.isfinite(loss):
+        return "none (a prefix model is read bidirectionally)" if unit else "-"
+    return f"{loss:.4f}{unit}"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The human-readable summary printed at the end of the job."""
     pct = linear_probe.format_percent
@@ -330,7 +406,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"Linear probe: {results['dataset']} ({results['num_classes']} classes; "
              f"{'/'.join(str(results['examples'][s]) for s in records.SPLITS)} train/val/test; "
              f"{results.get('pooling', 'mean')} pooling), checkpoint step "
-             f"{last['step']}, validation loss {last['val_loss']:.4f} nats/token"]
+             f"{last['step']}, validation loss {_loss_text(last['val_loss'])}"]
     header = f"{'layer':>5}  {'feature':<20} {hyper:>8}  {'val %':>6}  {'test %':>6} "
     if rand:
         header += f"  {'random-init test %':>18}"
@@ -372,12 +448,36 @@ def format_table(results: dict[str, Any]) -> str:
         for r in last["low_data"]["results"]:
             lines.append(f"  {r['budget']:>6} labels: {100 * r['mean_accuracy']:.2f} +- {100 * r['std_accuracy']:.2f}% "
                          f"(error {r['mean_error_percent']:.1f} +- {r['std_error_percent']:.1f}%)")
+    if "attentive" in last:
+        lines += _attentive_lines(results, last["attentive"])
     if len(results["checkpoints"]) > 1:
         lines.append("checkpoints (step: validation loss -> best-layer test accuracy):")
         for c in results["checkpoints"]:
-            lines.append(f"  {c['step']:>8}: {c['val_loss']:.4f} -> {pct(c['best']['test_accuracy']).strip()}% "
+            lines.append(f"  {c['step']:>8}: {_loss_text(c['val_loss'], '')} -> {pct(c['best']['test_accuracy']).strip()}% "
                          f"(layer {c['best_layer']})")
     return "\n".join(lines)
+
+
+def _attentive_lines(results: dict[str, Any], res: dict[str, Any]) -> list[str]:
+    """The attentive head's part of the table: every feature set, the best, its baselines and low data."""
+    pct = lambda x: linear_probe.format_percent(x).strip()  # noqa: E731
+    lines = ["Attentive probe (AIM's attention-pooling head on the token features; learning rate, weight decay and "
+             "epoch chosen on validation, no refit):",
+             f"  {'feature':<28} {'lr':>8} {'wd':>6} {'epoch':>5}  {'val %':>6}  {'test %':>6}"]
+    for r in res["layers"]:
+        mark = "*" if r["layer"] == res["best_layer"] else " "
+        lines.append(f"  {r['name']:<28} {r['lr']:>8.3g} {r['weight_decay']:>6.3g} {r['epoch']:>5}  "
+                     f"{pct(r['val_accuracy']):>6}  {pct(r['test_accuracy']):>6}{mark}")
+    lines.append(f"attentive probe, best on validation ({res['best']['name']}): test accuracy "
+                 f"{pct(res['best']['test_accuracy'])}%")
+    base = results["baselines"]
+    for key, label in (("raw_pixels", "raw pixels (colour, row, column per token)"), ("random_init", "random weights")):
+        if "attentive" in base.get(key, {}):
+            lines.append(f"attentive baseline, {label}: test {pct(base[key]['attentive']['test_accuracy'])}%")
+    for r in res.get("low_data", {}).get("results", []):
+        lines.append(f"  attentive, {r['budget']:>6} labels: {100 * r['mean_accuracy']:.2f} +- "
+                     f"{100 * r['std_accuracy']:.2f}%")
+    return lines
 
 
 def plot_layers(results: dict[str, Any], path: str) -> None:
@@ -387,6 +487,15 @@ def plot_layers(results: dict[str, Any], path: str) -> None:
         series.append({"x": [r["layer"] for r in c["layers"]], "y": [100 * r["test_accuracy"] for r in c["layers"]],
                        "label": f"pretrained, step {c['step']}"})
     hlines = []
+    for c in results["checkpoints"]:
+        att = c.get("attentive")
+        if att and len(att["layers"]) > 1:
+            series.append({"x": [r["layer"] for r in att["layers"]],
+                           "y": [100 * r["test_accuracy"] for r in att["layers"]],
+                           "label": f"attentive head, step {c['step']}"})
+        elif att:
+            hlines.append({"y": 100 * att["best"]["test_accuracy"], "color": "#2ca02c",
+                           "label": f"attentive head, {att['best']['name']}, step {c['step']}"})
     base = results["baselines"]
     if "random_init" in base:
         r = base["random_init"]

@@ -19,6 +19,13 @@ Implementations (chosen by `ModelConfig.attention`):
     ``cudnn`` on GPU with a 16-bit compute dtype; ``blockwise`` on CPU when the length divides into blocks;
     ``dense`` otherwise.
 
+Prefix-causal attention (``prefix_len``, [batch] int: AIM's prefix mask, `ModelConfig.mask` 'prefix'): query i of
+example b attends to key j when j <= i or j < prefix_len[b], so the first prefix_len[b] positions see each other
+bidirectionally and the rest causally; prefix_len 0 is the causal mask exactly. ``dense`` and ``blockwise`` take it
+(blockwise then computes every key block, as the prefix reaches keys after the query block: the causal skipping is
+lost); ``xla``, ``cudnn`` and ``splash`` fall back to ``dense`` (logged): the splash kernel's masks are static per
+head, not per example, and cuDNN's masks are causal or padding masks.
+
 The platform is that of the mesh in context (`jax.set_mesh`), so a step lowered for a described TPU slice on this
 CPU (the compile job) chooses as a TPU would; without a mesh it is `jax.default_backend()`.
 """
@@ -47,7 +54,7 @@ def _scale(q: jax.Array) -> jax.Array:
 
 
 def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
-                    q_start: jax.Array | int | None = None) -> jax.Array:
+                    q_start: jax.Array | int | None = None, prefix_len: jax.Array | None = None) -> jax.Array:
     """Masked-softmax attention over the whole sequence.
 
     Args:
@@ -58,6 +65,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
       q_start: the key position of the first query (a traced scalar is fine); None: kv_len - q_len (the queries
         are the last q_len positions). Decoding with a cache passes the cache index: the cache's later, not yet
         written positions are then masked.
+      prefix_len: int [batch] (causal only): keys j < prefix_len[b] are visible to every query of example b (the
+        prefix-causal mask); None: the causal mask.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -66,7 +75,10 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
     if causal:
         q_len, kv_len = q.shape[1], k.shape[1]
         q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len if q_start is None else q_start)
-        allowed = q_pos >= jnp.arange(kv_len)[None, :]
+        k_pos = jnp.arange(kv_len)
+        allowed = q_pos >= k_pos[None, :]  # [q, k]
+        if prefix_len is not None:
+            allowed = allowed[None, None] | (k_pos < prefix_len[:, None, None, None])  # [b, 1, q, k]
         scores = jnp.where(allowed, scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -91,21 +103,29 @@ def _visible_t(block: int, lo: int) -> jax.Array:
     return jnp.concatenate([jnp.ones((lo, block), bool), jnp.triu(jnp.ones((block, block), bool))], axis=0)
 
 
-def _scores_t(q_blk: jax.Array, k: jax.Array, lo: int, block: int, causal: bool) -> jax.Array:
-    """Masked scores of one query block, keys first: [b, h, keys, B] float32 (keys: all, or 0..lo+block-1)."""
-    keys = lo + block if causal else k.shape[2]  # causal: later keys are masked for every query of the block
+def _scores_t(q_blk: jax.Array, k: jax.Array, lo: int, block: int, causal: bool,
+              prefix: jax.Array | None = None) -> jax.Array:
+    """Masked scores of one query block, keys first: [b, h, keys, B] float32 (keys: all, or 0..lo+block-1).
+
+    With ``prefix`` ([b] int, causal): every key, visible where key <= query or key < prefix[b].
+    """
+    keys = lo + block if causal and prefix is None else k.shape[2]  # causal: later keys are masked for every query
     scores_t = jnp.einsum("bhkd,bhqd->bhkq", k[:, :, :keys], q_blk, preferred_element_type=jnp.float32)
-    if causal:
+    if causal and prefix is not None:
+        k_pos = jnp.arange(keys)[:, None]
+        visible = (k_pos <= lo + jnp.arange(block)[None, :])[None, None] | (k_pos < prefix[:, None, None, None])
+        scores_t = jnp.where(visible, scores_t, _NEG_INF)
+    elif causal:
         scores_t = jnp.where(_visible_t(block, lo), scores_t, _NEG_INF)
     return scores_t
 
 
-def _blockwise_forward(q, k, v, block: int, causal: bool):
+def _blockwise_forward(q, k, v, prefix, block: int, causal: bool):
     """Output [b, h, t, d] and, per query block, exp(scores - row max) [b, h, keys, B], max and sum [b, h, 1, B]."""
     v_t = jnp.swapaxes(v, 2, 3)  # [b, h, d, t]
     outputs, weights, maxes, sums = [], [], [], []
     for lo in range(0, q.shape[2], block):
-        scores_t = _scores_t(q[:, :, lo : lo + block], k, lo, block, causal)
+        scores_t = _scores_t(q[:, :, lo : lo + block], k, lo, block, causal, prefix)
         row_max = jnp.max(scores_t, axis=2, keepdims=True)
         unnormalised = jnp.exp(scores_t - row_max).astype(v.dtype)
         total = jnp.sum(unnormalised, axis=2, keepdims=True, dtype=jnp.float32)
@@ -117,19 +137,20 @@ def _blockwise_forward(q, k, v, block: int, causal: bool):
     return out, weights, maxes, sums
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _blockwise_bhtd(q, k, v, block: int, causal: bool, save_weights: bool):
-    """Softmax attention over [batch, heads, length, head_dim] (q already scaled), one query block at a time."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _blockwise_bhtd(q, k, v, prefix, block: int, causal: bool, save_weights: bool):
+    """Softmax attention over [batch, heads, length, head_dim] (q already scaled), one query block at a time;
+    ``prefix``: None or the prefix-causal mask's [batch] prefix lengths."""
     del save_weights
-    return _blockwise_forward(q, k, v, block, causal)[0]
+    return _blockwise_forward(q, k, v, prefix, block, causal)[0]
 
 
-def _blockwise_fwd(q, k, v, block, causal, save_weights):
-    out, weights, maxes, sums = _blockwise_forward(q, k, v, block, causal)
+def _blockwise_fwd(q, k, v, prefix, block, causal, save_weights):
+    out, weights, maxes, sums = _blockwise_forward(q, k, v, prefix, block, causal)
     if save_weights:
-        return out, (q, k, v, out, weights, sums)
+        return out, (q, k, v, prefix, out, weights, sums)
     lse = jnp.concatenate([m + jnp.log(s) for m, s in zip(maxes, sums)], axis=3)  # [b, h, 1, t]
-    return out, (q, k, v, out, lse)
+    return out, (q, k, v, prefix, out, lse)
 
 
 def _blockwise_bwd(block, causal, save_weights, residuals, d_out):
@@ -142,9 +163,9 @@ def _blockwise_bwd(block, causal, save_weights, residuals, d_out):
     log-sum-exp (flash-attention style: no O(length^2) residuals).
     """
     if save_weights:
-        q, k, v, out, weights, sums = residuals
+        q, k, v, prefix, out, weights, sums = residuals
     else:
-        q, k, v, out, lse = residuals
+        q, k, v, prefix, out, lse = residuals
     f32 = jnp.float32
     length = q.shape[2]
     delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)[:, :, None, :]  # [b, h, 1, t]: rowsum(dO * O)
@@ -157,7 +178,7 @@ def _blockwise_bwd(block, causal, save_weights, residuals, d_out):
             probs_t, inv_sum = weights[i], 1.0 / sums[i]  # [b, h, keys, B], [b, h, 1, B]
             do_scaled = (do_blk * jnp.swapaxes(inv_sum, 2, 3)).astype(v.dtype)
         else:
-            scores_t = _scores_t(q_blk, k, lo, block, causal)
+            scores_t = _scores_t(q_blk, k, lo, block, causal, prefix)
             probs_t, inv_sum = jnp.exp(scores_t - lse[..., lo:hi]).astype(v.dtype), None
             do_scaled = do_blk
         keys = probs_t.shape[2]
@@ -173,14 +194,15 @@ def _blockwise_bwd(block, causal, save_weights, residuals, d_out):
         return functools.reduce(jnp.add, padded)
 
     dq = jnp.swapaxes(jnp.concatenate(dq_t, axis=3), 2, 3)
-    return dq.astype(q.dtype), total(dk_parts).astype(k.dtype), total(dv_parts).astype(v.dtype)
+    return dq.astype(q.dtype), total(dk_parts).astype(k.dtype), total(dv_parts).astype(v.dtype), None
 
 
 _blockwise_bhtd.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def blockwise_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, block_size: int, save_weights: bool = True
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, block_size: int, save_weights: bool = True,
+    prefix_len: jax.Array | None = None,
 ) -> jax.Array:
     """Self-attention computed one query block at a time, with a hand-written blockwise backward pass.
 
@@ -199,6 +221,8 @@ def blockwise_attention(
         (fastest on CPU: ~20% less attention time; memory about half of dense attention's saved probabilities,
         released per layer under remat). False recomputes them from the per-query log-sum-exp instead, flash
         attention style: O(length) memory between the passes.
+      prefix_len: int [batch] (causal only): the prefix-causal mask (see the module docstring); every query block
+        then computes all key blocks.
 
     Returns:
       [batch, length, heads, head_dim] in q's dtype.
@@ -210,7 +234,9 @@ def blockwise_attention(
         raise ValueError(f"blockwise attention needs self-attention: q length {q.shape[1]} != kv length {k.shape[1]}")
     block = _check_block(q.shape[1], block_size)
     heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731
-    out = _blockwise_bhtd(heads_major(_scale(q)), heads_major(k), heads_major(v), block, causal, save_weights)
+    prefix = None if prefix_len is None else jnp.asarray(prefix_len, jnp.int32)
+    out = _blockwise_bhtd(heads_major(_scale(q)), heads_major(k), heads_major(v), prefix, block, causal,
+                          save_weights)
     return heads_major(out)
 
 
@@ -403,21 +429,28 @@ def attention(
     block_size: int = 128,
     splash_blocks: tuple[int, int] = (512, 512),
     q_start: jax.Array | int | None = None,
+    prefix_len: jax.Array | None = None,
 ) -> jax.Array:
     """Dispatches to the configured attention implementation (see module docstring).
 
     ``blockwise`` and ``splash`` need self-attention (equal query and key lengths); for queries against a longer
     key sequence, or queries placed at ``q_start`` in a key/value cache (decoding, see `dense_attention`), every
-    implementation falls back to ``dense``.
+    implementation falls back to ``dense``. With ``prefix_len`` (the prefix-causal mask, causal only) ``xla``,
+    ``cudnn`` and ``splash`` fall back to ``dense`` (logged once per trace).
     """
+    if prefix_len is not None and not causal:
+        raise ValueError("prefix_len (the prefix-causal mask) needs causal attention")
     impl = resolve_implementation(implementation, causal=causal, length=q.shape[1], block_size=block_size,
                                   dtype=q.dtype, q_shards=sequence_shards(), splash_blocks=splash_blocks)
     if q_start is not None or (impl in ("blockwise", "splash") and q.shape[1] != k.shape[1]):
         impl = "dense"
+    if prefix_len is not None and impl not in ("dense", "blockwise"):
+        logging.info("attention %r has no per-example prefix mask: dense attention for the prefix-causal mask", impl)
+        impl = "dense"
     if impl == "dense":
-        return dense_attention(q, k, v, causal=causal, q_start=q_start)
+        return dense_attention(q, k, v, causal=causal, q_start=q_start, prefix_len=prefix_len)
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, causal=causal, block_size=block_size)
+        return blockwise_attention(q, k, v, causal=causal, block_size=block_size, prefix_len=prefix_len)
     if impl == "splash":
         return splash_attention(q, k, v, causal=causal, block_q=splash_blocks[0], block_kv=splash_blocks[1])
     return jax_dot_product_attention(q, k, v, causal=causal, implementation=impl)

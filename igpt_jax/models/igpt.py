@@ -40,6 +40,7 @@ from jax.ad_checkpoint import checkpoint_name
 from igpt_jax.models import attention as attention_lib
 
 OBJECTIVES = ("ar", "bert")
+MASKS = ("causal", "prefix")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "minimal")
 
 
@@ -56,6 +57,12 @@ class ModelConfig:
       mlp_ratio: MLP width as a multiple of d (4 in iGPT).
       objective: 'ar' (autoregressive, causal) or 'bert' (masked, bidirectional).
       bert_mask_rate: probability that a position is masked under the BERT objective.
+      mask: the autoregressive objective's attention mask while pretraining: 'causal' (iGPT) or 'prefix' (AIM's
+        prefix-causal mask: each example draws a prefix length, its prefix attends bidirectionally, the rest
+        causally, and the loss is taken on the positions after the prefix only). A prefix model's features for
+        probes are extracted bidirectionally (the whole image as its prefix); sampling decodes causally.
+      prefix_min: 'prefix' mask: the smallest prefix length drawn (uniformly, per example, in tokens).
+      prefix_max: 'prefix' mask: the largest prefix length drawn; 0: n_ctx - 1 (at least one scored position).
       attention: 'auto', 'dense', 'blockwise', 'xla', 'cudnn' or 'splash' (see `igpt_jax.models.attention`).
       attention_block: block length of the blockwise causal attention.
       splash_block_q: query block length of the splash kernel (TPU; capped at the per-shard sequence length).
@@ -77,6 +84,9 @@ class ModelConfig:
     mlp_ratio: int = 4
     objective: str = "ar"
     bert_mask_rate: float = 0.15
+    mask: str = "causal"
+    prefix_min: int = 0
+    prefix_max: int = 0
     attention: str = "auto"
     attention_block: int = 128
     splash_block_q: int = 512
@@ -104,6 +114,7 @@ class ModelConfig:
             )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"model.objective={self.objective!r}, expected one of {OBJECTIVES}")
+        self._check_mask()
         if not 0.0 < self.bert_mask_rate < 1.0:
             raise ValueError(f"model.bert_mask_rate={self.bert_mask_rate} must lie strictly between 0 and 1")
         if self.attention not in attention_lib.IMPLEMENTATIONS:
@@ -115,6 +126,23 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}, expected 'float32', 'bfloat16' or 'float16'")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must lie in [0, 1)")
+
+    def _check_mask(self) -> None:
+        if self.mask not in MASKS:
+            raise ValueError(f"model.mask={self.mask!r}, expected one of {MASKS}")
+        if self.mask == "prefix" and self.objective != "ar":
+            raise ValueError(f"model.mask='prefix' needs model.objective='ar', got {self.objective!r}")
+        top = self.prefix_max or self.n_ctx - 1
+        if not (isinstance(self.prefix_min, int) and isinstance(self.prefix_max, int)
+                and 0 <= self.prefix_min <= top <= self.n_ctx - 1):
+            raise ValueError(f"model.prefix_min={self.prefix_min!r} and model.prefix_max={self.prefix_max!r} must "
+                             f"satisfy 0 <= prefix_min <= prefix_max <= n_ctx - 1 = {self.n_ctx - 1} (prefix_max 0: "
+                             "n_ctx - 1)")
+
+    @property
+    def prefix_range(self) -> tuple[int, int]:
+        """(smallest, largest) prefix length drawn while pretraining with the 'prefix' mask."""
+        return self.prefix_min, self.prefix_max or self.n_ctx - 1
 
     @property
     def head_dim(self) -> int:
@@ -246,7 +274,8 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, index: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, index: jax.Array | None = None,
+                 prefix_len: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         d, h, k = cfg.d_model, cfg.n_head, cfg.head_dim
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -271,6 +300,7 @@ class Attention(nn.Module):
         out = attention_lib.attention(
             q, key, v, causal=cfg.causal, implementation=cfg.attention, block_size=cfg.attention_block,
             splash_blocks=(cfg.splash_block_q, cfg.splash_block_kv), q_start=index if self.decode else None,
+            prefix_len=prefix_len,
         )
         out = nn.with_logical_constraint(out, q_axes)
         out = _rows_matmul(out.reshape(b, t, h * k), wo.astype(dt).reshape(h * k, d))
@@ -301,12 +331,16 @@ def pool_grid(h: jax.Array, grid: int) -> jax.Array:
 
     Args:
       h: [batch, length, d]; with grid > 1, length must be a square whose side ``grid`` divides.
-      grid: 1 for the mean over all positions (the paper's probe feature), 2 for the four quadrants, ...
+      grid: 1 for the mean over all positions (the paper's probe feature), 2 for the four quadrants, ...; 0 for
+        no pooling (every position: the attentive probe's token features).
 
     Returns:
-      [batch, grid * grid * d] float32: region (row i, column j) of the grid at [(i * grid + j) * d, ... + d).
+      [batch, grid * grid * d] float32: region (row i, column j) of the grid at [(i * grid + j) * d, ... + d);
+      with grid 0, h itself [batch, length, d] in float32.
     """
     h = h.astype(jnp.float32)
+    if grid == 0:
+        return h
     if grid == 1:
         return jnp.mean(h, axis=1)
     batch, length, d = h.shape
@@ -321,7 +355,8 @@ def pool_grid(h: jax.Array, grid: int) -> jax.Array:
 class Block(nn.Module):
     """One pre-norm transformer block; as a scan body it maps x -> (x', ln_1(x) pooled by `pool_grid`).
 
-    ``index`` (decoding only) is the position of x's first row in the decode cache.
+    ``index`` (decoding only) is the position of x's first row in the decode cache; ``prefix_len`` ([batch] int
+    or None) the prefix-causal mask's prefix lengths (`igpt_jax.models.attention`).
     """
 
     config: ModelConfig
@@ -330,11 +365,12 @@ class Block(nn.Module):
     feature_grid: int = 1  # `pool_grid` of the probe feature: 1 the sequence mean, 2 the four quadrants' means
 
     @nn.compact
-    def __call__(self, x: jax.Array, index: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, index: jax.Array | None = None,
+                 prefix_len: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         h = RMSNorm(cfg, name="ln_1")(x)
         feature = pool_grid(h, self.feature_grid)  # [b, grid^2 * d]: the probe feature of this layer
-        a = Attention(cfg, self.decode, name="attn")(h, index)
+        a = Attention(cfg, self.decode, name="attn")(h, index, prefix_len)
         x = x + nn.Dropout(cfg.dropout)(a, deterministic=self.deterministic)
         m = Mlp(cfg, name="mlp")(RMSNorm(cfg, name="ln_2")(x))
         x = x + nn.Dropout(cfg.dropout)(m, deterministic=self.deterministic)
@@ -368,6 +404,7 @@ class IGPT(nn.Module):
         logits: bool = True,
         decode: bool = False,
         feature_grid: int = 1,
+        prefix_len: jax.Array | None = None,
     ) -> ModelOutput:
         """Runs the decoder once.
 
@@ -381,8 +418,12 @@ class IGPT(nn.Module):
           logits: compute the [batch, length, vocab] logits (probe feature extraction can skip them).
           decode: run positions index..index+length-1 against the decode cache (see the class docstring).
           feature_grid: how ``layer_features`` pool the sequence (`pool_grid`): 1 the mean over all positions (the
-            paper's), 2 the means of the token grid's four quadrants, concatenated; ``final_features`` is always
-            the mean.
+            paper's), 2 the means of the token grid's four quadrants, concatenated, 0 none ([batch, L + 1, length,
+            d]: every token); ``final_features`` is always the mean.
+          prefix_len: int [batch]: attend with the prefix-causal mask (`igpt_jax.models.attention`; autoregressive
+            models only): the first prefix_len[b] positions of example b see each other, the rest causally; 0 is
+            the causal model exactly, the length the whole sequence bidirectionally. None: causal. Any model may be
+            run so; `ModelConfig.mask` says how it was trained.
 
         Returns:
           A `ModelOutput`.
@@ -392,16 +433,21 @@ class IGPT(nn.Module):
         if decode and cfg.objective != "ar":
             raise ValueError(f"decode=True needs an autoregressive model (objective 'ar'); model.objective is "
                              f"{cfg.objective!r}, which has no left-to-right order to decode in")
-        if decode and (features or bert_mask is not None):
-            raise ValueError("decode=True computes logits only: features and bert_mask are for the full pass")
+        if decode and (features or bert_mask is not None or prefix_len is not None):
+            raise ValueError("decode=True computes logits only: features, bert_mask and prefix_len are for the full "
+                             "pass")
+        if prefix_len is not None and cfg.objective != "ar":
+            raise ValueError(f"prefix_len (the prefix-causal mask) needs an autoregressive model; model.objective is "
+                             f"{cfg.objective!r}")
         if decode and self.is_initializing():
             raise ValueError("decode=True cannot initialise: make the parameters with init_params and the decode "
                              "cache with init_cache")
         with _decoding_rules() if decode else contextlib.nullcontext():
-            return self._run(tokens, bert_mask, deterministic, features, logits, decode, feature_grid)
+            return self._run(tokens, bert_mask, deterministic, features, logits, decode, feature_grid, prefix_len)
 
     @nn.compact
-    def _run(self, tokens, bert_mask, deterministic, features, logits, decode, feature_grid) -> ModelOutput:
+    def _run(self, tokens, bert_mask, deterministic, features, logits, decode, feature_grid,
+             prefix_len) -> ModelOutput:
         cfg = self.config
         batch, length = tokens.shape
         pdt, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
@@ -446,11 +492,12 @@ class IGPT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),  # index (None), prefix_len: the same for every layer
                 length=cfg.n_layer,
                 unroll=cfg.scan_unroll,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, feature_grid=feature_grid, name="blocks")
-            x, per_layer = blocks(x)  # per_layer: [L, b, grid^2 * d]
+            x, per_layer = blocks(x, None, prefix_len)  # per_layer: [L, b, grid^2 * d]
 
         h = RMSNorm(cfg, name="ln_f")(x)
         wtet = _param(self, "wtet", nn.initializers.zeros, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)

@@ -2,6 +2,9 @@
 
   * Autoregressive: every position i is scored on token i (the model sees tokens < i through the SOS shift).
   * BERT: each position is hidden with probability `bert_mask_rate`; the loss averages only hidden positions.
+  * Prefix-causal (autoregressive with ``model.mask='prefix'``, AIM): each example draws a prefix length p uniformly
+    in `ModelConfig.prefix_range`; its first p positions attend bidirectionally and are not scored (they may see
+    their own targets), positions p.. are scored as in the autoregressive objective.
 
 `example_mask` ([batch] bool) marks real examples, so that padded evaluation batches are exact.
 """
@@ -27,6 +30,21 @@ def sample_bert_mask(rng: jax.Array, shape: tuple[int, ...], rate: float) -> jax
     return jax.random.bernoulli(rng, rate, shape)
 
 
+def sample_prefix_len(rng: jax.Array, batch: int, cfg: ModelConfig) -> jax.Array:
+    """One prefix length per example, uniform in `ModelConfig.prefix_range` (inclusive): int32 [batch]."""
+    low, high = cfg.prefix_range
+    return jax.random.randint(rng, (batch,), low, high + 1, dtype=jnp.int32)
+
+
+def training_masks(rng: jax.Array, tokens: jax.Array, cfg: ModelConfig) -> tuple[jax.Array | None, jax.Array | None]:
+    """(BERT mask, prefix lengths) that the objective draws for a batch from ``rng``; None where it has none."""
+    if cfg.objective == "bert":
+        return sample_bert_mask(rng, tokens.shape, cfg.bert_mask_rate), None
+    if cfg.mask == "prefix":
+        return None, sample_prefix_len(rng, tokens.shape[0], cfg)
+    return None, None
+
+
 def masked_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Returns (sum(values * w) / max(sum(w), 1), sum(w))."""
     weights = weights.astype(jnp.float32)
@@ -34,9 +52,13 @@ def masked_mean(values: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.A
     return jnp.sum(values * weights) / jnp.maximum(total, 1.0), total
 
 
-def loss_weights(tokens: jax.Array, bert_mask: jax.Array | None, example_mask: jax.Array | None) -> jax.Array:
-    """Which positions count: all (AR) or the hidden ones (BERT), of real examples only; [batch, length]."""
+def loss_weights(tokens: jax.Array, bert_mask: jax.Array | None, example_mask: jax.Array | None,
+                 prefix_len: jax.Array | None = None) -> jax.Array:
+    """Which positions count: all (AR), those after the prefix (prefix-causal) or the hidden ones (BERT), of real
+    examples only; [batch, length]."""
     weights = jnp.ones(tokens.shape, jnp.float32) if bert_mask is None else bert_mask.astype(jnp.float32)
+    if prefix_len is not None:
+        weights = weights * (jnp.arange(tokens.shape[1])[None, :] >= prefix_len[:, None]).astype(jnp.float32)
     if example_mask is not None:
         weights = weights * example_mask.astype(jnp.float32)[:, None]
     return weights
@@ -53,6 +75,7 @@ def lm_loss(
     bert_mask: jax.Array | None = None,
     normalizer: jax.Array | float | None = None,
     features: bool = False,
+    prefix_len: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, Any]]:
     """The generative loss L_GEN of the configured objective.
 
@@ -67,26 +90,33 @@ def lm_loss(
       normalizer: divide the summed NLL by this instead of the number of scored tokens. Gradient accumulation
         passes the full batch's count so that micro-batch gradients add up to exactly the full batch's.
       features: also return the forward pass's features in aux['output'].
+      prefix_len: the prefix lengths (int [batch]) of a prefix-causal model; None draws them from ``rng``.
 
     Returns:
       (mean loss in nats per scored token, aux) where aux has 'nll_sum' and 'count' (for exact evaluation over
       many batches) and 'output' (the `ModelOutput`, when features=True).
     """
     mask_rng, dropout_rng = jax.random.split(rng)
+    drawn_mask, drawn_prefix = training_masks(mask_rng, tokens, cfg)
     if cfg.objective == "bert" and bert_mask is None:
-        bert_mask = sample_bert_mask(mask_rng, tokens.shape, cfg.bert_mask_rate)
+        bert_mask = drawn_mask
     elif cfg.objective == "ar":
         bert_mask = None
+    if cfg.mask != "prefix":
+        prefix_len = None
+    elif prefix_len is None:
+        prefix_len = drawn_prefix
     out: ModelOutput = IGPT(cfg).apply(
         {"params": params},
         tokens,
         bert_mask=bert_mask,
         deterministic=deterministic,
         features=features,
+        prefix_len=prefix_len,
         rngs={"dropout": dropout_rng},
     )
     nll = token_nll(out.logits, tokens)
-    weights = loss_weights(tokens, bert_mask, example_mask)
+    weights = loss_weights(tokens, bert_mask, example_mask, prefix_len)
     loss, count = masked_mean(nll, weights)
     nll_sum = jnp.sum(nll * weights)
     if normalizer is not None:

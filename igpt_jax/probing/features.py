@@ -22,11 +22,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from igpt_jax import sharding
-from igpt_jax.data import iterators, multihost
+from igpt_jax.data import iterators, multihost, records
 from igpt_jax.data.palette import Palette
 from igpt_jax.models import objectives
-from igpt_jax.models.igpt import IGPT, ModelConfig
+from igpt_jax.models.igpt import IGPT, ModelConfig, pool_grid
 from igpt_jax.models.layout import Layout
+from igpt_jax.probing import token_store as store_lib
 
 # ------------------------------------------------------------------------------------------------ extraction
 
@@ -62,22 +63,56 @@ def pooling_grid(pooling: str, length: int | None = None) -> int:
     return grid
 
 
-def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int, feature_grid: int = 1):
+# Which token features the extraction pass also returns for the attentive probe (``FeatureExtractor(tokens=...)``):
+# none, every probed layer's, or the average of the probed layers' (``probe.average_layers``, AIM's).
+TOKEN_SETS = (None, "each", "average")
+
+
+def _token_outputs(layer_tokens: jax.Array, token_sets: str, feature_grid: int) -> tuple[jax.Array, jax.Array]:
+    """From the probed layers' tokens [b, layers, t, d] (float32): their pooled features [b, layers, d * grid^2]
+    (the very `pool_grid` of the model's pooled pass) and the token features' bfloat16 bits [b, sets, t, d]."""
+    pooled = jax.vmap(lambda h: pool_grid(h, feature_grid), in_axes=1, out_axes=1)(layer_tokens)
+    sets = jnp.mean(layer_tokens, axis=1, keepdims=True) if token_sets == "average" else layer_tokens
+    return pooled, store_lib.bits_in_jax(sets)
+
+
+def features_fn(model_cfg: ModelConfig, layers: Sequence[int], *, num_masks: int, seed: int, feature_grid: int = 1,
+                token_sets: str | None = None):
     """The pure extraction step: (params, batch) -> features [masks, batch, layers, d * feature_grid^2], NLL sum
-    and count (under the first mask), and the batch's label, mask, index and tokens."""
+    and count (under the first mask), and the batch's label, mask, index and tokens.
+
+    A prefix-causal model (``model.mask='prefix'``) is read bidirectionally, the whole image its prefix (AIM's
+    downstream use); that pass sees every target, so it scores no NLL (count 0: the split's loss is NaN).
+
+    With ``token_sets`` ('each' or 'average', first mask only) the pass also returns ``token_features``: the bfloat16
+    bits [batch, sets, length, d] of each probed layer's tokens or of their mean; the pooled features are then
+    computed from the same tokens.
+    """
+    if token_sets not in TOKEN_SETS:
+        raise ValueError(f"token_sets={token_sets!r}, expected one of {TOKEN_SETS}")
     layers = jnp.asarray(list(layers), jnp.int32)
 
     def fn(params, batch):
         tokens = batch["tokens"]
         feats, out = [], {}
+        prefix = (jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32) if model_cfg.mask == "prefix" else None)
         for m in range(num_masks if model_cfg.objective == "bert" else 1):
             mask = None
             if model_cfg.objective == "bert":
                 mask = bert_masks(mask_key(seed, m), batch["index"], tokens.shape[1], model_cfg.bert_mask_rate)
-            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=m == 0,
-                                        feature_grid=feature_grid)
-            feats.append(res.layer_features[:, layers])
-            if m == 0:
+            scored = m == 0 and prefix is None
+            res = IGPT(model_cfg).apply({"params": params}, tokens, bert_mask=mask, features=True, logits=scored,
+                                        feature_grid=0 if token_sets else feature_grid, prefix_len=prefix)
+            if token_sets:
+                pooled, bits = _token_outputs(res.layer_features[:, layers], token_sets, feature_grid)
+                feats.append(pooled)
+                if m == 0:
+                    out["token_features"] = bits
+            else:
+                feats.append(res.layer_features[:, layers])
+            if m == 0 and not scored:
+                out["nll_sum"] = out["count"] = jnp.zeros((), jnp.float32)
+            elif m == 0:
                 nll = objectives.token_nll(res.logits, tokens)
                 weights = objectives.loss_weights(tokens, mask, batch["mask"])
                 out["nll_sum"], out["count"] = jnp.sum(nll * weights), jnp.sum(weights)
@@ -98,6 +133,7 @@ class SplitFeatures:
     index: np.ndarray  # int32 [n]: the record index in the TFDS split
     tokens: np.ndarray  # int32 [n, length]
     loss: float  # mean NLL in nats per scored token (BERT: of the first mask's hidden tokens)
+    token_store: store_lib.TokenStore | None = None  # the attentive probe's token features (on disk), if asked
 
     @property
     def n(self) -> int:
@@ -118,12 +154,16 @@ class FeatureExtractor:
       seed: seed of the BERT masks.
       pooling: ``probe.pooling``: 'mean' (the paper's sequence mean) or 'quadrants' (the mean of each quadrant of
         the token grid, concatenated: 4 x d features per layer).
+      token_sets: None, or which token features `extract` also writes to disk for the attentive probe: 'each'
+        probed layer's or their 'average' (`TOKEN_SETS`).
     """
 
     def __init__(self, model_cfg: ModelConfig, layout: Layout, mesh: Mesh, rules, data_cfg, palette: Palette,
-                 layers: Sequence[int], *, batch_size: int, seed: int = 0, pooling: str = "mean"):
+                 layers: Sequence[int], *, batch_size: int, seed: int = 0, pooling: str = "mean",
+                 token_sets: str | None = None):
         self.model_cfg, self.layout, self.mesh, self.rules = model_cfg, layout, mesh, rules
         self.data_cfg, self.palette, self.layers, self.seed = data_cfg, palette, list(layers), seed
+        self.token_sets = token_sets
         self.feature_grid = pooling_grid(pooling, model_cfg.n_ctx)
         sharding.check_batch_divides(batch_size, mesh, rules, what="probe batch size")
         self.batch_size = batch_size
@@ -132,15 +172,33 @@ class FeatureExtractor:
     def _fn(self, num_masks: int):
         if num_masks not in self._fns:
             fn = features_fn(self.model_cfg, self.layers, num_masks=num_masks, seed=self.seed,
-                             feature_grid=self.feature_grid)
+                             feature_grid=self.feature_grid, token_sets=self.token_sets)
             self._fns[num_masks] = jax.jit(
                 fn, in_shardings=(self.layout.shardings, sharding.batch_sharding(self.mesh, self.rules)),
                 out_shardings=sharding.replicated(self.mesh))
         return self._fns[num_masks]
 
-    def extract(self, params: Any, split: str, *, num_masks: int = 1, max_examples: int = 0) -> SplitFeatures:
-        """Features of every example of `split` (or its first `max_examples` in record order)."""
+    def _token_writer(self, path: str | None, split: str, max_examples: int
+                      ) -> tuple[store_lib.StoreWriter | None, int]:
+        """The split's token store writer (None without ``token_sets``) and the split's first record index."""
+        if not self.token_sets:
+            return None, 0
+        if path is None:
+            raise ValueError("the extractor writes token features (token_sets): extract() needs a token_path")
+        _, start, stop = records.split_bounds(self.data_cfg, split)
+        n = min(stop - start, max_examples) if max_examples else stop - start
+        sets = 1 if self.token_sets == "average" else len(self.layers)
+        return store_lib.StoreWriter(path, n, sets, self.model_cfg.n_ctx, self.model_cfg.d_model), start
+
+    def extract(self, params: Any, split: str, *, num_masks: int = 1, max_examples: int = 0,
+                token_path: str | None = None, token_fingerprint: str = "") -> SplitFeatures:
+        """Features of every example of `split` (or its first `max_examples` in record order).
+
+        With ``token_sets``, the token features go to a new bfloat16 store at ``token_path`` (finished with
+        ``token_fingerprint``: `igpt_jax.probing.token_store`), returned as the split's ``token_store``.
+        """
         num_masks = num_masks if self.model_cfg.objective == "bert" else 1
+        writer, first = self._token_writer(token_path, split, max_examples)
         rows = multihost.host_rows(self.batch_size, self.mesh, sharding.batch_axes(self.rules))
         it = iterators.make_iterator(self.data_cfg, split, batch_size=rows.size, train=False, seed=0,
                                      palette=self.palette, rows=rows)
@@ -155,6 +213,10 @@ class FeatureExtractor:
                     {k: local[k] for k in ("tokens", "label", "mask", "index")}, self.mesh,
                     sharding.batch_axes(self.rules), rows)
                 out = jax.device_get(fn(params, batch))
+                if writer is not None:
+                    real = np.asarray(out["mask"])
+                    writer.write(np.asarray(out["index"])[real] - first, np.asarray(out["token_features"])[real],
+                                 np.asarray(out["label"])[real])
                 for k in keys:
                     chunks[k].append(np.asarray(out[k]))
                 nll_sum += float(out["nll_sum"])
@@ -171,7 +233,8 @@ class FeatureExtractor:
         return SplitFeatures(
             features=feats.astype(np.float32), labels=np.concatenate(chunks["label"])[mask][order].astype(np.int32),
             index=index[order].astype(np.int32), tokens=np.concatenate(chunks["tokens"])[mask][order],
-            loss=nll_sum / max(count, 1.0))
+            loss=nll_sum / count if count else float("nan"),
+            token_store=writer.finish(token_fingerprint) if writer is not None else None)
 
 
 def pixel_features(tokens: np.ndarray, palette: Palette) -> np.ndarray:

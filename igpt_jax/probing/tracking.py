@@ -17,6 +17,11 @@ Every ``config.track.every`` steps (and at the last step) the `Tracker` takes th
      time). The progress line shows the last evaluation's seconds and the share of this segment's wall time spent in
      tracking.
 
+With ``track.attentive`` (off by default: it costs a head's training per evaluation) the same pass also writes
+the subset's tokens averaged over every layer (bfloat16, ``WORKDIR/tracking_tokens``, overwritten each time) and
+the attentive head (`igpt_jax.probing.attentive`, ``probe.attentive_*`` settings) is fitted on them: its validation
+accuracy is ``track/attentive_accuracy``.
+
 The figures are those of the probe job (`igpt_jax.jobs.probe`) on the same checkpoint with ``probe.solver=
 'jax_lbfgs'``, ``probe.max_train_examples=track.train_examples``, the same C grid and a validation split of
 ``track.val_examples`` images (its per-layer ``val_accuracy`` and ``val_loss``); BERT models are probed under one
@@ -44,6 +49,7 @@ from igpt_jax.data.palette import Palette
 from igpt_jax.errors import ConfigError
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import Layout
+from igpt_jax.probing import attentive
 from igpt_jax.probing import features as features_lib
 from igpt_jax.probing import linear_probe
 from igpt_jax.reports import plots
@@ -96,12 +102,15 @@ class Evaluation:
     best_layer: int
     best_accuracy: float
     seconds: float
+    attentive_accuracy: float | None = None  # the attentive head's validation accuracy (track.attentive)
 
     def scalars(self) -> dict[str, float]:
         """The ``track/*`` scalars of TensorBoard and metrics.jsonl."""
         out = {f"{PREFIX}layer_{l}": a for l, a in zip(self.layers, self.accuracies)}
         out.update({f"{PREFIX}best_layer": float(self.best_layer), f"{PREFIX}best_accuracy": self.best_accuracy,
                     f"{PREFIX}val_loss": self.val_loss, f"{PREFIX}seconds": self.seconds})
+        if self.attentive_accuracy is not None:
+            out[f"{PREFIX}attentive_accuracy"] = self.attentive_accuracy
         return out
 
 
@@ -126,9 +135,13 @@ class Tracker:
         self.settings = probe_settings(config)
         self.num_classes = records.num_classes(config.data)
         self.layers = features_lib.resolve_layers("all", model_cfg.n_layer)
+        self.attentive = (attentive.AttentiveSettings.from_config(config.probe)
+                          if config.track.get("attentive", False) else None)
+        self.token_dir = str(workpath / workdir_files.TRACKING_TOKENS)
         self.extractor = features_lib.FeatureExtractor(model_cfg, params_layout, mesh, rules, config.data, palette,
                                                        self.layers, batch_size=batch_size(config),
-                                                       seed=int(config.probe.seed))
+                                                       seed=int(config.probe.seed),
+                                                       token_sets="average" if self.attentive else None)
         self.primary = jax.process_index() == 0
         self.history_path = workpath / workdir_files.TRACKING_HISTORY
         self.plot_path = workpath / workdir_files.TRACKING_PLOT
@@ -147,20 +160,25 @@ class Tracker:
     def evaluate(self, step: int, params: Any) -> Evaluation:
         """Features of the subset under `params`, one probe per layer, the best layer (on validation)."""
         t0 = self._clock()
-        train = self.extractor.extract(params, "train", max_examples=self.train_examples)
-        val = self.extractor.extract(params, "validation", max_examples=self.val_examples)
+        train, val = (self.extractor.extract(params, split, max_examples=n, token_path=self._token_path(split))
+                      for split, n in (("train", self.train_examples), ("validation", self.val_examples)))
         if self.last is None:  # the first evaluation of this segment
             self._check_labels(train.labels)
         fits = linear_probe.fit_layers(train.features, train.labels, val.features, val.labels, self.settings,
                                        num_classes=self.num_classes, layers=self.layers,
                                        rng=np.random.default_rng(self.settings.seed + 1))
         best = linear_probe.best_position(fits)
+        attentive_accuracy = None
+        if self.attentive:  # the head early-stopped on the subset's validation images: their accuracy
+            head = attentive.fit(train.token_store, val.token_store, 0, self.attentive, num_classes=self.num_classes)
+            attentive_accuracy = float(head.val_accuracy[head.best])
         seconds = self._clock() - t0
         self.total_seconds += seconds
         self.last = Evaluation(
             step=int(step), val_loss=float(val.loss), layers=list(self.layers),
             accuracies=[float(f.val_accuracy) for f in fits], C=[float(f.model.hyper) for f in fits],
-            best_layer=int(self.layers[best]), best_accuracy=float(fits[best].val_accuracy), seconds=float(seconds))
+            best_layer=int(self.layers[best]), best_accuracy=float(fits[best].val_accuracy), seconds=float(seconds),
+            attentive_accuracy=attentive_accuracy)
         self.history.append(dataclasses.asdict(self.last))
         logging.info("step %d: tracking probe: best layer %d, validation accuracy %.4f (layers %s), subset validation "
                      "loss %.4f (%.1fs)", step, self.last.best_layer, self.last.best_accuracy,
@@ -178,6 +196,9 @@ class Tracker:
         return f"{self.last.seconds:.1f}s ({share:.1f}%)"
 
     # ------------------------------------------------------------------------------------------ files
+
+    def _token_path(self, split: str) -> str | None:
+        return f"{self.token_dir}/tokens-{split}.npy" if self.attentive else None
 
     def _check_labels(self, labels: np.ndarray) -> None:
         present = np.unique(labels)

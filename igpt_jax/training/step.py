@@ -68,7 +68,7 @@ def train_step(
 
     With ``accum_steps`` > 1 the batch is split into that many micro-batches whose gradients are summed; each
     micro-batch loss is divided by the full batch's number of scored tokens, so the update is the full batch's
-    (the BERT mask is drawn once for the full batch).
+    (the BERT mask and the prefix lengths of a prefix-causal model are drawn once for the full batch).
 
     Args:
       state: the current `TrainState`.
@@ -85,22 +85,20 @@ def train_step(
     tokens = batch["tokens"]
     rng = jax.random.fold_in(base_rng, state.step)
     mask_rng, dropout_rng = jax.random.split(rng)
-    bert_mask = None
-    if model_cfg.objective == "bert":
-        bert_mask = objectives.sample_bert_mask(mask_rng, tokens.shape, model_cfg.bert_mask_rate)
-    normalizer = jnp.maximum(jnp.sum(objectives.loss_weights(tokens, bert_mask, None)), 1.0)
+    bert_mask, prefix_len = objectives.training_masks(mask_rng, tokens, model_cfg)
+    normalizer = jnp.maximum(jnp.sum(objectives.loss_weights(tokens, bert_mask, None, prefix_len)), 1.0)
     deterministic = model_cfg.dropout == 0.0
 
-    def loss_fn(params, micro_tokens, micro_mask, micro_rng):
+    def loss_fn(params, micro_tokens, micro_mask, micro_rng, micro_prefix):
         loss, _ = objectives.lm_loss(
             model_cfg, params, micro_tokens, micro_rng, deterministic=deterministic, bert_mask=micro_mask,
-            normalizer=normalizer,
+            normalizer=normalizer, prefix_len=micro_prefix,
         )
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
     if accum_steps == 1:
-        loss, grads = grad_fn(state.params, tokens, bert_mask, dropout_rng)
+        loss, grads = grad_fn(state.params, tokens, bert_mask, dropout_rng, prefix_len)
     else:
         micro = tokens.shape[0] // accum_steps
 
@@ -109,12 +107,13 @@ def train_step(
 
         def accumulate(carry, xs):
             loss_sum, grad_sum = carry
-            micro_tokens, micro_mask, i = xs
-            loss, grads = grad_fn(state.params, micro_tokens, micro_mask, jax.random.fold_in(dropout_rng, i))
+            micro_tokens, micro_mask, micro_prefix, i = xs
+            loss, grads = grad_fn(state.params, micro_tokens, micro_mask, jax.random.fold_in(dropout_rng, i),
+                                  micro_prefix)
             return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        xs = (split(tokens), split(bert_mask), jnp.arange(accum_steps))
+        xs = (split(tokens), split(bert_mask), split(prefix_len), jnp.arange(accum_steps))
         (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), xs)
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

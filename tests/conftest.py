@@ -1,6 +1,6 @@
 """Test session set-up: 8 fake CPU devices for sharding tests, a persistent compilation cache and a bytecode folder for
-the whole session, absl flags parsed for Grain workers, and the shared fixtures (the digits dataset prepared once per worker; a tiny
-pretraining run and its probe and fine-tuning jobs made once per session and shared by the xdist workers)."""
+the whole session, absl flags parsed for Grain workers, and the shared fixtures (the digits dataset prepared once per
+worker; a tiny pretraining run and its probe and fine-tuning jobs made once per session and shared by the workers)."""
 
 import atexit
 import os

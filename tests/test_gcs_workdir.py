@@ -16,7 +16,7 @@ import cli_runner
 import jax
 import pytest
 from etils import epath
-from tiny_runs import SHORT_STEPS, finetune_config, probe_config, short_training_config
+from tiny_runs import SHORT_STEPS, finetune_config, metric_records, probe_config, short_training_config
 
 from igpt_jax.config import checks as config_checks
 from igpt_jax.jobs import finetune, pretrain, probe
@@ -58,8 +58,7 @@ def test_pretrain_sigkill_resume_probe_and_finetune_with_every_workdir_on_gs(gcs
     assert resumed["resumed"] and resumed["finished"] and 1 <= resumed["start_step"] <= killed_at[-1]
     losses = [h["loss"] for h in local["history"]]
     assert [h["loss"] for h in resumed["history"]] == losses[resumed["start_step"]:]
-    records = [json.loads(line) for line in (objects / "metrics.jsonl").read_text().splitlines()]
-    assert records == [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    assert metric_records(objects) == metric_records(tmp_path / "local")
     assert (objects / "FINISHED").read_text() == f"{SHORT_STEPS}\n" and not (objects / "lease.json").exists()
     assert json.loads((objects / "config.json").read_text())["train"]["num_steps"] == SHORT_STEPS
     assert [s["from_step"] for s in json.loads((objects / "segments.json").read_text())] == [0, resumed["start_step"]]

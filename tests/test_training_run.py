@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from tiny_runs import SHORT_STEPS, TRAINING_JOBS, short_training_config
+from tiny_runs import SHORT_STEPS, TRAINING_JOBS, metric_records, short_training_config
 
 from igpt_jax.config import checks as config_checks
 from igpt_jax.jobs import finetune, pretrain, vqvae
@@ -37,15 +37,6 @@ def job_config(request, job: str):
 
 def run_job(job: str, config, workdir: Path, **kwargs) -> dict:
     return JOB_MODULES[job].run(config, str(workdir), devices=ONE, **kwargs)
-
-
-WALL_CLOCK = ("tokens_per_sec", "tflops_per_device", "mfu")  # the rates a flush adds: timing, not computation
-
-
-def metric_records(workdir: Path) -> list[dict]:
-    """metrics.jsonl's records without the wall-clock rates."""
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]
 
 
 def checkpoint_steps(workdir: Path) -> list[int]:

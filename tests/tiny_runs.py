@@ -5,6 +5,9 @@ functions, never each other. `get_config` makes this file a config file for the 
 (``--config=tests/tiny_runs.py:JOB,DATA_DIR[,SOURCE_WORKDIR]``).
 """
 
+import json
+from pathlib import Path
+
 import jax
 import ml_collections
 
@@ -144,3 +147,12 @@ def write_checkpoint(tmp_path_factory, data_dir: str, step: int = 5):
     ckpt.save(step, state, config=config, palette=palette.centres, force=True)
     ckpt.close()
     return config, workdir, jax.device_get(state.params), palette
+
+
+WALL_CLOCK = ("tokens_per_sec", "tflops_per_device", "mfu")  # the rates a flush adds: timing, not computation
+
+
+def metric_records(workdir) -> list[dict]:
+    """A run's metrics.jsonl records without the wall-clock rates (what two runs of the same steps share)."""
+    records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in WALL_CLOCK} for r in records]

@@ -56,9 +56,11 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from igpt_jax import sharding  # noqa: E402
+from igpt_jax.config import defaults as config_defaults  # noqa: E402
 from igpt_jax.models import decoding  # noqa: E402
 from igpt_jax.models.igpt import ModelConfig, init_params  # noqa: E402
 from igpt_jax.training import mfu  # noqa: E402
+from igpt_jax.training import optim  # noqa: E402
 from igpt_jax.training import step as train  # noqa: E402
 
 # (layers, width, heads, image side, vocabulary, probe batch per device, sampling batches, prefill batch)
@@ -142,9 +144,10 @@ class TrainBench:
         self.cfg = cfg
         self.mesh = sharding.make_mesh((-1, 1, 1, 1), devices)
         self.rules = sharding.DEFAULT_RULES
-        self.tx = optax.adam(1e-4, b1=0.9, b2=0.95)
+        schedule = optax.constant_schedule(1e-4)
+        self.tx = optim.make_optimizer(config_defaults.base_config().train, schedule)  # the jobs' optimizer
         self.layout = train.state_layout(cfg, self.tx, self.mesh, self.rules)
-        self.fn = train.jitted_train_step(cfg, self.tx, lambda step: 1e-4, self.layout,
+        self.fn = train.jitted_train_step(cfg, self.tx, schedule, self.layout,
                                           sharding.batch_sharding(self.mesh, self.rules), self.mesh)
 
     def _batch(self, batch: int, abstract: bool) -> dict[str, Any]:

@@ -116,6 +116,18 @@ def test_cached_generation_draws_the_same_tokens_as_recomputing_the_sequence():
     assert not np.array_equal(np.asarray(cached_generate()(params, prefix, jax.random.key(8))), np.asarray(cached))
 
 
+def test_the_decode_loop_reads_the_cache_in_place_and_matches_the_hand_written_decoder(bench_script, capsys):
+    """bench/bench_sampling.py's peer (the decoder as hand-written before sampling ran the model's modules) draws the
+    same tokens (it exits otherwise), and at batch 2 neither compiled loop copies or transposes a layer's cache."""
+    bench = bench_script("bench_sampling")
+    result = bench.main(["--hand_written", "--skip_recompute", "--batch=2", "--resolution=4", "--n_layer=2",
+                         "--d_model=32", "--n_head=2", "--vocab=16", "--repeats=1"])
+    rows = {row["path"]: row for row in result["rows"]}
+    assert set(rows) == {"cached", "hand-written"}
+    assert rows["cached"]["cache_moves_per_step"] == rows["hand-written"]["cache_moves_per_step"] == 0
+    assert "the same tokens" in capsys.readouterr().out
+
+
 def test_greedy_decoding_of_a_memorised_pattern_reproduces_it():
     cfg = ModelConfig(vocab_size=8, n_ctx=16, d_model=32, n_head=2, n_layer=2, remat="none", attention="dense")
     pattern = jnp.asarray([[3, 1, 4, 1, 5, 2, 6, 5, 3, 5, 0, 7, 2, 7, 1, 0]], jnp.int32)

@@ -22,11 +22,19 @@ Process-level settings (they must be in place before the process starts or jax i
 ``--torch_gpt`` a plain PyTorch decoder of the same shape with `scaled_dot_product_attention` (the issue's
 other reference figure). ``--hf_only`` skips the JAX rows.
 
+``--profile`` also profiles ``--steps`` steps of every JAX row (`jax.profiler`, XLA:CPU's per-thunk events) and of
+the torch GPT (`torch.profiler`) after their timings, and prints where a step's time goes: each compiled op's
+time mapped to its HLO instruction and JAX source (``op_name``), summed by part of the model (attention core,
+attention projections, MLP, norms, logits and loss, optimizer), forward or backward, and matmul or not; then the
+slowest ops with their shapes. Thread-pool events overlap, so the parts add up to the threads' busy time, not the
+wall time.
+
 Examples:
   python bench/bench_train_step.py --hf                         # library defaults for this case, plus HF
   python bench/bench_train_step.py --attention=blockwise,dense,xla --remat=none,full
   python bench/bench_train_step.py --block=64,128,256 --malloc=hugetlb,default
   python bench/bench_train_step.py --xla_flags="|--xla_cpu_enable_fast_math=true"   # '|' separates settings
+  python bench/bench_train_step.py --remat=none --torch_gpt --profile   # where each step's time goes
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import functools
 import itertools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -64,7 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma list of attention_block values (0: the ModelConfig default)")
     p.add_argument("--remat", type=_csv(str), default=["default"],
                    help="comma list of remat policies (default: the ModelConfig default)")
-    p.add_argument("--scan_unroll", type=_csv(int), default=[1], help="comma list of nn.scan unroll factors")
+    p.add_argument("--scan_unroll", type=_csv(int), default=[0],
+                   help="comma list of nn.scan unroll factors (0: ModelConfig's default, the whole stack on CPU)")
     p.add_argument("--objective", default="ar", choices=["ar", "bert"])
     p.add_argument("--save_weights", type=_csv(str), default=["default"],
                    help="comma list for blockwise attention's save_weights: default, true (keep the softmax "
@@ -91,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--torch_gpt", action="store_true",
                    help="also time a plain PyTorch GPT of the same shape with scaled_dot_product_attention")
     p.add_argument("--torch_threads", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also profile the JAX rows and the torch GPT")
     p.add_argument("--json", default=None, help="append one JSON line per result to this file")
     p.add_argument("--_child", choices=["jax", "hf", "torch_gpt"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--_out", default=None, help=argparse.SUPPRESS)
@@ -161,7 +172,7 @@ def bench_jax(args: argparse.Namespace) -> list[dict]:
     import optax
 
     from igpt_jax.models import attention as attention_lib
-    from igpt_jax.models.igpt import ModelConfig, init_params
+    from igpt_jax.models.igpt import ModelConfig, init_params, scan_unroll_for
     from igpt_jax.models.objectives import lm_loss
 
     base = ModelConfig(vocab_size=args.vocab, n_ctx=args.seq, d_model=args.width, n_head=args.heads,
@@ -202,7 +213,7 @@ def bench_jax(args: argparse.Namespace) -> list[dict]:
         compile_s = time.perf_counter() - t0
         state = [params, opt_state, None]
 
-        def run_one():
+        def run_one(state=state, compiled=compiled, tokens=tokens, rng=rng):
             state[0], state[1], state[2] = compiled(state[0], state[1], tokens, rng)
             state[2].block_until_ready()
 
@@ -211,12 +222,115 @@ def bench_jax(args: argparse.Namespace) -> list[dict]:
         if not bool(jnp.isfinite(state[2])):
             raise RuntimeError(f"{label}: non-finite loss {state[2]}")
         timing = time_steps(run_one, args.steps, args.repeats, args.max_others, args.retries)
-        results.append(dict(implementation=label, remat=cfg.remat, unroll=unroll, objective=args.objective,
+        if args.profile:
+            timing["profile"] = profile_jax(run_one, compiled.as_text(), args.steps)
+        shown_unroll = unroll or f"auto={scan_unroll_for(cfg)}"
+        results.append(dict(implementation=label, remat=cfg.remat, unroll=shown_unroll, objective=args.objective,
                             flags=os.environ.get("XLA_FLAGS", ""), compile_s=compile_s,
                             tokens_per_s=args.batch * args.seq / timing["step_s"], **timing))
         del compiled, state
         attention_lib.blockwise_attention = blockwise_attention
     return results
+
+
+# Parts of the model, from the JAX source path XLA keeps in each instruction's metadata (op_name).
+_ATTENTION_CORE = ("bhkd,", "bhkq,", "bhdk,", "bhqk,", "bqhd,", "reduce_max", "exp", "softmax", "select_n")
+
+
+def _model_part(op_name: str) -> str:
+    if "/attn/" in op_name:
+        return "attention core" if any(k in op_name for k in _ATTENTION_CORE) else "attention projections"
+    if "/mlp/" in op_name:
+        return "mlp"
+    if "ln_" in op_name or "RMSNorm" in op_name:
+        return "norms"
+    if any(k in op_name for k in ("btd,vd", "log_softmax", "take_along_axis", "lm_loss", "ln_f")):
+        return "logits and loss"
+    if "IGPT" in op_name:
+        return "embeddings, residuals"
+    return "optimizer and the rest" if op_name else "unattributed (copies, broadcasts)"
+
+
+def _hlo_instructions(hlo_text: str) -> dict[str, dict]:
+    """{instruction name: {op, shape, op_name, matmul}} for every instruction of a compiled module's HLO text."""
+    bodies, current, out = {}, None, {}
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?(\S+) .*\{$", line)
+        if head:
+            current = bodies.setdefault(head.group(1), [])
+        elif current is not None and line.startswith("  "):
+            current.append(line)
+    for lines in bodies.values():
+        for line in lines:
+            m = re.match(r"\s+(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(", line)
+            if not m:
+                continue
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            inner = " ".join(bodies.get(called.group(1), [])) if called else ""
+            out[m.group(1)] = {"op": m.group(3), "shape": m.group(2), "op_name": op_name.group(1) if op_name else "",
+                               "matmul": m.group(3) == "dot" or " dot(" in inner}
+    return out
+
+
+def profile_jax(run_one, hlo_text: str, steps: int) -> dict:
+    """Per-step milliseconds of every compiled op over ``steps`` steps under `jax.profiler`, grouped (see the module
+    docstring): {"parts": {(part, direction, kind): ms}, "top": [(ms, op, shape, op_name), ...], "busy_ms": ...}."""
+    import glob
+    import shutil
+
+    import jax
+
+    instructions = _hlo_instructions(hlo_text)
+    folder = tempfile.mkdtemp(prefix="bench_profile_")
+    try:
+        with jax.profiler.trace(folder):
+            for _ in range(steps):
+                run_one()
+        data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    per_op = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):
+                continue
+            for event in line.events:
+                if event.name in instructions:
+                    per_op[event.name] = per_op.get(event.name, 0.0) + event.duration_ns / 1e6 / steps
+    parts = {}
+    for name, ms in per_op.items():
+        ins = instructions[name]
+        key = " | ".join((_model_part(ins["op_name"]), "backward" if "transpose(" in ins["op_name"] else "forward",
+                          "matmul" if ins["matmul"] else "other"))
+        parts[key] = parts.get(key, 0.0) + ms
+    top = sorted(((ms, instructions[n]["op"], instructions[n]["shape"], instructions[n]["op_name"])
+                  for n, ms in per_op.items()), reverse=True)[:12]
+    return {"parts": dict(sorted(parts.items(), key=lambda kv: -kv[1])), "top": top, "busy_ms": sum(per_op.values())}
+
+
+def profile_torch(run_one, steps: int) -> dict:
+    """Per-step milliseconds of the torch step's operators (self CPU time, `torch.profiler`), the slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run_one()
+    ops = sorted(((e.self_cpu_time_total / 1e3 / steps, e.key, e.count // steps) for e in prof.key_averages()),
+                 reverse=True)
+    return {"top": ops[:14], "busy_ms": sum(ms for ms, _, _ in ops)}
+
+
+def print_profile(r: dict) -> None:
+    prof = r["profile"]
+    print(f"\nprofile of {r['implementation']} (remat {r['remat']}): per step {1e3 * r['step_s']:.0f} ms wall, "
+          f"{prof['busy_ms']:.0f} ms in ops (all threads)")
+    for key, ms in list(prof.get("parts", {}).items())[:16]:
+        print(f"  {ms:8.1f} ms {100 * ms / prof['busy_ms']:5.1f} %  {key}")
+    print("  slowest ops:")
+    for row in prof["top"]:
+        ms, rest = row[0], row[1:]
+        print(f"  {ms:8.1f} ms  " + "  ".join(str(v) for v in rest)[:150])
 
 
 def bench_hf(args: argparse.Namespace) -> list[dict]:
@@ -314,6 +428,8 @@ def bench_torch_gpt(args: argparse.Namespace) -> list[dict]:
     for _ in range(max(args.warmup - 1, 0)):
         run_one()
     timing = time_steps(run_one, args.steps, args.repeats, args.max_others, args.retries)
+    if args.profile:
+        timing["profile"] = profile_torch(run_one, args.steps)
     return [dict(implementation="torch GPT (sdpa)", remat="-", unroll="-", objective="ar",
                  flags=f"torch {torch.__version__}, {args.torch_threads} threads", compile_s=first_s,
                  tokens_per_s=args.batch * args.seq / timing["step_s"], **timing)]
@@ -377,6 +493,9 @@ def main(argv=None) -> None:
         results += run_child(argv, "hf", "", args.malloc[0])
     if args.torch_gpt:
         results += run_child(argv, "torch_gpt", "", args.malloc[0])
+    for r in results:
+        if "profile" in r:
+            print_profile(r)
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(dict(r, load_average=os.getloadavg()[0])) + "\n" for r in results)

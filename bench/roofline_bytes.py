@@ -195,7 +195,8 @@ def loop_aware_bytes(bytes_1: float, bytes_2: float, n_layer: int, unroll: int, 
 
 def _loop_aware(compile_job: Any, config: Any, report: dict[str, Any]) -> str:
     """Compiles the step again with the scan unrolled twice as far; the loop-aware estimate line."""
-    unroll, n_layer = int(config.model.scan_unroll), int(report["model"]["n_layer"])
+    # 0 (auto) is a rolled scan on a TPU slice (igpt_jax.models.igpt.scan_unroll_for)
+    unroll, n_layer = int(config.model.scan_unroll) or 1, int(report["model"]["n_layer"])
     doubled = config.copy_and_resolve_references()
     doubled.model.scan_unroll = 2 * unroll
     report_2, _ = compile_job.compile_train_step(doubled)

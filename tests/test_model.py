@@ -15,6 +15,7 @@ from igpt_jax.models.igpt import (
     count_params,
     init_params,
     pool_grid,
+    scan_unroll_for,
 )
 
 TINY = ModelConfig(vocab_size=16, n_ctx=32, d_model=32, n_head=4, n_layer=3, remat="none", attention="dense")
@@ -194,6 +195,30 @@ def test_remat_policies_give_the_same_loss_and_gradients(remat):
     other_loss, other_grad = loss(TINY.replace(remat=remat))
     np.testing.assert_allclose(other_loss, base_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), other_grad, base_grad)
+
+
+def test_the_unrolled_layer_stack_equals_the_rolled_scan():
+    """scan_unroll 0 (the default) unrolls all layers on CPU and keeps the scan rolled for a TPU slice; either way
+    the loss, the gradients and the per-layer features are the scan's."""
+    assert (TINY.scan_unroll, scan_unroll_for(TINY), scan_unroll_for(TINY, "tpu")) == (0, 3, 1)
+    assert scan_unroll_for(TINY.replace(scan_unroll=2)) == 2
+    params = random_params(TINY, seed=8, scale=0.1)
+    tokens = tokens_for(TINY, batch=2)
+
+    def run(cfg):
+        def loss(p):
+            return objectives.lm_loss(cfg, p, tokens, jax.random.key(0))[0]
+
+        features = IGPT(cfg).apply({"params": params}, tokens, features=True, logits=False).layer_features
+        return jax.jit(jax.value_and_grad(loss))(params), features
+
+    (rolled_loss, rolled_grad), rolled_features = run(TINY.replace(scan_unroll=1))
+    (loss, grad), features = run(TINY)
+    np.testing.assert_allclose(loss, rolled_loss, rtol=1e-6)
+    np.testing.assert_allclose(features, rolled_features, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grad, rolled_grad)
+    with pytest.raises(ValueError, match="scan_unroll must be an integer >= 0"):
+        TINY.replace(scan_unroll=-1)
 
 
 def test_bfloat16_compute_is_close_to_float32():

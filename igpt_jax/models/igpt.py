@@ -73,7 +73,10 @@ class ModelConfig:
       param_dtype: parameter dtype.
       norm_eps: epsilon of the RMS norm.
       dropout: residual and embedding dropout rate (the paper uses none).
-      scan_unroll: `nn.scan` unroll factor over layers.
+      scan_unroll: `nn.scan` unroll factor over the layers; 0 (the default): the whole stack unrolled on CPU, 1
+        elsewhere (`scan_unroll_for`). XLA:CPU zero-fills a scan's stacked per-layer residuals at every step,
+        which made a step 12-19 % slower than unrolled (bench/RESULTS.md); on TPU and GPU a rolled scan compiles
+        one layer for any depth.
     """
 
     vocab_size: int = 512
@@ -96,7 +99,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    scan_unroll: int = 1
+    scan_unroll: int = 0
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -105,8 +108,11 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be a positive integer, got {value!r}")
 
         for name in ("vocab_size", "n_ctx", "d_model", "n_head", "n_layer", "mlp_ratio", "attention_block",
-                     "splash_block_q", "splash_block_kv", "scan_unroll"):
+                     "splash_block_q", "splash_block_kv"):
             positive(name)
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 0:
+            raise ValueError(f"model.scan_unroll must be an integer >= 0 (0: unrolled on CPU, 1 elsewhere), got "
+                             f"{self.scan_unroll!r}")
         if self.d_model % self.n_head:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}: "
@@ -494,7 +500,7 @@ class IGPT(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast),  # index (None), prefix_len: the same for every layer
                 length=cfg.n_layer,
-                unroll=cfg.scan_unroll,
+                unroll=scan_unroll_for(cfg),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, feature_grid=feature_grid, name="blocks")
             x, per_layer = blocks(x, None, prefix_len)  # per_layer: [L, b, grid^2 * d]
@@ -513,6 +519,17 @@ class IGPT(nn.Module):
             pooled = final_features if feature_grid == 1 else pool_grid(h, feature_grid)
             layer_features = jnp.concatenate([jnp.swapaxes(per_layer, 0, 1), pooled[:, None]], axis=1)
         return ModelOutput(out_logits, layer_features, final_features)
+
+
+def scan_unroll_for(cfg: ModelConfig, platform: str | None = None) -> int:
+    """The layer scan's unroll factor: ``cfg.scan_unroll``, or for 0 the whole stack on CPU and 1 elsewhere.
+
+    ``platform`` defaults to the platform of the mesh in context (`attention.current_platform`), so a step compiled
+    ahead of time for a TPU slice on a CPU host keeps the rolled scan.
+    """
+    if cfg.scan_unroll:
+        return cfg.scan_unroll
+    return cfg.n_layer if (platform or attention_lib.current_platform()) == "cpu" else 1
 
 
 class UnrolledBlocks(nn.Module):

@@ -240,3 +240,25 @@ def test_cli_functions_round_trip_through_folders(tmp_path):
     processor = transformers.ImageGPTImageProcessor.from_pretrained(str(tmp_path / "hf_out"))
     np.testing.assert_array_equal(np.asarray(processor.clusters, np.float32), clusters)
     assert processor.size["height"] == 8  # the model's resolution (n_ctx 64)
+
+
+def test_export_refuses_a_bert_model_and_warns_for_a_prefix_model(hf_state, tmp_path, caplog):
+    """The port's attention is causal: a BERT model is refused in one line before anything is written; a
+    prefix-causal model is exported (the port runs it with an empty prefix, as our sampler does) with a warning."""
+    sd, cfg = hf_state
+    palette = Palette(np.random.default_rng(0).uniform(-1, 1, (cfg.vocab_size, 3)))
+    bert = cfg.replace(objective="bert")
+    bert_params = jax.tree.map(np.asarray, IGPT(bert).init(jax.random.key(0), np.zeros((1, 64), np.int32))["params"])
+    convert.save_params(str(tmp_path / "bert"), nn.unbox(bert_params), bert, palette)
+    with pytest.raises(convert.ConfigError, match=r"^model\.objective='bert': only autoregressive \('ar'\) models"):
+        convert.export_to_hf(str(tmp_path / "bert"), str(tmp_path / "bert_hf"))
+    assert not (tmp_path / "bert_hf").exists()
+
+    prefix = cfg.replace(mask="prefix")
+    convert.save_params(str(tmp_path / "prefix"), convert.from_hf_state_dict(sd, cfg), prefix, palette)
+    with caplog.at_level("WARNING"):
+        assert convert.export_to_hf(str(tmp_path / "prefix"), str(tmp_path / "prefix_hf")) == prefix
+    assert "model.mask='prefix': ImageGPTForCausalImageModeling runs the model causally" in caplog.text
+    back = transformers.ImageGPTForCausalImageModeling.from_pretrained(str(tmp_path / "prefix_hf")).state_dict()
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert caplog.text.count("runs the model causally") == 1

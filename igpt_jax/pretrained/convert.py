@@ -65,6 +65,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from igpt_jax import sharding
+from igpt_jax.errors import ConfigError
 from igpt_jax.data.palette import Palette
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import param_layout
@@ -418,11 +419,40 @@ def load_hf_pretrained(
     return cfg, from_hf_state_dict(model.state_dict(), cfg, bias_atol=bias_atol)
 
 
+def check_exportable(cfg: ModelConfig, *, warn: bool = True) -> None:
+    """Refuses, in one line, a model that `ImageGPTForCausalImageModeling` would run as something else.
+
+    The port's attention is always causal. A BERT model (bidirectional, trained to fill masked positions) would
+    silently become a causal model with the wrong weights for it, so it is refused. A prefix-causal model
+    (``model.mask='prefix'``) is exported with a warning: it was also trained on causal positions after its
+    prefix, and the port runs it as our sampler does, with an empty prefix; its bidirectional features are ours
+    only.
+
+    Args:
+      cfg: the model's config.
+      warn: log the prefix-causal warning (`to_hf_model` does; `export_to_hf`'s early check does not repeat it).
+
+    Raises:
+      ConfigError: `cfg.objective` is not 'ar'.
+    """
+    if cfg.objective != "ar":
+        raise ConfigError(f"model.objective={cfg.objective!r}: only autoregressive ('ar') models can be exported to "
+                          "ImageGPTForCausalImageModeling, whose attention is always causal")
+    if warn and cfg.mask != "causal":
+        logging.warning("model.mask=%r: ImageGPTForCausalImageModeling runs the model causally (an empty prefix), "
+                        "as igpt_jax's sampler does; its bidirectional prefix features stay in igpt_jax", cfg.mask)
+
+
 def to_hf_model(params: Mapping[str, Any], cfg: ModelConfig, **hf_config_overrides: Any):
-    """An eval-mode `ImageGPTForCausalImageModeling` (float32, dropouts 0) holding our parameters."""
+    """An eval-mode `ImageGPTForCausalImageModeling` (float32, dropouts 0) holding our parameters.
+
+    Raises:
+      ConfigError: the model is not autoregressive (`check_exportable`).
+    """
     import torch
     from transformers import ImageGPTForCausalImageModeling
 
+    check_exportable(cfg)
     model = ImageGPTForCausalImageModeling(model_config_to_hf_config(cfg, **hf_config_overrides))
     state = {key: torch.from_numpy(value) for key, value in to_hf_state_dict(params, cfg).items()}
     model.load_state_dict(state, strict=True)
@@ -565,6 +595,8 @@ def export_to_hf(source_dir: str, out: str, *, step: int = -1) -> ModelConfig:
     `out` then holds the `ImageGPTForCausalImageModeling` (config.json and weights) and the `ImageGPTImageProcessor`
     (preprocessor_config.json) whose clusters are our palette and whose size is the model's resolution.
     """
+    with pretrained.Source(source_dir) as source:  # the config alone first: refuse before restoring anything
+        check_exportable(source.model_config(source.resolve_step(step)), warn=False)
     cfg, params, palette = load_params(source_dir, step=step)
     processor = hf_image_processor(palette, math.isqrt(cfg.n_ctx))  # refuses grayscale before writing anything
     out = os.path.abspath(out)
@@ -589,7 +621,10 @@ def main(argv: list[str]) -> None:
         if not source:
             raise app.UsageError("--direction=to_hf needs --source=DIR (a pretraining run's workdir or a converted "
                                  "model)")
-        cfg = export_to_hf(source, out, step=FLAGS.step)
+        try:
+            cfg = export_to_hf(source, out, step=FLAGS.step)
+        except ConfigError as error:
+            raise app.UsageError(str(error)) from None
     logging.info("wrote %s for %s", out, cfg)
     print(out)
 

@@ -196,3 +196,18 @@ def test_tracking_fits_the_attentive_head_when_asked(pretrained_digits_run, tmp_
                            start_step=0).evaluate(PRETRAIN_STEPS, params)
     assert off.attentive_accuracy is None and "track/attentive_accuracy" not in off.scalars()
     assert off.accuracies == got.accuracies  # the linear probes are the same with or without the tokens
+
+
+def test_the_job_warns_when_the_attentive_learning_rate_is_at_the_edge_of_its_grid(caplog):
+    """Both CIFAR-10 runs of the README chose the largest rate tried: the job says so, and stays quiet inside."""
+    from igpt_jax.jobs import probe  # noqa: PLC0415
+
+    head = attentive.AttentiveSettings(lrs=(0.03, 0.01, 0.003))
+    with caplog.at_level("INFO"):
+        probe._warn_attentive_lr_edge({"lr": 0.01}, head)
+        probe._warn_attentive_lr_edge({"lr": 0.01}, attentive.AttentiveSettings(lrs=(0.01,)))  # nothing to widen
+    assert "attentive" not in caplog.text
+    with caplog.at_level("INFO"):
+        probe._warn_attentive_lr_edge({"lr": 0.03}, head)
+    assert ("best learning rate 0.03 is at the edge of probe.attentive_lrs=0.03,0.01,0.003; widen probe.attentive_lrs"
+            in caplog.text)

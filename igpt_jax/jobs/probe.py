@@ -97,6 +97,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
                      setup.progress.directory, ", ".join(setup.progress.reused))
 
     _warn_grid_edges(per_checkpoint[-1], setup.settings)
+    if setup.attentive:
+        _warn_attentive_lr_edge(per_checkpoint[-1]["attentive"]["best"], setup.attentive)
     results = _results(config, setup, source, per_checkpoint, splits, baselines, seconds=time.time() - t_start)
     return _write_results(results, workpath, plot=bool(setup.pcfg.plots))
 
@@ -387,6 +389,14 @@ def _warn_grid_edges(res: dict[str, Any], settings: linear_probe.ProbeSettings) 
                         else "widen probe.sgd_lrs")
     elif edge:
         logging.info("probe: %s at the edge of the values tried for layers %s", hyper, edge)
+
+
+def _warn_attentive_lr_edge(best: dict[str, Any], head: attentive.AttentiveSettings) -> None:
+    """Says when the attentive head's chosen learning rate is the largest or smallest of ``probe.attentive_lrs``:
+    the best rate may lie outside the values tried."""
+    if len(head.lrs) > 1 and best["lr"] in (min(head.lrs), max(head.lrs)):
+        logging.warning("probe: the attentive head's best learning rate %g is at the edge of probe.attentive_lrs=%s; "
+                        "widen probe.attentive_lrs past it", best["lr"], ",".join(f"{lr:g}" for lr in head.lrs))
 
 
 def _loss_text(loss: float | None, unit: str = " nats/token") -> str:

@@ -60,6 +60,10 @@ CLI_ERRORS = [
      "last checkpoint.max_to_keep=2); ask for kept steps or raise checkpoint.max_to_keep"),
     (["--config=configs/demo.py", "--config.probe.max_iter=0"],
      "follow-up job 'probe' (config.then): probe.max_iter=0 must be positive"),
+    (["--config=configs/demo.py", "--config.probe.attentive_lrs=0.03,0.01", "--config.probe.attentive_lrs=0.1,0.03"],
+     "follow-up job 'probe' (config.then): probe.attentive_lrs=(0.03, 0.01, 0.1, 0.03) holds a value twice; a tuple "
+     "setting given twice on the command line appends the second list to the first, so give "
+     "--config.probe.attentive_lrs once"),
     (["--config=configs/igpt_s.py", "--config.model.vocab_size=256", "--config.data.n_colors=512"],
      "model.vocab_size=256 differs from data.n_colors=512: the model's vocabulary is the palette; set one of them "
      "(the other follows) or both equal"),

@@ -398,6 +398,8 @@ def _check_probe(config: ml_collections.ConfigDict) -> None:
         linear_probe.ProbeSettings.from_config(config.probe)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    _no_repeats(config.probe, "probe", ("C", "sgd_lrs", "attentive_lrs", "attentive_weight_decays", "low_data_budgets",
+                                        "checkpoint_steps"))
     if config.probe.head not in PROBE_HEADS:
         raise ConfigError(f"probe.head={config.probe.head!r}: expected one of {PROBE_HEADS}")
     try:
@@ -469,6 +471,17 @@ def _check_batch(field: str, batch: Any, dp: int | None) -> None:
     if dp and batch % dp:
         raise ConfigError(f"{field}={batch} is not divisible by the data-parallel size {dp} (the mesh axes the batch "
                           "is split over); choose a multiple of it or another mesh.shape")
+
+
+def _no_repeats(section: ml_collections.ConfigDict, prefix: str, names: Sequence[str]) -> None:
+    """Refuses a list setting that holds a value twice: given twice on the command line, a tuple setting does not
+    replace the first list but appends to it (ml_collections' multi-flags), which would train or fit it twice."""
+    for name in names:
+        values = tuple(section[name])
+        if len(set(values)) != len(values):
+            raise ConfigError(f"{prefix}.{name}={values} holds a value twice; a tuple setting given twice on the "
+                              f"command line appends the second list to the first, so give --config.{prefix}.{name} "
+                              "once")
 
 
 def _positive(section: ml_collections.ConfigDict, prefix: str, names: Sequence[str]) -> None:

@@ -55,7 +55,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -419,18 +419,12 @@ def load_hf_pretrained(
     return cfg, from_hf_state_dict(model.state_dict(), cfg, bias_atol=bias_atol)
 
 
-def check_exportable(cfg: ModelConfig, *, warn: bool = True) -> None:
+def check_exportable(cfg: ModelConfig) -> None:
     """Refuses, in one line, a model that `ImageGPTForCausalImageModeling` would run as something else.
 
     The port's attention is always causal. A BERT model (bidirectional, trained to fill masked positions) would
-    silently become a causal model with the wrong weights for it, so it is refused. A prefix-causal model
-    (``model.mask='prefix'``) is exported with a warning: it was also trained on causal positions after its
-    prefix, and the port runs it as our sampler does, with an empty prefix; its bidirectional features are ours
-    only.
-
-    Args:
-      cfg: the model's config.
-      warn: log the prefix-causal warning (`to_hf_model` does; `export_to_hf`'s early check does not repeat it).
+    silently become a causal model with the wrong weights for it, so it is refused. (A prefix-causal model is
+    exported, with the warning of `to_hf_model`: it was also trained on causal positions after its prefix.)
 
     Raises:
       ConfigError: `cfg.objective` is not 'ar'.
@@ -438,13 +432,12 @@ def check_exportable(cfg: ModelConfig, *, warn: bool = True) -> None:
     if cfg.objective != "ar":
         raise ConfigError(f"model.objective={cfg.objective!r}: only autoregressive ('ar') models can be exported to "
                           "ImageGPTForCausalImageModeling, whose attention is always causal")
-    if warn and cfg.mask != "causal":
-        logging.warning("model.mask=%r: ImageGPTForCausalImageModeling runs the model causally (an empty prefix), "
-                        "as igpt_jax's sampler does; its bidirectional prefix features stay in igpt_jax", cfg.mask)
 
 
 def to_hf_model(params: Mapping[str, Any], cfg: ModelConfig, **hf_config_overrides: Any):
     """An eval-mode `ImageGPTForCausalImageModeling` (float32, dropouts 0) holding our parameters.
+
+    A prefix-causal model is logged with a warning: the port runs it with an empty prefix, as our sampler does.
 
     Raises:
       ConfigError: the model is not autoregressive (`check_exportable`).
@@ -453,6 +446,9 @@ def to_hf_model(params: Mapping[str, Any], cfg: ModelConfig, **hf_config_overrid
     from transformers import ImageGPTForCausalImageModeling
 
     check_exportable(cfg)
+    if cfg.mask != "causal":
+        logging.warning("model.mask=%r: ImageGPTForCausalImageModeling runs the model causally (an empty prefix), "
+                        "as igpt_jax's sampler does; its bidirectional prefix features stay in igpt_jax", cfg.mask)
     model = ImageGPTForCausalImageModeling(model_config_to_hf_config(cfg, **hf_config_overrides))
     state = {key: torch.from_numpy(value) for key, value in to_hf_state_dict(params, cfg).items()}
     model.load_state_dict(state, strict=True)
@@ -545,15 +541,19 @@ def save_params(directory: str, params: Mapping[str, Any], cfg: ModelConfig, pal
         json.dump(dataclasses.asdict(cfg), f, indent=2, sort_keys=True)
 
 
-def load_params(directory: str, *, step: int = -1) -> tuple[ModelConfig, dict[str, Any], Palette]:
+def load_params(directory: str, *, step: int = -1, check: Callable[[ModelConfig], None] | None = None
+                ) -> tuple[ModelConfig, dict[str, Any], Palette]:
     """A pretrained model as numpy: (its config, plain float32 parameter tree, palette).
 
     `directory` is a converted model or a pretraining run (`step` of it; -1 = the latest), read through
-    `igpt_jax.pretrained.sources` on one device.
+    `igpt_jax.pretrained.sources` on one device. `check`, when given, sees the config before anything is restored
+    (and may raise).
     """
     with pretrained.Source(directory) as source:
         step = source.resolve_step(step)
         cfg = source.model_config(step)
+        if check is not None:
+            check(cfg)
         palette = source.palette(step)
         mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
         params = source.restore_params(step, param_layout(cfg, mesh, sharding.DEFAULT_RULES))
@@ -595,9 +595,7 @@ def export_to_hf(source_dir: str, out: str, *, step: int = -1) -> ModelConfig:
     `out` then holds the `ImageGPTForCausalImageModeling` (config.json and weights) and the `ImageGPTImageProcessor`
     (preprocessor_config.json) whose clusters are our palette and whose size is the model's resolution.
     """
-    with pretrained.Source(source_dir) as source:  # the config alone first: refuse before restoring anything
-        check_exportable(source.model_config(source.resolve_step(step)), warn=False)
-    cfg, params, palette = load_params(source_dir, step=step)
+    cfg, params, palette = load_params(source_dir, step=step, check=check_exportable)  # refused before restoring
     processor = hf_image_processor(palette, math.isqrt(cfg.n_ctx))  # refuses grayscale before writing anything
     out = os.path.abspath(out)
     to_hf_model(params, cfg).save_pretrained(out)

@@ -65,8 +65,8 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 
 from igpt_jax import sharding
-from igpt_jax.errors import ConfigError
 from igpt_jax.data.palette import Palette
+from igpt_jax.errors import ConfigError
 from igpt_jax.models.igpt import ModelConfig
 from igpt_jax.models.layout import param_layout
 from igpt_jax.pretrained import sources as pretrained
